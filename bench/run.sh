@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# `make bench`: every benchmark, each against the reference in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 bench/boot.py "$@"
