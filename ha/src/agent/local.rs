@@ -1,0 +1,277 @@
+//! What every host does with its own VMs: starting them on the master's
+//! order, reporting their power state, isolation responses (H9) and lease
+//! enforcement (H10).
+
+use super::{Action, Agent, CommandError, HaEvent, LocalVm, PowerOffReason, VmEvent};
+use crate::lease::{HolderVerdict, LeaseHolder};
+use crate::monitoring::{MonitorDecision, VmMonitor};
+use crate::time::Time;
+use crate::types::{HostHaState, IsolationResponse, VmConfig, VmId};
+use crate::wire::{Body, PowerState};
+use std::collections::BTreeMap;
+
+impl Agent {
+    /// Power state of every VM this host knows about, for the master.
+    pub(super) fn local_power_states(&self) -> BTreeMap<VmId, PowerState> {
+        let mut m: BTreeMap<VmId, PowerState> = self
+            .local
+            .iter()
+            .map(|(id, v)| (id.clone(), v.power))
+            .collect();
+        for id in &self.starting {
+            m.insert(id.clone(), PowerState::Starting);
+        }
+        m
+    }
+
+    /// Sends our VM states to whoever is master (ourselves included).
+    pub(super) fn report_local(&mut self, now: Time, out: &mut Vec<Action>) {
+        let vms = self.local_power_states();
+        match (self.state, self.master.clone()) {
+            (HostHaState::Master, _) => {
+                let me = self.cfg.host.clone();
+                self.master_vm_states(now, &me, vms, out);
+            }
+            (HostHaState::Slave, Some(m)) => self.send(&m, Body::VmStates { vms }, out),
+            _ => {}
+        }
+    }
+
+    /// Starts a VM here unless it already runs or is starting (restart
+    /// orders are idempotent: a repeated order never makes a second copy).
+    pub(super) fn start_local(&mut self, vm: VmConfig, out: &mut Vec<Action>) {
+        let running = self
+            .local
+            .get(&vm.id)
+            .is_some_and(|v| v.power == PowerState::On);
+        if running || self.starting.contains(&vm.id) {
+            return;
+        }
+        self.starting.insert(vm.id.clone());
+        out.push(Action::StartVm { vm });
+    }
+
+    pub(super) fn user_power_off(&mut self, vm: VmId, out: &mut Vec<Action>) {
+        if self
+            .local
+            .get(&vm)
+            .is_some_and(|v| v.power == PowerState::On)
+        {
+            self.off_reasons.insert(vm.clone(), PowerOffReason::User);
+            out.push(Action::PowerOffVm {
+                vm: vm.clone(),
+                reason: PowerOffReason::User,
+            });
+            out.push(Action::CommandDone(Ok(format!("powering off {vm}"))));
+        } else {
+            out.push(Action::CommandDone(Err(CommandError::NotRunningHere(vm))));
+        }
+    }
+
+    pub(super) fn on_vm_event(
+        &mut self,
+        now: Time,
+        vm: VmId,
+        event: VmEvent,
+        out: &mut Vec<Action>,
+    ) {
+        match event {
+            VmEvent::PoweredOn => {
+                self.starting.remove(&vm);
+                self.off_reasons.remove(&vm);
+                let monitor = self
+                    .cluster()
+                    .monitoring
+                    .get(&vm)
+                    .map(|s| VmMonitor::new(*s, now));
+                self.local.insert(
+                    vm,
+                    LocalVm {
+                        power: PowerState::On,
+                        lease: Some(LeaseHolder::acquired(0, now)),
+                        shutdown_deadline: None,
+                        monitor,
+                        limit_reported: false,
+                    },
+                );
+            }
+            VmEvent::PoweredOff | VmEvent::Crashed => {
+                let reason = self.off_reasons.remove(&vm);
+                let power = match (&event, reason) {
+                    (VmEvent::Crashed, _) => PowerState::Crashed,
+                    (_, None | Some(PowerOffReason::User)) => PowerState::OffByUser,
+                    (
+                        _,
+                        Some(
+                            PowerOffReason::IsolationResponse
+                            | PowerOffReason::IsolationShutdownTimeout,
+                        ),
+                    ) => PowerState::OffByIsolation,
+                    (_, Some(PowerOffReason::StaleCopy)) => PowerState::Stale,
+                    (_, Some(PowerOffReason::LeaseExpired)) => PowerState::OffByHa,
+                };
+                if power == PowerState::OffByIsolation && self.state == HostHaState::Isolated {
+                    self.released.insert(vm.clone());
+                    // Publish the release at once: the master is waiting for it.
+                    self.write_ds_heartbeat(out);
+                }
+                self.local.insert(
+                    vm,
+                    LocalVm {
+                        power,
+                        lease: None,
+                        shutdown_deadline: None,
+                        monitor: None,
+                        limit_reported: false,
+                    },
+                );
+            }
+            VmEvent::StartFailed { reason } => {
+                self.starting.remove(&vm);
+                match (self.state, self.master.clone()) {
+                    (HostHaState::Master, _) => {
+                        let me = self.cfg.host.clone();
+                        self.master_restart_failed(now, &me, vm, reason, out);
+                    }
+                    (HostHaState::Slave, Some(m)) => {
+                        self.send(&m, Body::RestartFailed { vm, reason }, out)
+                    }
+                    _ => {}
+                }
+                return;
+            }
+            VmEvent::ToolsHeartbeat | VmEvent::IoActivity => {
+                if let Some(m) = self.local.get_mut(&vm).and_then(|v| v.monitor.as_mut()) {
+                    if event == VmEvent::ToolsHeartbeat {
+                        m.heartbeat(now);
+                    } else {
+                        m.io_activity(now);
+                    }
+                }
+                return;
+            }
+            VmEvent::LeaseRenewed { issued_at } => {
+                if let Some(h) = self.local.get_mut(&vm).and_then(|v| v.lease.as_mut()) {
+                    h.renewed(issued_at);
+                }
+                return;
+            }
+            VmEvent::LeaseLost { by, .. } => {
+                if self
+                    .local
+                    .get(&vm)
+                    .is_some_and(|v| v.power == PowerState::On)
+                {
+                    tracing::warn!(host = %self.cfg.host, vm = %vm, "lease taken by another host: powering off stale copy");
+                    self.off_reasons
+                        .insert(vm.clone(), PowerOffReason::StaleCopy);
+                    out.push(Action::Event(HaEvent::StaleCopyPoweredOff {
+                        vm: vm.clone(),
+                        by,
+                    }));
+                    out.push(Action::PowerOffVm {
+                        vm,
+                        reason: PowerOffReason::StaleCopy,
+                    });
+                }
+                return;
+            }
+        }
+        self.report_local(now, out);
+    }
+
+    /// Lease deadlines and shut-down timeouts of local VMs.
+    pub(super) fn tick_local(&mut self, now: Time, out: &mut Vec<Action>) {
+        let lt = self.cfg.timings.lease;
+        let mut stops = Vec::new();
+        let mut resets = Vec::new();
+        for (id, v) in &mut self.local {
+            // A power-off already ordered needs no second one; a graceful
+            // shutdown still needs its deadline (and the lease) watched.
+            let off_ordered = self.off_reasons.contains_key(id);
+            if v.power != PowerState::On || (off_ordered && v.shutdown_deadline.is_none()) {
+                continue;
+            }
+            if v.lease
+                .as_ref()
+                .is_some_and(|l| l.check_time(now, &lt) == HolderVerdict::MustStop)
+            {
+                stops.push((id.clone(), PowerOffReason::LeaseExpired));
+            } else if v.shutdown_deadline.is_some_and(|d| now >= d) {
+                v.shutdown_deadline = None;
+                stops.push((id.clone(), PowerOffReason::IsolationShutdownTimeout));
+            } else if let (false, Some(m)) = (off_ordered, v.monitor.as_mut()) {
+                match m.evaluate(now) {
+                    MonitorDecision::Reset => {
+                        v.limit_reported = false;
+                        resets.push(HaEvent::VmReset { vm: id.clone() });
+                    }
+                    MonitorDecision::ResetLimitReached { resets: n } if !v.limit_reported => {
+                        v.limit_reported = true;
+                        resets.push(HaEvent::VmResetLimitReached {
+                            vm: id.clone(),
+                            resets: n,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for ev in resets {
+            if let HaEvent::VmReset { vm } = &ev {
+                tracing::warn!(host = %self.cfg.host, vm = %vm, "guest heartbeat lost and no I/O: resetting");
+                out.push(Action::ResetVm { vm: vm.clone() });
+            }
+            out.push(Action::Event(ev));
+        }
+        for (vm, reason) in stops {
+            if reason == PowerOffReason::LeaseExpired {
+                tracing::warn!(host = %self.cfg.host, vm = %vm, "lease not renewed in time: stopping guest");
+                out.push(Action::Event(HaEvent::LeaseExpiredStop { vm: vm.clone() }));
+            }
+            self.off_reasons.insert(vm.clone(), reason);
+            out.push(Action::PowerOffVm { vm, reason });
+        }
+    }
+
+    /// Applies each running VM's isolation response (H9).
+    pub(super) fn apply_isolation_responses(&mut self, now: Time, out: &mut Vec<Action>) {
+        let running: Vec<VmId> = self
+            .local
+            .iter()
+            .filter(|(_, v)| v.power == PowerState::On)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for vm in running {
+            let response = self
+                .cluster()
+                .vms
+                .get(&vm)
+                .map(|c| c.isolation_response)
+                .unwrap_or_default();
+            out.push(Action::Event(HaEvent::IsolationResponseApplied {
+                vm: vm.clone(),
+                response,
+            }));
+            match response {
+                IsolationResponse::LeaveOn => {}
+                IsolationResponse::PowerOff => {
+                    self.off_reasons
+                        .insert(vm.clone(), PowerOffReason::IsolationResponse);
+                    out.push(Action::PowerOffVm {
+                        vm,
+                        reason: PowerOffReason::IsolationResponse,
+                    });
+                }
+                IsolationResponse::ShutDown => {
+                    self.off_reasons
+                        .insert(vm.clone(), PowerOffReason::IsolationResponse);
+                    if let Some(v) = self.local.get_mut(&vm) {
+                        v.shutdown_deadline = Some(now + self.cfg.timings.shutdown_timeout);
+                    }
+                    out.push(Action::ShutdownVm { vm });
+                }
+            }
+        }
+    }
+}

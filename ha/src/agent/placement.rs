@@ -1,0 +1,260 @@
+//! Where restarts and operator power-ons go (H8, H12): candidate hosts,
+//! placement by reservation and free capacity, the restart queue drained by
+//! priority, and admission control for operator power-ons (never for
+//! restarts).
+
+use super::master::{Restart, VmEntry};
+use super::{Action, Agent, CommandError, HaEvent};
+use crate::admission::{admit, HostCapacity};
+use crate::time::Time;
+use crate::types::{HostHaState, HostId, Resources, RestartPriority, VmId};
+use crate::wire::{Body, PowerState, Role};
+
+impl Agent {
+    /// Hosts that may receive a restart: this master and the live slaves
+    /// following it, never a host in maintenance.
+    fn placement_candidates(&self, now: Time) -> Vec<HostId> {
+        let Some(m) = &self.master_state else {
+            return Vec::new();
+        };
+        let me = &self.cfg.host;
+        let mut v = vec![me.clone()];
+        for (h, mon) in &m.hosts {
+            let live = self.peers.get(h).is_some_and(|p| {
+                self.heard_recently(p, now)
+                    && p.role == Role::Slave
+                    && p.master.as_ref() == Some(me)
+            });
+            if live && mon.state == HostHaState::Slave {
+                v.push(h.clone());
+            }
+        }
+        v
+    }
+
+    /// Chooses a host for `vm`: mounts its datastores, has the reservation
+    /// free, has a restart slot; most free memory first. `avoid` is used only
+    /// if nothing else fits.
+    fn place(&self, now: Time, vm: &VmId, avoid: Option<&HostId>) -> Result<HostId, String> {
+        let cluster = self.cluster();
+        let m = self.master_state.as_ref().ok_or("not master")?;
+        let cfg = cluster
+            .vms
+            .get(vm)
+            .ok_or_else(|| format!("VM {vm} has no configuration"))?;
+        let mut best: Vec<(Resources, HostId)> = Vec::new();
+        let mut why = Vec::new();
+        for h in self.placement_candidates(now) {
+            let Some(spec) = cluster.hosts.get(&h) else {
+                continue;
+            };
+            if !cfg.datastores.is_subset(&spec.datastores) {
+                why.push(format!("{h}: does not mount the VM's datastores"));
+                continue;
+            }
+            let (used, inflight) = m.used_on(&h, cluster);
+            let free = spec.capacity.saturating_sub(&used);
+            if inflight >= self.cfg.timings.max_concurrent_restarts_per_host {
+                why.push(format!("{h}: {inflight} restarts already in flight"));
+                continue;
+            }
+            if !free.fits(&cfg.reservation) {
+                why.push(format!(
+                    "{h}: {} MHz / {} MiB free",
+                    free.cpu_mhz, free.mem_mib
+                ));
+                continue;
+            }
+            best.push((free, h));
+        }
+        best.sort_by(|a, b| {
+            b.0.mem_mib
+                .cmp(&a.0.mem_mib)
+                .then(b.0.cpu_mhz.cmp(&a.0.cpu_mhz))
+                .then(a.1.cmp(&b.1))
+        });
+        let pick = best.iter().find(|(_, h)| Some(h) != avoid).or(best.first());
+        match pick {
+            Some((_, h)) => Ok(h.clone()),
+            None => Err(format!(
+                "needs {} MHz / {} MiB; {}",
+                cfg.reservation.cpu_mhz,
+                cfg.reservation.mem_mib,
+                if why.is_empty() {
+                    "no live host".to_string()
+                } else {
+                    why.join("; ")
+                }
+            )),
+        }
+    }
+
+    pub(super) fn run_placement(&mut self, now: Time, out: &mut Vec<Action>) {
+        let cluster = self.cluster.clone().expect("HA enabled");
+        let Some(m) = self.master_state.as_ref() else {
+            return;
+        };
+        let mut due: Vec<(RestartPriority, VmId, HostId, u32)> = m
+            .vms
+            .iter()
+            .filter_map(|(id, e)| match &e.restart {
+                Restart::Pending {
+                    from,
+                    attempt,
+                    not_before,
+                    ..
+                } if *not_before <= now => {
+                    let prio = cluster.vms.get(id).map(|c| c.priority).unwrap_or_default();
+                    Some((prio, id.clone(), from.clone(), *attempt))
+                }
+                _ => None,
+            })
+            .collect();
+        // Higher priority first; VM id keeps the order deterministic.
+        due.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, vm, from, attempt) in due {
+            match self.place(now, &vm, Some(&from)) {
+                Ok(target) => {
+                    let attempt = attempt + 1;
+                    let m = self.master_state.as_mut().expect("master");
+                    let e = m.vms.get_mut(&vm).expect("listed");
+                    e.restart = Restart::InFlight {
+                        host: target.clone(),
+                        from,
+                        attempt,
+                    };
+                    e.host = Some(target.clone());
+                    e.power = None;
+                    tracing::info!(vm = %vm, host = %target, attempt, "restart ordered");
+                    out.push(Action::Event(HaEvent::RestartOrdered {
+                        vm: vm.clone(),
+                        host: target.clone(),
+                        attempt,
+                    }));
+                    self.order_start(&vm, &target, out);
+                }
+                Err(reason) => {
+                    let m = self.master_state.as_mut().expect("master");
+                    let e = m.vms.get_mut(&vm).expect("listed");
+                    if let Restart::Pending { reported, .. } = &mut e.restart {
+                        if reported.as_deref() != Some(reason.as_str()) {
+                            *reported = Some(reason.clone());
+                            out.push(Action::Event(HaEvent::RestartPending { vm, reason }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn order_start(&mut self, vm: &VmId, target: &HostId, out: &mut Vec<Action>) {
+        let Some(cfg) = self.cluster().vms.get(vm).cloned() else {
+            return;
+        };
+        if target == &self.cfg.host {
+            self.start_local(cfg, out);
+        } else {
+            self.send(target, Body::RestartOrder { vm: cfg }, out);
+        }
+    }
+
+    /// Operator power-on: admission control, then placement (master only).
+    pub(super) fn user_power_on(
+        &mut self,
+        now: Time,
+        vm: VmId,
+        host: Option<HostId>,
+        out: &mut Vec<Action>,
+    ) {
+        if self.state != HostHaState::Master {
+            out.push(Action::CommandDone(Err(CommandError::NotMaster {
+                master: self.master.clone(),
+            })));
+            return;
+        }
+        let cluster = self.cluster.clone().expect("HA enabled");
+        let Some(cfg) = cluster.vms.get(&vm).cloned() else {
+            out.push(Action::CommandDone(Err(CommandError::UnknownVm(vm))));
+            return;
+        };
+        let m = self.master_state.as_ref().expect("master");
+        if let Some(e) = m.vms.get(&vm) {
+            if e.power == Some(PowerState::On) || matches!(e.restart, Restart::InFlight { .. }) {
+                let h = e.host.clone().map(|h| h.to_string()).unwrap_or_default();
+                out.push(Action::CommandDone(Ok(format!(
+                    "{vm} is already running or starting on {h}"
+                ))));
+                return;
+            }
+        }
+        let cands = self.placement_candidates(now);
+        let hosts: Vec<HostCapacity> = cands
+            .iter()
+            .filter_map(|h| {
+                cluster.hosts.get(h).map(|s| HostCapacity {
+                    id: h.clone(),
+                    capacity: s.capacity,
+                })
+            })
+            .collect();
+        let powered_on: Vec<Resources> = m
+            .vms
+            .iter()
+            .filter(|(_, e)| {
+                e.power == Some(PowerState::On) || matches!(e.restart, Restart::InFlight { .. })
+            })
+            .filter_map(|(id, _)| cluster.vms.get(id).map(|c| c.reservation))
+            .collect();
+        if let Err(e) = admit(
+            &cluster.admission,
+            &hosts,
+            &powered_on,
+            cfg.reservation,
+            host.as_ref(),
+        ) {
+            out.push(Action::CommandDone(Err(CommandError::Admission(
+                e.to_string(),
+            ))));
+            return;
+        }
+        let target = match host {
+            Some(h) if cands.contains(&h) => h,
+            Some(h) => {
+                let reason = format!("host {h} is not a live member of this master's cluster");
+                out.push(Action::CommandDone(Err(CommandError::NoPlacement {
+                    vm,
+                    reason,
+                })));
+                return;
+            }
+            None => match self.place(now, &vm, None) {
+                Ok(h) => h,
+                Err(reason) => {
+                    out.push(Action::CommandDone(Err(CommandError::NoPlacement {
+                        vm,
+                        reason,
+                    })));
+                    return;
+                }
+            },
+        };
+        let m = self.master_state.as_mut().expect("master");
+        let e = m.vms.entry(vm.clone()).or_insert(VmEntry {
+            protected: false,
+            host: None,
+            power: None,
+            restart: Restart::Idle,
+        });
+        e.protected = true;
+        e.host = Some(target.clone());
+        e.restart = Restart::InFlight {
+            host: target.clone(),
+            from: target.clone(),
+            attempt: 0,
+        };
+        out.push(Action::CommandDone(Ok(format!(
+            "starting {vm} on {target}"
+        ))));
+        self.order_start(&vm, &target, out);
+    }
+}

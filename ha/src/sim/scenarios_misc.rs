@@ -1,0 +1,241 @@
+//! VM monitoring through the agent (H11), heartbeat datastore choice (H5),
+//! and smaller behaviours.
+
+use super::*;
+use crate::monitoring::{MonitoringSettings, Sensitivity};
+
+#[test]
+fn vm_monitoring_resets_hung_guest_at_most_three_times() {
+    let mut spec = uniform(2);
+    spec.vms = vec![
+        (vmc("vm-a", 1000, 1024), "host-1"),
+        (vmc("vm-b", 1000, 1024), "host-1"),
+    ];
+    let settings = MonitoringSettings {
+        sensitivity: Sensitivity::High,
+        ..Default::default()
+    };
+    spec.monitoring.insert(vm("vm-a"), settings);
+    spec.monitoring.insert(vm("vm-b"), settings);
+    let mut sim = Sim::new(spec);
+    sim.settle();
+    let start = sim.now;
+    let hb_stop = start + Duration::from_secs(200);
+    // vm-a: tools heartbeat every second until 200 s, then silence and no I/O.
+    // vm-b: heartbeat stops too, but it keeps doing disk I/O: never reset.
+    while sim.now < start + Duration::from_secs(1000) {
+        if sim.now.as_millis().is_multiple_of(1000) {
+            if sim.now < hb_stop {
+                sim.feed(
+                    &h("host-1"),
+                    Input::Vm {
+                        vm: vm("vm-a"),
+                        event: VmEvent::ToolsHeartbeat,
+                    },
+                );
+                sim.feed(
+                    &h("host-1"),
+                    Input::Vm {
+                        vm: vm("vm-b"),
+                        event: VmEvent::ToolsHeartbeat,
+                    },
+                );
+            }
+            sim.feed(
+                &h("host-1"),
+                Input::Vm {
+                    vm: vm("vm-b"),
+                    event: VmEvent::IoActivity,
+                },
+            );
+        }
+        sim.tick();
+    }
+    let resets: Vec<u64> = sim
+        .resets
+        .iter()
+        .map(|r| {
+            assert_eq!(r.2, vm("vm-a"));
+            r.0.since(start).as_secs()
+        })
+        .collect();
+    // 30 s after the last heartbeat, then every 120 s grace period, 3 per hour.
+    assert_eq!(resets.len(), 3, "{resets:?}");
+    assert!((229..=231).contains(&resets[0]), "{resets:?}");
+    assert_eq!(resets[1] - resets[0], 120);
+    assert_eq!(resets[2] - resets[1], 120);
+    let limit = sim.events_where(|e| matches!(e.ev, HaEvent::VmResetLimitReached { .. }));
+    assert_eq!(limit.len(), 1, "reported once");
+    assert_eq!(
+        sim.running_on("vm-a"),
+        vec![h("host-1")],
+        "a reset is not a failover"
+    );
+}
+
+#[test]
+fn heartbeat_datastores_prefer_shared_and_most_seen() {
+    let spec = Spec {
+        hosts: vec![
+            (
+                "host-1",
+                Resources::new(1000, 1000),
+                vec!["local-1", "ds-a", "ds-b", "ds-c"],
+            ),
+            (
+                "host-2",
+                Resources::new(1000, 1000),
+                vec!["ds-a", "ds-b", "ds-c"],
+            ),
+            ("host-3", Resources::new(1000, 1000), vec!["ds-b", "ds-c"]),
+            (
+                "host-4",
+                Resources::new(1000, 1000),
+                vec!["ds-c", "local-4"],
+            ),
+        ],
+        vms: vec![],
+        timings: Timings::default(),
+        admission: AdmissionPolicy::Disabled,
+        monitoring: BTreeMap::new(),
+    };
+    let mut sim = Sim::new(spec);
+    let ds = |v: &[&str]| v.iter().map(|s| DatastoreId::new(*s)).collect::<Vec<_>>();
+    assert_eq!(
+        sim.hosts[&h("host-1")].agent.heartbeat_datastores(),
+        ds(&["ds-c", "ds-b"]).as_slice()
+    );
+    assert_eq!(
+        sim.hosts[&h("host-4")].agent.heartbeat_datastores(),
+        ds(&["ds-c"]).as_slice()
+    );
+    // host-4 has a single shared datastore: it says so.
+    assert!(sim.has_event(
+        |e| e.host == h("host-4") && e.ev == HaEvent::TooFewHeartbeatDatastores { count: 1 }
+    ));
+    sim.settle();
+    // Records land only on the chosen datastores.
+    assert!(sim.datastores[&DatastoreId::new("ds-a")].hb.is_empty());
+    assert_eq!(sim.datastores[&DatastoreId::new("ds-c")].hb.len(), 4);
+}
+
+#[test]
+fn late_joiner_with_more_datastores_does_not_preempt() {
+    let mut spec = uniform(3);
+    spec.hosts[0].2 = vec!["ds1", "ds2", "ds3"];
+    let mut sim = Sim::new(spec);
+    // host-1 (most datastores) is down during the first election.
+    sim.crash("host-1");
+    assert_eq!(sim.settle(), h("host-3"));
+    sim.reboot("host-1");
+    sim.run_until(Duration::from_secs(10), "host-1 slave", |s| {
+        s.state("host-1") == HostHaState::Slave
+    });
+    sim.run_secs(10);
+    assert_eq!(
+        sim.masters(),
+        vec![h("host-3")],
+        "a sitting master keeps its role"
+    );
+}
+
+#[test]
+fn no_isolation_address_is_reported_not_guessed() {
+    let mut sim = Sim::new(uniform(2));
+    sim.settle();
+    let mut cfg = sim.agent_config(&h("host-1"), 9);
+    cfg.isolation_addrs.clear();
+    sim.hosts.get_mut(&h("host-1")).unwrap().agent = Agent::new(cfg);
+    sim.enable(&h("host-1"));
+    sim.set_mgmt("host-1", false);
+    sim.run_secs(30);
+    assert!(sim.has_event(|e| e.host == h("host-1") && e.ev == HaEvent::NoIsolationAddress));
+    assert_ne!(sim.state("host-1"), HostHaState::Isolated);
+}
+
+#[test]
+fn disable_ha_stops_the_agent_and_commands_need_ha() {
+    let mut spec = uniform(2);
+    spec.vms = vec![(vmc("vm-a", 1000, 1024), "host-1")];
+    let mut sim = Sim::new(spec);
+    sim.settle();
+    sim.command("host-1", Command::DisableHa).unwrap();
+    assert_eq!(sim.state("host-1"), HostHaState::Uninitialized);
+    assert_eq!(
+        sim.command("host-1", Command::EnterMaintenance)
+            .unwrap_err(),
+        crate::agent::CommandError::NotEnabled
+    );
+    // The VM keeps running; the host keeps announcing "HA disabled", so the
+    // master neither classifies it nor restarts its VMs, even once it dies.
+    sim.run_secs(5);
+    assert_eq!(
+        sim.hosts[&h("host-2")].agent.status().hosts[&h("host-1")],
+        HostHaState::Uninitialized
+    );
+    sim.crash("host-1");
+    sim.run_secs(60);
+    assert!(sim.restart_orders().is_empty());
+    // Re-enabling brings it back as a slave.
+    sim.reboot("host-1");
+    sim.run_until(Duration::from_secs(10), "slave", |s| {
+        s.state("host-1") == HostHaState::Slave
+    });
+}
+
+#[test]
+fn hourly_summary_line() {
+    let mut spec = uniform(2);
+    spec.vms = vec![
+        (vmc("vm-a", 1000, 1024), "host-1"),
+        (vmc("vm-b", 1000, 1024), "host-1"),
+    ];
+    let mut sim = Sim::new(spec);
+    sim.run_secs(3601);
+    let sums: Vec<Ev> = sim.events_where(|e| matches!(e.ev, HaEvent::Summary { .. }));
+    assert_eq!(sums.len(), 2, "one per host per hour");
+    let s1 = sums.iter().find(|e| e.host == h("host-1")).unwrap();
+    assert_eq!(
+        s1.ev,
+        HaEvent::Summary {
+            uptime: Duration::from_secs(3600),
+            state: HostHaState::Slave,
+            vms_running: 2,
+            vms_protected: None
+        }
+    );
+    let s2 = sums.iter().find(|e| e.host == h("host-2")).unwrap();
+    assert!(matches!(
+        s2.ev,
+        HaEvent::Summary {
+            vms_protected: Some(2),
+            vms_running: 0,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn enable_ha_refuses_a_config_that_does_not_validate() {
+    let mut sim = Sim::new(uniform(1));
+    let mut cfg = sim.agent_config(&h("stranger"), 1);
+    cfg.timings.lease.takeover_time = Duration::from_secs(1);
+    let mut agent = Agent::new(cfg);
+    let out = agent.handle(
+        Time::ZERO,
+        Input::Command(Command::EnableHa(sim.cluster.clone())),
+    );
+    let err = out.iter().find_map(|a| match a {
+        Action::CommandDone(Err(e)) => Some(e.to_string()),
+        _ => None,
+    });
+    let err = err.unwrap();
+    assert!(
+        err.starts_with(
+            "cannot enable HA: invalid lease timings: unsafe lease timings: takeover 1000 ms"
+        ),
+        "{err}"
+    );
+    assert_eq!(agent.state(), HostHaState::Uninitialized);
+    sim.run_secs(1);
+}
