@@ -1,1 +1,33 @@
-fn main() {}
+//! `vigil`: the command-line entry point.
+//!
+//! Subcommands live one per module (`run` today; `vm`, `snapshot`,
+//! `migrate`, `agent` and `cluster` will join as their own modules and
+//! variants of [`cli::Command`]). Each returns the process exit status; this
+//! file only parses, sets up logging, and exits.
+
+mod cli;
+mod logging;
+mod run;
+mod signals;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // Whatever happens, leave the user's terminal usable.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        vmm::console::restore_terminal();
+        default_hook(info);
+    }));
+
+    signals::install();
+
+    // clap exits with status 2 on usage errors, 0 for --help/--version.
+    let cli = cli::Cli::parse();
+    let code = match cli.command {
+        cli::Command::Run(args) => run::run(args),
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

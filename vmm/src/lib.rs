@@ -1,1 +1,45 @@
-//! The virtual machine monitor.
+//! The virtual machine monitor: one process per VM.
+//!
+//! [`run`] takes a validated [`config::VmConfig`], boots the guest and
+//! returns why it stopped ([`control::ExitReason`], which maps to the
+//! process exit status). The pieces:
+//!
+//! - [`config`]: the VM config file and flag overrides, validation.
+//! - [`memory`]: guest memory layout and allocation.
+//! - [`vm`]: KVM, memory slots, irqchip/PIT.
+//! - [`boot`]: kernel/initrd/cmdline loading (PVH and Linux boot protocol).
+//! - [`acpi`]: ACPI tables (SMP and power off).
+//! - [`cpu`]: CPUID templates, register set-up, vCPU threads.
+//! - [`devices`]: UART and power-control ports.
+//! - [`console`]: terminal, stdin and console output.
+//! - [`instance`]: putting one VM together and running it to its end.
+//! - [`control`]: exit reasons and the process exit statuses.
+//!
+//! Where later work slots in:
+//! - virtio-mmio devices (block, net, vsock): one folder each under
+//!   `devices/virtio/`, MMIO exits routed next to [`devices::PioBus`], queue
+//!   notifications as ioeventfds and interrupts as irqfds, each device an
+//!   `event_manager` subscriber on the loop in [`instance`] (where the stdin
+//!   console input already lives).
+//! - the control API: another subscriber on that loop, listening on a unix
+//!   socket, asking the VM to stop through [`control::ExitSignal`].
+//! - snapshot/restore: one `Persist`-style trait (save to plain serde
+//!   state, restore from it) implemented by the VM, vCPUs and devices.
+//! - live migration: [`vm::Vm::slots`] lists the KVM memory slots for
+//!   KVM_MEM_LOG_DIRTY_PAGES and KVM_GET_DIRTY_LOG; VMM-side writes are in
+//!   the `AtomicBitmap` of [`memory::GuestMemory`].
+
+pub mod acpi;
+pub mod boot;
+pub mod config;
+pub mod console;
+pub mod control;
+pub mod cpu;
+pub mod devices;
+pub mod instance;
+pub mod memory;
+pub mod vm;
+
+pub use config::VmConfig;
+pub use control::ExitReason;
+pub use instance::{run, Error};

@@ -1,0 +1,95 @@
+//! Command-line definitions (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Vigil: a KVM micro-hypervisor with live migration and HA.
+#[derive(Debug, Parser)]
+#[command(name = "vigil", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a VM and run it in the foreground until it stops.
+    #[command(after_long_help = RUN_EXIT_STATUS_HELP, after_help = RUN_EXIT_STATUS_HELP)]
+    Run(RunArgs),
+}
+
+/// Text shown after `vigil run --help`.
+pub const RUN_EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  the guest powered off
+  1  VMM error or bad input (one message on stderr)
+  2  command-line usage error
+  3  the guest asked for a reboot (with --on-reboot exit, the default)
+  4  the guest crashed (triple fault, KVM internal/emulation error, failed VM entry);
+     the reason and the vCPU registers are printed on stderr
+  128+N  killed by signal N (SIGTERM, SIGINT, SIGHUP); the terminal is restored
+
+Flags override the values in --config; relative paths in a config file are
+relative to the file's directory.";
+
+/// `--cpu-template` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CpuTemplateArg {
+    /// Portable x86-64-v2-like feature set (no AVX/AVX-512/TSX/PKU/...).
+    Baseline,
+    /// Everything KVM on this host supports.
+    Host,
+}
+
+/// `--on-reboot` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnRebootArg {
+    /// Exit with status 3.
+    Exit,
+    /// Reload the kernel and boot the guest again in this process.
+    Restart,
+}
+
+/// Arguments of `vigil run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// VM config file (TOML). Flags override its values.
+    #[arg(long, value_name = "VM.toml")]
+    pub config: Option<PathBuf>,
+    /// Kernel: uncompressed ELF vmlinux with a PVH note, or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (preferably uncompressed cpio).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1"].
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Guest memory: 512M, 2G, 1024 (plain number = MiB) [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Serial console: stdio, file:PATH or none [default: stdio].
+    #[arg(long, value_name = "stdio|file:PATH|none")]
+    pub console: Option<String>,
+    /// What a guest reboot does [default: exit].
+    #[arg(long, value_enum)]
+    pub on_reboot: Option<OnRebootArg>,
+    /// CPU template shaping the guest's CPUID [default: baseline].
+    #[arg(long, value_enum)]
+    pub cpu_template: Option<CpuTemplateArg>,
+    /// VM name, used in logs [default: config `name`, or "vigil"].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Log filter, RUST_LOG syntax (e.g. info, vmm=debug) [default: $RUST_LOG or warn].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Write logs to this file instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+}

@@ -1,0 +1,232 @@
+//! Building one VM from its config, running it until it stops, and the
+//! reboot-restart loop around that.
+//!
+//! Order of work, cheapest checks first so bad input fails before anything
+//! is allocated: images readable and recognisable -> host has the memory ->
+//! /dev/kvm usable and vCPU count within KVM's limit -> guest memory, VM,
+//! ACPI, kernel -> devices -> vCPU threads -> event loop until a vCPU or
+//! device asks to stop -> stop and join all vCPU threads.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+use crate::acpi::{self, AcpiError};
+use crate::boot::{self, BootError};
+use crate::config::{self, ConfigError, ConsoleMode, OnReboot, VmConfig};
+use crate::console::{self, ConsoleError, StdinInput, TerminalGuard};
+use crate::control::{ControlError, ExitReason, ExitSignal};
+use crate::cpu::vcpu::{vcpu_kick_signal, Vcpu, VcpuError};
+use crate::cpu::{self, CpuError};
+use crate::devices::serial::{SerialDevice, COM1_IRQ};
+use crate::devices::PioBus;
+use crate::memory::{self, MemoryError};
+use crate::vm::{self, Vm, VmError};
+
+/// Everything that can stop the VMM before or while running a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Kernel/initrd problems.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Guest memory problems.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// KVM problems.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// CPUID problems.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// vCPU set-up problems.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// ACPI table problems.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// Console problems.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// Exit signalling problems.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// Event loop problems.
+    #[error("event loop: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// The serial interrupt could not be wired.
+    #[error("cannot set up the serial interrupt: {0}")]
+    SerialIrq(#[source] std::io::Error),
+    /// A thread could not be started.
+    #[error("cannot start vCPU thread {id}: {source}")]
+    Thread {
+        /// vCPU index.
+        id: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+}
+
+/// Runs the VM described by `cfg` until it stops for good (power-off,
+/// crash, error, or a reboot when the policy is `exit`). With
+/// `on_reboot = restart`, a reboot rebuilds the VM from scratch (memory,
+/// kernel, devices) in this process and boots again.
+pub fn run(cfg: &VmConfig) -> Result<ExitReason, Error> {
+    let span = tracing::info_span!("vm", vm = %cfg.name);
+    let _e = span.enter();
+    preflight(cfg)?;
+    let kvm = vm::open_kvm()?;
+    let max = vm::kvm_max_vcpus(&kvm).min(config::MAX_VCPUS_SUPPORTED);
+    config::validate_vcpus(cfg.vcpus, max)?;
+    install_kick_handler()?;
+    let _terminal = match cfg.console {
+        ConsoleMode::Stdio => TerminalGuard::enter()?,
+        _ => None,
+    };
+    let mut boots = 0u32;
+    loop {
+        boots += 1;
+        tracing::info!(stage = "boot", boots, "starting guest");
+        let reason = run_once(&kvm, cfg)?;
+        match (&reason, cfg.on_reboot) {
+            (ExitReason::Reboot, OnReboot::Restart) => {
+                tracing::info!(stage = "reboot", "guest rebooted; restarting it");
+            }
+            _ => return Ok(reason),
+        }
+    }
+}
+
+/// Checks that need neither KVM nor memory: images readable and of a known
+/// kind, host memory sufficient.
+pub fn preflight(cfg: &VmConfig) -> Result<(), Error> {
+    boot::check_images(cfg)?;
+    memory::check_host_memory_now(cfg.memory_bytes)?;
+    Ok(())
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> Result<(), Error> {
+    register_signal_handler(vcpu_kick_signal(), kick_handler).map_err(Error::Signal)
+}
+
+/// Wakes the event loop when a stop is requested.
+struct ExitWatcher {
+    exit: Arc<ExitSignal>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.exit.eventfd(), EventSet::IN)) {
+            // The main loop polls with a timeout, so this only costs latency.
+            tracing::warn!(error = ?e, "cannot watch the exit eventfd");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.exit.eventfd().read();
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+fn run_once(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig) -> Result<ExitReason, Error> {
+    let mem = memory::create_guest_memory(cfg.memory_bytes)?;
+    let vm = Vm::new(kvm, &mem)?;
+    // vcpus <= 254 was validated, so this fits.
+    let rsdp = acpi::write(&mem, cfg.vcpus as u8)?;
+    let boot = boot::load(cfg, &mem, rsdp)?;
+
+    let exit = Arc::new(ExitSignal::new()?);
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::SerialIrq)?;
+    vm.fd()
+        .register_irqfd(&irq, COM1_IRQ)
+        .map_err(|e| Error::SerialIrq(std::io::Error::from_raw_os_error(e.errno())))?;
+    let out = console::output_for(&cfg.console)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, out)));
+    let bus = Arc::new(PioBus::new(serial.clone(), exit.clone()));
+
+    let mut events: EventManager<Subscriber> = EventManager::new().map_err(Error::EventLoop)?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+    if cfg.console == ConsoleMode::Stdio {
+        events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(serial))));
+    }
+
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuError::SupportedCpuid)?;
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.vcpus {
+        let cpuid = cpu::vcpu_cpuid(&supported, cfg.cpu_template, id, cfg.vcpus)?;
+        vcpus.push(Vcpu::new(
+            vm.fd(),
+            id,
+            &cpuid,
+            &mem,
+            boot.entry,
+            bus.clone(),
+            exit.clone(),
+        )?);
+    }
+
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for (id, vcpu) in (0u32..).zip(vcpus) {
+        let name = cfg.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu.run(&name));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(source) => {
+                exit.request(ExitReason::VmmError(format!("cannot start vCPU {id}")));
+                stop_vcpus(threads);
+                return Err(Error::Thread { id, source });
+            }
+        }
+    }
+    tracing::info!(stage = "running", vcpus = cfg.vcpus, "guest running");
+
+    while !exit.should_stop() {
+        if let Err(e) = events.run_with_timeout(500) {
+            exit.request(ExitReason::VmmError(format!("event loop failed: {e:?}")));
+        }
+    }
+    stop_vcpus(threads);
+    // The VM fd goes before guest memory: KVM must not see memory unmapped
+    // under a live slot.
+    drop(vm);
+    drop(mem);
+    Ok(exit
+        .reason()
+        .unwrap_or_else(|| ExitReason::VmmError("VM stopped without a reason".to_string())))
+}
+
+/// Kicks every vCPU thread out of KVM_RUN until it has noticed the stop
+/// flag. A kick can land just before a thread enters KVM_RUN and be lost, so
+/// kicks repeat until the thread finishes.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    for t in threads {
+        let name = t.thread().name().unwrap_or("vcpu").to_string();
+        while !t.is_finished() {
+            if let Err(e) = t.kill(vcpu_kick_signal()) {
+                tracing::debug!(thread = %name, error = %e, "kick failed");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if t.join().is_err() {
+            tracing::error!(thread = %name, "vCPU thread panicked");
+        }
+    }
+}
