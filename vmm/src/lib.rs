@@ -38,6 +38,7 @@ pub mod cpu;
 pub mod devices;
 pub mod instance;
 pub mod memory;
+pub mod persist;
 pub mod vm;
 
 pub use config::VmConfig;
