@@ -104,7 +104,11 @@ fn daemon_speaks_the_tools_protocol() {
     let mut r = accept(&listener, Duration::from_secs(5));
     let hello = line(&mut r);
     let f: Vec<&str> = hello.split(' ').collect();
-    assert_eq!(&f[..3], ["HELLO", "vigil-tools", env!("CARGO_PKG_VERSION")], "{hello}");
+    assert_eq!(
+        &f[..3],
+        ["HELLO", "vigil-tools", env!("CARGO_PKG_VERSION")],
+        "{hello}"
+    );
     assert_eq!(f.len(), 4, "{hello}");
     let mut hbs = Vec::new();
     send(&mut r, "PING\n");
@@ -145,7 +149,10 @@ fn daemon_speaks_the_tools_protocol() {
         if let Some(st) = d.0.try_wait().unwrap() {
             break st;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "daemon still running");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "daemon still running"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success());
