@@ -108,12 +108,16 @@ fn send_line(c: &mut Conn, line: &[u8]) -> Result<(), Errno> {
     Ok(())
 }
 
-/// Powers the guest off as the host asked (G3): sync, SIGTERM to every
-/// process, a grace period, SIGKILL, sync, power off.
+/// Powers the guest off as the host asked (G3).
 fn shutdown(opts: &Opts<'_>) -> ! {
     // Never power off the machine we run on when driven through a unix
     // socket: that is the daemon running on a host, under test.
-    let dry = opts.dry_run || matches!(opts.endpoint, Endpoint::Unix(_));
+    power_off_guest(opts.dry_run || matches!(opts.endpoint, Endpoint::Unix(_)))
+}
+
+/// The clean power-off: sync, SIGTERM to every process, a grace period,
+/// SIGKILL, sync, power off. With `dry`, only the console line and exit 0.
+pub fn power_off_guest(dry: bool) -> ! {
     let mut l = Line::new();
     l.s("VIGIL-TOOLS-SHUTDOWN");
     if dry {

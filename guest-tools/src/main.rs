@@ -20,6 +20,7 @@ usage: vigil-tools COMMAND [OPTIONS]
   daemon [--connect vsock[:CID:PORT]|unix:PATH] [--app-socket @NAME|PATH]
          [--interval-ms N] [--dry-run-poweroff]
   app-heartbeat [--name NAME] [--every SECONDS] [--count N] [--socket @NAME|PATH]
+  poweroff --now|--dry-run   the daemon's clean power-off, run by hand
   dirty [mib=64,rate=0,report=10,stall=500,passes=0]
   disk-write [dev=/dev/vda,rate=10,count=0,tag=TEXT,report=10]
   disk-verify [dev=/dev/vda]
@@ -40,6 +41,10 @@ pub fn main(args: Args) -> i32 {
     match cmd {
         b"daemon" => daemon::run(args),
         b"app-heartbeat" => daemon::app_heartbeat(args),
+        // Spelled out, as on a host (as root) this kills every process.
+        b"poweroff" if opts == b"--now" || opts == b"--dry-run" => {
+            daemon::power_off_guest(opts == b"--dry-run")
+        }
         b"dirty" => dirty::run(opts),
         b"disk-write" => disk::write(opts),
         b"disk-verify" => disk::verify(opts),

@@ -206,3 +206,18 @@ fn app_heartbeat_without_a_daemon_fails_clearly() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn poweroff_by_hand_must_be_spelled_out() {
+    let out = Command::new(BIN)
+        .args(["poweroff", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "VIGIL-TOOLS-SHUTDOWN dry-run\n"
+    );
+    let out = Command::new(BIN).arg("poweroff").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
