@@ -2,6 +2,8 @@
 # `make setup` installs what a fresh Debian machine lacks (apt-get only).
 
 CARGO ?= cargo
+# The in-guest tools: a separate no_std crate outside the workspace.
+TOOLS := --manifest-path guest-tools/Cargo.toml
 VIGIL := target/release/vigil
 GUEST := guest-images/out
 
@@ -26,9 +28,11 @@ run: guest-image build
 
 # Unit tests, then end-to-end tests with real guests under /dev/kvm.
 test: guest-image
+	$(CARGO) test --release $(TOOLS)
 	$(CARGO) test --release --workspace --no-fail-fast
 
 test-unit:
+	$(CARGO) test --release $(TOOLS) --lib
 	$(CARGO) test --release --workspace --lib --bins
 
 bench: guest-image build
@@ -36,9 +40,11 @@ bench: guest-image build
 
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt $(TOOLS)
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy $(TOOLS) --all-targets -- -D warnings
 
 clean:
 	$(CARGO) clean

@@ -2,7 +2,9 @@
 # Builds Vigil's default guest from Debian packages:
 #   out/vmlinux          uncompressed ELF kernel (PVH entry)
 #   out/bzImage          the same kernel for the Linux boot protocol
-#   out/initramfs.cpio   uncompressed initramfs: busybox-static + our /init
+#   out/initramfs.cpio   uncompressed initramfs: busybox-static, our /init and
+#                        /bin/vigil-tools (the tools daemon and test workloads,
+#                        built from ../guest-tools with cargo)
 #
 # Each part is cached outside the repository, keyed by a hash of its inputs
 # (config fragment, patches, Debian package versions, compiler, sources and
@@ -15,6 +17,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+tools_src=$(cd "$here/../guest-tools" && pwd)
 cache=${VIGIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vigil}
 out=$here/out
 jobs=${JOBS:-$(nproc)}
@@ -41,13 +44,16 @@ key_of() {
                 sha256sum "$f"
             fi
         done
-    } | sed "s|$here/||" | sha256sum | cut -c1-16
+    } | sed -e "s|$here/||" -e "s|$tools_src/|guest-tools/|" | sha256sum | cut -c1-16
 }
 
 build_kernel() {
     for p in $linux_pkg build-essential flex bison bc libelf-dev lz4; do need_pkg "$p"; done
     local key
-    key=$( (key_of "$here/kernel" "$here/build.sh"; pkg_version $linux_pkg; gcc --version | head -1) |
+    # The kernel's inputs are its folder and the code of this function, not
+    # the whole script, so that changing the initramfs does not rebuild it.
+    key=$( (key_of "$here/kernel"; declare -f build_kernel key_of; pkg_version $linux_pkg
+        gcc --version | head -1) |
         sha256sum | cut -c1-16)
     local dest=$cache/kernel-$key
     if [ -f "$dest/vmlinux" ] && [ -f "$dest/bzImage" ]; then
@@ -103,8 +109,10 @@ build_initramfs() {
     need_pkg busybox-static
     [ -x "$out/gen_init_cpio" ] || die "build the kernel first (it provides gen_init_cpio)"
     local key
-    key=$( (key_of "$here/init" "$here/build.sh"; pkg_version busybox-static; pkg_version $linux_pkg
-        gcc --version | head -1) |
+    key=$( (key_of "$here/init" "$here/build.sh" "$tools_src/src" "$tools_src/Cargo.toml" \
+        "$tools_src/Cargo.lock" "$tools_src/build.rs"
+        pkg_version busybox-static; pkg_version $linux_pkg
+        gcc --version | head -1; rustc --version) |
         sha256sum | cut -c1-16)
     local dest=$cache/initramfs-$key
     if [ -f "$dest/initramfs.cpio" ]; then
@@ -117,6 +125,11 @@ build_initramfs() {
         gcc -static -nostdlib -Os -fno-asynchronous-unwind-tables -fno-ident -Wall -Wextra -Werror \
             -include "$out/nolibc/nolibc.h" -o "$work/init" "$here/init/init.c" -lgcc
         strip "$work/init"
+        # no_std, no libc, stripped: tens of KiB (see guest-tools/Cargo.toml).
+        cargo build --quiet --locked --release --manifest-path "$tools_src/Cargo.toml" \
+            --target-dir "$work/tools-target"
+        cp "$work/tools-target/release/vigil-tools" "$work/vigil-tools"
+        log "vigil-tools is $(stat -c %s "$work/vigil-tools") bytes"
         {
             echo "dir /bin 0755 0 0"
             echo "dir /sbin 0755 0 0"
@@ -133,6 +146,7 @@ build_initramfs() {
             echo "nod /dev/null 0666 0 0 c 1 3"
             echo "file /init $work/init 0755 0 0"
             echo "file /bin/busybox /bin/busybox 0755 0 0"
+            echo "file /bin/vigil-tools $work/vigil-tools 0755 0 0"
             echo "file /etc/inittab $here/init/inittab 0644 0 0"
             echo "file /etc/profile $here/init/profile 0644 0 0"
             for applet in $(/bin/busybox --list-full); do

@@ -7,18 +7,33 @@
  * kernel copies the initramfs byte by byte in emulated code, so each KiB of
  * /init costs boot time. A glibc-static /init was 700 KiB; this one is a few.
  *
- * It mounts /proc, /sys, /dev and /tmp, prints the boot marker with the
- * guest's uptime, then either runs the test named by `vigil.test=NAME` on the
- * kernel command line and powers off, or hands PID 1 to busybox init, which
- * starts a shell on the console (see /etc/inittab) and handles
- * poweroff/reboot.
+ * It mounts /proc, /sys, /dev and /tmp and prints the boot marker with the
+ * guest's uptime. Then it starts the tools daemon (`/bin/vigil-tools daemon`,
+ * heartbeats to the host over vsock, see guest-tools/PROTOCOL.md) and the
+ * workloads named on the kernel command line, in the background, and either
+ * runs the test named by `vigil.test=NAME` and powers off, or hands PID 1 to
+ * busybox init, which starts a shell on the console (see /etc/inittab) and
+ * handles poweroff/reboot.
+ *
+ * Kernel command line keys:
+ *   vigil.test=NAME     boot (marker, then power off), sysinfo, reboot, or
+ *                       run: wait until the vigil.run workloads exit, print
+ *                       VIGIL-RUN-DONE, power off
+ *   vigil.tools=off     do not start the tools daemon
+ *   vigil.run=W[:OPTS][+W[:OPTS]]...
+ *                       start workload W as `/bin/vigil-tools W OPTS` (at most
+ *                       8), e.g. vigil.run=dirty:mib=64,rate=0+counter:every=5
+ *                       Workloads: dirty, disk-write, disk-verify, echo,
+ *                       counter (options: `vigil-tools help`, README.md)
  *
  * Markers (one line each, on the console):
  *   VIGIL-BOOT-OK uptime=<seconds>
  *   VIGIL-CPUS <n>              (vigil.test=sysinfo)
  *   VIGIL-MEMTOTAL-KB <n>       (vigil.test=sysinfo)
+ *   VIGIL-RUN-DONE status=<n>   (vigil.test=run; the highest exit status)
  *   VIGIL-TEST-ERROR <reason>   (an unknown test or a failing step)
- * Tests: boot (marker, then power off), sysinfo, reboot.
+ * vigil-tools prints its own (VIGIL-TOOLS-*, VIGIL-DIRTY*, VIGIL-DISK*,
+ * VIGIL-ECHO-READY, VIGIL-COUNTER).
  */
 
 /* nolibc of this kernel version has neither sync() nor pause(). */
@@ -102,6 +117,75 @@ static int cmdline_value(const char *cmdline, const char *key, char *out, long s
 	return 0;
 }
 
+static char *envp[] = { "PATH=/bin:/sbin:/usr/bin:/usr/sbin", "HOME=/root", 0 };
+static char tools[] = "/bin/vigil-tools";
+
+/* Starts argv[0] in the background; returns its pid or -1. */
+static int spawn(char *argv[])
+{
+	int pid = fork();
+
+	if (pid == 0) {
+		execve(argv[0], argv, envp);
+		say("VIGIL-TEST-ERROR cannot run ", argv[0]);
+		exit(127);
+	}
+	if (pid < 0)
+		say("VIGIL-TEST-ERROR cannot fork for ", argv[0]);
+	return pid;
+}
+
+#define MAX_WORKLOADS 8
+
+/*
+ * Starts each workload of `W[:OPTS][+W[:OPTS]]...` (spec is cut up in
+ * place); returns how many started, their pids in pids[].
+ */
+static int start_workloads(char *spec, int pids[MAX_WORKLOADS])
+{
+	int n = 0;
+
+	while (*spec && n < MAX_WORKLOADS) {
+		char *item = spec, *opts = 0, *argv[4];
+
+		while (*spec && *spec != '+')
+			spec++;
+		if (*spec)
+			*spec++ = '\0';
+		for (opts = item; *opts && *opts != ':'; opts++)
+			;
+		if (*opts)
+			*opts++ = '\0';
+		if (!*item)
+			continue;
+		argv[0] = tools;
+		argv[1] = item;
+		argv[2] = *opts ? opts : 0;
+		argv[3] = 0;
+		pids[n] = spawn(argv);
+		if (pids[n] > 0)
+			n++;
+	}
+	if (*spec)
+		say("VIGIL-TEST-ERROR too many workloads, not started: ", spec);
+	return n;
+}
+
+/* Waits for the workloads; returns the highest exit status (128+signal). */
+static int wait_workloads(const int pids[], int n)
+{
+	int i, status = 0, code, worst = 0;
+
+	for (i = 0; i < n; i++) {
+		while (waitpid(pids[i], &status, 0) < 0 && errno == EINTR)
+			;
+		code = (status & 0x7f) ? 128 + (status & 0x7f) : (status >> 8) & 0xff;
+		if (code > worst)
+			worst = code;
+	}
+	return worst;
+}
+
 static void test_sysinfo(void)
 {
 	static char buf[65536];
@@ -124,10 +208,11 @@ static void test_sysinfo(void)
 
 int main(void)
 {
-	static char cmdline[4096];
-	char uptime[64] = "?", test[64];
+	static char cmdline[4096], run[1024];
+	char uptime[64] = "?", test[64], flag[16];
 	char *argv[] = { "init", 0 };
-	char *envp[] = { "PATH=/bin:/sbin:/usr/bin:/usr/sbin", "HOME=/root", 0 };
+	char *daemon_argv[] = { tools, "daemon", 0 };
+	int pids[MAX_WORKLOADS], nworkloads = 0;
 	long i;
 
 	mount_or_warn("proc", "/proc", "proc");
@@ -141,8 +226,15 @@ int main(void)
 				uptime[i] = '\0';
 	say("VIGIL-BOOT-OK uptime=", uptime);
 
-	if (slurp("/proc/cmdline", cmdline, sizeof(cmdline)) < 0 ||
-	    !cmdline_value(cmdline, "vigil.test", test, sizeof(test))) {
+	if (slurp("/proc/cmdline", cmdline, sizeof(cmdline)) < 0)
+		cmdline[0] = '\0';
+	if (!cmdline_value(cmdline, "vigil.tools", flag, sizeof(flag)) ||
+	    strcmp(flag, "off") != 0)
+		spawn(daemon_argv);
+	if (cmdline_value(cmdline, "vigil.run", run, sizeof(run)))
+		nworkloads = start_workloads(run, pids);
+
+	if (!cmdline_value(cmdline, "vigil.test", test, sizeof(test))) {
 		execve("/bin/busybox", argv, envp);
 		say("VIGIL-TEST-ERROR cannot start busybox init", 0);
 		power_off();
@@ -153,6 +245,11 @@ int main(void)
 	} else if (strcmp(test, "reboot") == 0) {
 		sync_all();
 		reboot(LINUX_REBOOT_CMD_RESTART);
+	} else if (strcmp(test, "run") == 0) {
+		if (nworkloads == 0)
+			say("VIGIL-TEST-ERROR vigil.test=run without vigil.run workloads", 0);
+		else
+			say("VIGIL-RUN-DONE status=", itoa(wait_workloads(pids, nworkloads)));
 	} else if (strcmp(test, "boot") != 0) {
 		say("VIGIL-TEST-ERROR unknown test ", test);
 	}
