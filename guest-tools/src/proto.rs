@@ -10,7 +10,7 @@
 //!
 //! ```text
 //!   guest (vigil-tools daemon)                    host (VMM)
-//!     | connect vsock 2:1100 ------------------------> |
+//!     | connect vsock 2:5252 ------------------------> |
 //!     | HELLO vigil-tools <version> <boot_id> -------> |  once per connection
 //!     | HB <seq> <uptime_ms> ------------------------> |  every second (G1)
 //!     | APP <name> <seq> ----------------------------> |  per app heartbeat (G2)
@@ -45,7 +45,7 @@
 /// vsock CID of the host (`VMADDR_CID_HOST`).
 pub const HOST_CID: u32 = 2;
 /// vsock port the host listens on for the tools channel.
-pub const VSOCK_PORT: u32 = 1100;
+pub const VSOCK_PORT: u32 = 5252;
 /// Longest line either side sends, newline included.
 pub const MAX_LINE: usize = 128;
 /// Heartbeats in a row that could not be sent (no vsock credit, buffer
