@@ -107,9 +107,9 @@ def run_vigil(vigil, memory_mib, cmdline, timeout):
     return t1 - t0, start_ms, overhead
 
 
-def run_qemu(memory_mib, cmdline, timeout):
+def run_qemu(memory_mib, cmdline, timeout, acpi):
     args = ["qemu-system-x86_64", "-enable-kvm",
-            "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=on",
+            "-M", f"microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi={acpi}",
             "-cpu", "host,-arch-capabilities", "-m", str(memory_mib), "-smp", "1",
             "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
             "-kernel", os.path.join(GUEST, "vmlinux"),
@@ -130,6 +130,21 @@ def run_qemu(memory_mib, cmdline, timeout):
     return t1 - t0
 
 
+def table(result):
+    """The short table written beside the JSON and printed."""
+    runs = result["runs"]
+    return (
+        f"Boot, {result['guest_memory_mib']} MiB guest, {result['qemu']}\n\n"
+        "| metric | vigil | qemu | ratio |\n"
+        "|---|---|---|---|\n"
+        f"| boot to marker, median of {runs} (s) | {result['vigil_boot_median_s']} | "
+        f"{result['qemu_boot_median_s']} (acpi=on {result['qemu_acpi_on_boot_median_s']}, "
+        f"acpi=off {result['qemu_acpi_off_boot_median_s']}) | {result['ratio']} |\n"
+        f"| VMM start to first KVM_RUN (ms) | {result['vmm_start_to_first_run_ms']} | | |\n"
+        f"| VMM RSS beyond guest memory (MiB) | {result['vmm_overhead_rss_mib']} | | |\n"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
@@ -140,29 +155,40 @@ def main():
     a = ap.parse_args()
     cmdline = default_cmdline()
 
-    vigil_s, qemu_s, start_ms, rss = [], [], [], []
+    # QEMU twice: with ACPI (the same tables-based SMP and power-off vigil
+    # gives the guest) and without (MP table; the guest cannot power off
+    # there, which the marker does not need). The ratio is taken against the
+    # faster of the two, so it never flatters vigil.
+    vigil_s, qemu_acpi_s, qemu_noacpi_s, start_ms, rss = [], [], [], [], []
     for i in range(a.runs):
-        # Interleave so both see the same machine conditions.
+        # Interleave so all see the same machine conditions.
         t, s, r = run_vigil(a.vigil, a.memory_mib, cmdline, a.timeout)
         vigil_s.append(t)
         if s is not None:
             start_ms.append(s)
         if r is not None:
             rss.append(r)
-        q = run_qemu(a.memory_mib, cmdline, a.timeout)
-        qemu_s.append(q)
-        print(f"run {i + 1}/{a.runs}: vigil {t:.2f} s, qemu {q:.2f} s", flush=True)
+        qa = run_qemu(a.memory_mib, cmdline, a.timeout, "on")
+        qemu_acpi_s.append(qa)
+        qn = run_qemu(a.memory_mib, cmdline, a.timeout, "off")
+        qemu_noacpi_s.append(qn)
+        print(f"run {i + 1}/{a.runs}: vigil {t:.2f} s, qemu acpi=on {qa:.2f} s, "
+              f"qemu acpi=off {qn:.2f} s", flush=True)
 
+    qemu_best = min(statistics.median(qemu_acpi_s), statistics.median(qemu_noacpi_s))
     result = {
         "guest_memory_mib": a.memory_mib,
         "runs": a.runs,
         "vigil_boot_median_s": round(statistics.median(vigil_s), 3),
-        "qemu_boot_median_s": round(statistics.median(qemu_s), 3),
-        "ratio": round(statistics.median(vigil_s) / statistics.median(qemu_s), 3),
+        "qemu_boot_median_s": round(qemu_best, 3),
+        "qemu_acpi_on_boot_median_s": round(statistics.median(qemu_acpi_s), 3),
+        "qemu_acpi_off_boot_median_s": round(statistics.median(qemu_noacpi_s), 3),
+        "ratio": round(statistics.median(vigil_s) / qemu_best, 3),
         "vmm_start_to_first_run_ms": round(statistics.median(start_ms), 3) if start_ms else None,
         "vmm_overhead_rss_mib": round(statistics.median(rss), 2) if rss else None,
         "vigil_boot_s": [round(x, 3) for x in vigil_s],
-        "qemu_boot_s": [round(x, 3) for x in qemu_s],
+        "qemu_acpi_on_boot_s": [round(x, 3) for x in qemu_acpi_s],
+        "qemu_acpi_off_boot_s": [round(x, 3) for x in qemu_noacpi_s],
         "qemu": subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
                                text=True).stdout.splitlines()[0],
         "cmdline": cmdline,
@@ -171,14 +197,11 @@ def main():
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
+    text = table(result)
+    with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
+        f.write(text)
     print()
-    print("| metric | vigil | qemu | ratio |")
-    print("|---|---|---|---|")
-    print(f"| boot to marker, median of {a.runs} (s) | {result['vigil_boot_median_s']} | "
-          f"{result['qemu_boot_median_s']} | {result['ratio']} |")
-    print(f"| VMM start to first KVM_RUN (ms) | {result['vmm_start_to_first_run_ms']} | | |")
-    print(f"| VMM RSS beyond guest memory (MiB) | {result['vmm_overhead_rss_mib']} | | |")
-
+    print(text, end="")
 
 if __name__ == "__main__":
     main()
