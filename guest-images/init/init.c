@@ -17,8 +17,9 @@
  *   VIGIL-BOOT-OK uptime=<seconds>
  *   VIGIL-CPUS <n>              (vigil.test=sysinfo)
  *   VIGIL-MEMTOTAL-KB <n>       (vigil.test=sysinfo)
+ *   VIGIL-COUNTER <n> t=<s>     (vigil.test=counter, once a second, forever)
  *   VIGIL-TEST-ERROR <reason>   (an unknown test or a failing step)
- * Tests: boot (marker, then power off), sysinfo, reboot.
+ * Tests: boot (marker, then power off), sysinfo, reboot, counter.
  */
 
 /* nolibc of this kernel version has neither sync() nor pause(). */
@@ -122,6 +123,28 @@ static void test_sysinfo(void)
 	}
 }
 
+/*
+ * vigil.test=counter: prints VIGIL-COUNTER <n> once a second, forever. The
+ * count lives in guest memory, so pause/resume and snapshot/restore tests
+ * can tell "continued" (n grows from where it was) from "rebooted" (n
+ * starts again at 0). Time is read from CLOCK_MONOTONIC after each sleep so
+ * the line also shows the guest's own view of elapsed time (t=<seconds>).
+ */
+static void test_counter(void)
+{
+	struct timespec one = { 1, 0 }, now;
+	long n;
+
+	for (n = 0;; n++) {
+		my_syscall2(__NR_clock_gettime, 1 /* CLOCK_MONOTONIC */, &now);
+		write(1, "VIGIL-COUNTER ", 14);
+		write(1, itoa(n), strlen(itoa(n)));
+		write(1, " t=", 3);
+		say(itoa(now.tv_sec), 0);
+		my_syscall2(__NR_nanosleep, &one, 0);
+	}
+}
+
 int main(void)
 {
 	static char cmdline[4096];
@@ -150,6 +173,8 @@ int main(void)
 
 	if (strcmp(test, "sysinfo") == 0) {
 		test_sysinfo();
+	} else if (strcmp(test, "counter") == 0) {
+		test_counter();
 	} else if (strcmp(test, "reboot") == 0) {
 		sync_all();
 		reboot(LINUX_REBOOT_CMD_RESTART);

@@ -30,6 +30,7 @@
 //!   the `AtomicBitmap` of [`memory::GuestMemory`].
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod console;
@@ -37,10 +38,13 @@ pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod instance;
+pub mod machine;
 pub mod memory;
 pub mod persist;
+pub mod snapshot;
 pub mod vm;
+pub mod watchdog;
 
 pub use config::VmConfig;
 pub use control::ExitReason;
-pub use instance::{run, Error};
+pub use instance::{run, run_restored, run_with, Error, RunOptions};
