@@ -180,6 +180,12 @@ pub fn run(m: Arc<Machine>, vcpu_fds: Vec<Arc<OwnedFd>>, threshold: Duration) {
     let mut was_stuck = vec![false; n as usize + 1];
     let mut incidents = 0u64;
     let mut last_incident: Option<String> = None;
+    *m.watchdog.lock().unwrap_or_else(|p| p.into_inner()) = WatchdogReport {
+        enabled: true,
+        threshold_ms: threshold.as_millis() as u64,
+        healthy: true,
+        ..Default::default()
+    };
     while !m.exit.should_stop() {
         // Sleep in short steps so the VMM's stop does not wait a period.
         let until = Instant::now() + period;

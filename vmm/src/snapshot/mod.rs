@@ -176,8 +176,13 @@ impl SavedConfig {
             id: c.id.clone(),
             vcpus: c.vcpus,
             memory_bytes: c.memory_bytes,
-            kernel: c.kernel.clone(),
-            initrd: c.initrd.clone(),
+            // Absolute, so a restore from another directory can still
+            // reboot the guest.
+            kernel: std::path::absolute(&c.kernel).unwrap_or_else(|_| c.kernel.clone()),
+            initrd: c
+                .initrd
+                .as_ref()
+                .map(|i| std::path::absolute(i).unwrap_or_else(|_| i.clone())),
             cmdline: c.cmdline.clone(),
             cpu_template: c.cpu_template,
             on_reboot: c.on_reboot,
