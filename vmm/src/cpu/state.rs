@@ -132,7 +132,7 @@ impl FpuState {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FloatState {
     /// KVM_GET_XSAVE (4 KiB legacy area; covers x87, SSE, AVX).
-    Xsave(kvm_xsave),
+    Xsave(Box<kvm_xsave>),
     /// KVM_GET_FPU.
     Fpu(FpuState),
 }
@@ -232,7 +232,7 @@ pub fn save(fd: &VcpuFd, id: u32, caps: &StateCaps) -> Result<VcpuState, StateEr
     let regs = fd.get_regs().map_err(io("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(io("KVM_GET_SREGS"))?;
     let float = if caps.xsave {
-        FloatState::Xsave(fd.get_xsave().map_err(io("KVM_GET_XSAVE"))?)
+        FloatState::Xsave(Box::new(fd.get_xsave().map_err(io("KVM_GET_XSAVE"))?))
     } else {
         FloatState::Fpu(FpuState::from(&fd.get_fpu().map_err(io("KVM_GET_FPU"))?))
     };
@@ -395,7 +395,7 @@ pub(crate) mod tests {
                 efer: 0x500,
                 ..Default::default()
             },
-            float: FloatState::Xsave(xsave),
+            float: FloatState::Xsave(Box::new(xsave)),
             xcrs: Some(kvm_xcrs::default()),
             lapic: kvm_lapic_state::default(),
             msrs: vec![kvm_msr_entry {
