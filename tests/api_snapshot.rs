@@ -465,3 +465,35 @@ fn cli_without_a_vmm_says_so() {
     assert!(err.contains("no VMM is listening on"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn watchdog_does_not_flag_an_idle_guest() {
+    // The counter guest sleeps in HLT most of each second; with a 1 s
+    // threshold the watchdog must tell idle (a kick brings the vCPU out of
+    // KVM_RUN) from stuck.
+    let _g = guest_lock();
+    let base = base_snapshot();
+    let vm = Vmm::start(
+        "watchdog",
+        &[
+            "--restore",
+            base.to_str().unwrap(),
+            "--watchdog-threshold-s",
+            "1",
+        ],
+    );
+    let c = vm.wait_counter_above(None, STEP_TIMEOUT);
+    std::thread::sleep(Duration::from_secs(4));
+    let wd = vm.json(&["vm", "watchdog"]);
+    assert_eq!(wd["enabled"], true, "{wd}");
+    assert_eq!(wd["threshold_ms"], 1000, "{wd}");
+    assert_eq!(wd["healthy"], true, "{wd}");
+    assert_eq!(wd["incidents"], 0, "{wd}");
+    assert_eq!(wd["vcpus"][0]["state"], "ok", "{wd}");
+    assert_eq!(wd["event_loop"]["state"], "ok", "{wd}");
+    let (code, table, _) = vm.cli(&["vm", "watchdog"]);
+    assert_eq!(code, 0);
+    assert!(table.contains("healthy: true"), "{table}");
+    vm.wait_counter_above(Some(c), STEP_TIMEOUT);
+    vm.power_off();
+}
