@@ -26,6 +26,7 @@ use crate::config::{self, ConfigError, ConsoleMode, OnReboot, VmConfig};
 use crate::console::{self, ConsoleError, StdinInput, TerminalGuard};
 use crate::control::{ControlError, ExitReason, ExitSignal};
 use crate::cpu::gate::VcpuGate;
+use crate::cpu::regs::EntryMode;
 use crate::cpu::state::StateCaps;
 use crate::cpu::vcpu::{vcpu_kick_signal, Vcpu, VcpuError, VcpuShared};
 use crate::cpu::{self, CpuError};
@@ -216,6 +217,13 @@ pub fn run_restored(
     }
 }
 
+/// How a VM starts: a fresh boot at the kernel's entry, or from saved state.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    Boot(EntryMode),
+    Restore(&'a VmState),
+}
+
 fn run_once(
     kvm: &kvm_ioctls::Kvm,
     cfg: &VmConfig,
@@ -233,16 +241,16 @@ fn run_once(
     // Restore order at VM level: RAM, then the VM-wide KVM state (clock,
     // PIT, PIC/IOAPIC) before any vCPU exists, then each vCPU's state as it
     // is created (see cpu::state::restore for the per-vCPU order).
-    let entry = match &restore {
+    let start = match &restore {
         Some((dir, state)) => {
             snapshot::memory::restore(&mem, &state.memory, &dir.join(snapshot::MEMORY_FILE))?;
             vm.restore_state(&state.vm)?;
-            None
+            Start::Restore(state)
         }
         None => {
             // vcpus <= 254 was validated, so this fits.
             let rsdp = acpi::write(&mem, cfg.vcpus as u8)?;
-            Some(boot::load(cfg, &mem, rsdp)?.entry)
+            Start::Boot(boot::load(cfg, &mem, rsdp)?.entry)
         }
     };
 
@@ -252,9 +260,11 @@ fn run_once(
         .register_irqfd(&irq, COM1_IRQ)
         .map_err(|e| Error::SerialIrq(std::io::Error::from_raw_os_error(e.errno())))?;
     let out = console::output_for(&cfg.console)?;
-    let serial = match &restore {
-        Some((_, state)) => SerialDevice::restore(SerialArgs { irq, out }, &state.devices.serial)?,
-        None => SerialDevice::new(irq, out),
+    let serial = match start {
+        Start::Restore(state) => {
+            SerialDevice::restore(SerialArgs { irq, out }, &state.devices.serial)?
+        }
+        Start::Boot(_) => SerialDevice::new(irq, out),
     };
     let serial = Arc::new(Mutex::new(serial));
     let bus = Arc::new(PioBus::new(serial.clone(), exit.clone()));
@@ -274,13 +284,13 @@ fn run_once(
         caps: caps.clone(),
     };
     let mut vcpus = Vec::new();
-    match (&restore, entry) {
-        (Some((_, state)), _) => {
+    match start {
+        Start::Restore(state) => {
             for s in &state.vcpus {
                 vcpus.push(Vcpu::restore(vm.fd(), s, shared())?);
             }
         }
-        (None, Some(entry)) => {
+        Start::Boot(entry) => {
             let supported = kvm
                 .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
                 .map_err(CpuError::SupportedCpuid)?;
@@ -289,7 +299,6 @@ fn run_once(
                 vcpus.push(Vcpu::new(vm.fd(), id, &cpuid, &mem, entry, shared())?);
             }
         }
-        (None, None) => unreachable!("a fresh boot always has an entry point"),
     }
     let vcpu_fds: Vec<Arc<OwnedFd>> = vcpus
         .iter()

@@ -217,6 +217,9 @@ impl VcpuGate {
             if not_parked.is_empty() {
                 return Ok(());
             }
+            if self.stopping.load(Ordering::SeqCst) {
+                return Err(GateError::Stopping);
+            }
             if Instant::now() >= deadline {
                 // Leave the flag set: the stragglers park when they get out
                 // of KVM; the caller may resume to undo.
