@@ -67,6 +67,19 @@ pub trait IoCounterSource: Send + Sync {
     fn counters(&self) -> DeviceCounters;
 }
 
+/// A device that must stop touching guest memory while the VM is paused
+/// (virtio queue processing, tap/vsock/disk backends): a snapshot's memory
+/// image and device state are only consistent if nothing writes guest RAM
+/// after the vCPUs park. Both calls must be idempotent (a snapshot of a
+/// VM the user already paused pauses again).
+pub trait PauseHook: Send + Sync {
+    /// Finish or park in-flight work; do not write guest memory until
+    /// [`PauseHook::resume`].
+    fn pause(&self);
+    /// Carry on.
+    fn resume(&self);
+}
+
 /// The running VM, shared by the event loop, the API and the watchdog.
 /// Field order matters for drop: the VM fd goes before guest memory.
 pub struct Machine {
@@ -92,6 +105,9 @@ pub struct Machine {
     pub guest_tools: Mutex<Option<Arc<dyn GuestTools>>>,
     /// Devices with I/O counters.
     pub io_counters: Mutex<Vec<Arc<dyn IoCounterSource>>>,
+    /// Devices to quiesce on pause (after the vCPUs park; resumed before
+    /// the vCPUs run again).
+    pub pause_hooks: Mutex<Vec<Arc<dyn PauseHook>>>,
     /// Bumped by the event loop on every iteration (read by the watchdog).
     pub loop_progress: AtomicU64,
     /// The watchdog's latest findings.
@@ -124,6 +140,7 @@ impl Machine {
             restored_from,
             guest_tools: Mutex::new(None),
             io_counters: Mutex::new(Vec::new()),
+            pause_hooks: Mutex::new(Vec::new()),
             loop_progress: AtomicU64::new(0),
             watchdog: Mutex::new(WatchdogReport::default()),
             control: Mutex::new(()),
@@ -135,15 +152,39 @@ impl Machine {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Pauses all vCPUs (returns when they are parked).
+    /// Pauses all vCPUs (returns when they are parked), then the devices.
     pub fn pause(&self) -> Result<(), GateError> {
         let _g = self.control_lock();
-        self.gate.pause(PAUSE_TIMEOUT)
+        self.pause_locked()
     }
 
-    /// Resumes all vCPUs.
+    /// Resumes the devices, then all vCPUs.
     pub fn resume(&self) {
         let _g = self.control_lock();
+        self.resume_locked();
+    }
+
+    fn hooks(&self) -> Vec<Arc<dyn PauseHook>> {
+        self.pause_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// [`Self::pause`] for callers that hold [`Self::control_lock`].
+    pub fn pause_locked(&self) -> Result<(), GateError> {
+        self.gate.pause(PAUSE_TIMEOUT)?;
+        for h in self.hooks() {
+            h.pause();
+        }
+        Ok(())
+    }
+
+    /// [`Self::resume`] for callers that hold [`Self::control_lock`].
+    pub fn resume_locked(&self) {
+        for h in self.hooks() {
+            h.resume();
+        }
         self.gate.resume();
     }
 

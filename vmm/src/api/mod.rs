@@ -278,14 +278,14 @@ fn snapshot(m: &Arc<Machine>, req: &Request) -> (u16, Value, After) {
                 );
             }
             if !was_paused {
-                m.gate.resume();
+                m.resume_locked();
             }
             v["state"] = json!(m.state_name());
             ok(v)
         }
         Err(e) => {
             if !was_paused {
-                m.gate.resume();
+                m.resume_locked();
             }
             err(
                 500,

@@ -340,10 +340,12 @@ pub fn capture(m: &Machine) -> Result<VmState, SnapshotError> {
 }
 
 /// Writes a snapshot of `m` to `dir` (created if missing). Pauses the VM
-/// if it is running and leaves it paused: the caller resumes or stops it.
+/// (vCPUs, then devices' [`crate::machine::PauseHook`]s) if it is running
+/// and leaves it paused: the caller resumes or stops it. The caller holds
+/// [`Machine::control_lock`].
 pub fn save(m: &Machine, dir: &Path) -> Result<SaveReport, SnapshotError> {
     let t0 = Instant::now();
-    m.gate.pause(crate::cpu::gate::PAUSE_TIMEOUT)?;
+    m.pause_locked()?;
     fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
         path: dir.to_path_buf(),
         what: "create directory",
