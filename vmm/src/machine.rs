@@ -228,3 +228,40 @@ impl Machine {
         self.loop_progress.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_json_shape_until_tools_connect() {
+        let v = serde_json::to_value(HeartbeatStatus {
+            note: Some("guest tools not connected".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "connected": false,
+                "tools_version": null,
+                "ms_since_tools_heartbeat": null,
+                "ms_since_app_heartbeat": null,
+                "note": "guest tools not connected",
+            })
+        );
+    }
+
+    #[test]
+    fn counters_json_shape() {
+        let c = DeviceCounters {
+            device: "block0".into(),
+            kind: "block".into(),
+            counters: [("read_bytes".to_string(), 4096u64)].into_iter().collect(),
+        };
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::json!({"device": "block0", "kind": "block", "counters": {"read_bytes": 4096}})
+        );
+    }
+}
