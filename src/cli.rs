@@ -14,11 +14,71 @@ pub struct Cli {
 }
 
 /// The subcommands.
+// Parsed once per process: the size difference between variants is moot.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a VM and run it in the foreground until it stops.
     #[command(after_long_help = RUN_EXIT_STATUS_HELP, after_help = RUN_EXIT_STATUS_HELP)]
     Run(RunArgs),
+    /// Ask a running VM (through its control API socket) for its state, or
+    /// to pause, resume or shut down.
+    Vm(VmArgs),
+    /// Snapshot a running VM to a directory (restore with `vigil run --restore DIR`).
+    Snapshot(SnapshotArgs),
+}
+
+/// `vigil vm ACTION --api-socket PATH [--json]`.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// What to do.
+    #[arg(value_enum)]
+    pub action: VmAction,
+    /// The VM's control API socket (as given to `vigil run --api-socket`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// shutdown: seconds to wait for a graceful shutdown before powering off.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout_s: Option<u64>,
+}
+
+/// `vigil vm` actions.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum VmAction {
+    /// State, config, vCPUs, memory, uptime.
+    Info,
+    /// Pause every vCPU.
+    Pause,
+    /// Resume a paused VM.
+    Resume,
+    /// Graceful shutdown through the guest tools, hard power-off after a timeout.
+    Shutdown,
+    /// Guest tools heartbeat status.
+    Heartbeat,
+    /// Per-device I/O counters.
+    Counters,
+    /// vCPU and event-loop progress (stall detection).
+    Watchdog,
+}
+
+/// `vigil snapshot --api-socket PATH --to DIR [--stop]`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The VM's control API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Directory to write the snapshot to (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// Stop the VM after the snapshot instead of resuming it.
+    #[arg(long)]
+    pub stop: bool,
+    /// Print the API's JSON answer.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Text shown after `vigil run --help`.
@@ -92,4 +152,17 @@ pub struct RunArgs {
     /// Write logs to this file instead of stderr.
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
+    /// Serve the control API (HTTP/JSON) on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Restore the VM saved in DIR (by `vigil snapshot`) instead of booting.
+    /// Only --console, --name, --api-socket and logging flags apply.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "on_reboot", "cpu_template"
+    ])]
+    pub restore: Option<PathBuf>,
+    /// Watchdog: a vCPU or the event loop without progress for this long is
+    /// reported as stuck [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub watchdog_threshold_s: Option<u64>,
 }

@@ -1,6 +1,6 @@
 //! `vigil`: the command-line entry point.
 //!
-//! Subcommands live one per module (`run` today; `vm`, `snapshot`,
+//! Subcommands live one per module (`run`; `vm` and `snapshot` in `vm_cmd`;
 //! `migrate`, `agent` and `cluster` will join as their own modules and
 //! variants of [`cli::Command`]). Each returns the process exit status; this
 //! file only parses, sets up logging, and exits.
@@ -9,6 +9,7 @@ mod cli;
 mod logging;
 mod run;
 mod signals;
+mod vm_cmd;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,8 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let code = match cli.command {
         cli::Command::Run(args) => run::run(args),
+        cli::Command::Vm(args) => vm_cmd::vm(args),
+        cli::Command::Snapshot(args) => vm_cmd::snapshot(args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

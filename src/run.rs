@@ -14,6 +14,34 @@ pub fn run(args: RunArgs) -> i32 {
         return EXIT_ERROR;
     }
     let logs_to_file = args.log_file.is_some();
+    let mut opts = vmm::RunOptions {
+        api_socket: args.api_socket.clone(),
+        ..Default::default()
+    };
+    if let Some(t) = args.watchdog_threshold_s {
+        opts.watchdog_threshold = std::time::Duration::from_secs(t.max(1));
+    }
+    if let Some(dir) = &args.restore {
+        let console = match args.console.as_deref().map(vmm::config::ConsoleMode::parse) {
+            None => None,
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                eprintln!("vigil: --console: {e}");
+                return EXIT_ERROR;
+            }
+        };
+        let ov = vmm::snapshot::RestoreOverrides {
+            console,
+            name: args.name.clone(),
+        };
+        return match vmm::snapshot::restore(dir, ov, &opts) {
+            Ok(reason) => {
+                report(&reason, logs_to_file);
+                reason.exit_code()
+            }
+            Err(e) => fail(&e, logs_to_file),
+        };
+    }
     let overrides = ConfigOverrides {
         name: args.name,
         vcpus: args.cpus,
@@ -36,7 +64,7 @@ pub fn run(args: RunArgs) -> i32 {
         Err(e) => return fail_config(&e, logs_to_file),
     };
     tracing::info!(vm = %cfg.name, ?cfg, "configuration");
-    match vmm::run(&cfg) {
+    match vmm::run_with(&cfg, &opts) {
         Ok(reason) => {
             report(&reason, logs_to_file);
             reason.exit_code()
@@ -46,7 +74,7 @@ pub fn run(args: RunArgs) -> i32 {
 }
 
 /// The error and its causes on one line: "a: b: c".
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -82,6 +110,8 @@ fn report(reason: &ExitReason, logs_to_file: bool) {
     match reason {
         ExitReason::PowerOff => tracing::info!("guest powered off"),
         ExitReason::Reboot => tracing::info!("guest requested reboot"),
+        ExitReason::HostPowerOff => tracing::info!("powered off through the control API"),
+        ExitReason::Snapshotted => tracing::info!("stopped after a snapshot"),
         ExitReason::Crash {
             vcpu,
             reason,

@@ -162,7 +162,7 @@ impl fmt::Display for ConsoleMode {
 }
 
 /// What to do when the guest asks for a reboot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnReboot {
     /// Stop the VMM with exit status 3.
@@ -173,7 +173,7 @@ pub enum OnReboot {
 }
 
 /// The named CPU templates (see `cpu::templates`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuTemplateName {
     /// A portable x86-64-v2-like feature set (the default).

@@ -7,6 +7,9 @@
 //! ACPI, kernel -> devices -> vCPU threads -> event loop until a vCPU or
 //! device asks to stop -> stop and join all vCPU threads.
 
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -17,16 +20,24 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 use crate::acpi::{self, AcpiError};
+use crate::api::{self, ApiError, ApiServer};
 use crate::boot::{self, BootError};
 use crate::config::{self, ConfigError, ConsoleMode, OnReboot, VmConfig};
 use crate::console::{self, ConsoleError, StdinInput, TerminalGuard};
 use crate::control::{ControlError, ExitReason, ExitSignal};
-use crate::cpu::vcpu::{vcpu_kick_signal, Vcpu, VcpuError};
+use crate::cpu::gate::VcpuGate;
+use crate::cpu::regs::EntryMode;
+use crate::cpu::state::StateCaps;
+use crate::cpu::vcpu::{vcpu_kick_signal, Vcpu, VcpuError, VcpuShared};
 use crate::cpu::{self, CpuError};
-use crate::devices::serial::{SerialDevice, COM1_IRQ};
+use crate::devices::serial::{SerialArgs, SerialDevice, SerialError, COM1_IRQ};
 use crate::devices::PioBus;
+use crate::machine::Machine;
 use crate::memory::{self, MemoryError};
+use crate::persist::Persist;
+use crate::snapshot::{self, RestoreOverrides, SnapshotError, VmState};
 use crate::vm::{self, Vm, VmError};
+use crate::watchdog;
 
 /// Everything that can stop the VMM before or while running a guest.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +69,15 @@ pub enum Error {
     /// Exit signalling problems.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// Control API problems.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// Snapshot problems.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Serial device restore problems.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
     /// Event loop problems.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
@@ -83,6 +103,11 @@ pub enum Error {
 /// `on_reboot = restart`, a reboot rebuilds the VM from scratch (memory,
 /// kernel, devices) in this process and boots again.
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, Error> {
+    run_with(cfg, &RunOptions::default())
+}
+
+/// [`run`] with options (control API socket, watchdog threshold).
+pub fn run_with(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, Error> {
     let span = tracing::info_span!("vm", vm = %cfg.name);
     let _e = span.enter();
     preflight(cfg)?;
@@ -98,7 +123,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, Error> {
     loop {
         boots += 1;
         tracing::info!(stage = "boot", boots, "starting guest");
-        let reason = run_once(&kvm, cfg)?;
+        let reason = run_once(&kvm, cfg, opts, None)?;
         match (&reason, cfg.on_reboot) {
             (ExitReason::Reboot, OnReboot::Restart) => {
                 tracing::info!(stage = "reboot", "guest rebooted; restarting it");
@@ -142,12 +167,92 @@ impl MutEventSubscriber for ExitWatcher {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-fn run_once(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig) -> Result<ExitReason, Error> {
+/// Options of a run that are not part of the VM's config.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Serve the control API on this unix socket.
+    pub api_socket: Option<PathBuf>,
+    /// Watchdog stall threshold.
+    pub watchdog_threshold: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            api_socket: None,
+            watchdog_threshold: watchdog::DEFAULT_THRESHOLD,
+        }
+    }
+}
+
+/// Restores the snapshot in `dir` and runs it until it stops. A later
+/// guest reboot with `on_reboot = restart` boots the saved kernel afresh.
+pub fn run_restored(
+    dir: &Path,
+    overrides: RestoreOverrides,
+    opts: &RunOptions,
+) -> Result<ExitReason, Error> {
+    let state = snapshot::load(dir)?;
+    let cfg = state.config.to_config(&overrides);
+    let span = tracing::info_span!("vm", vm = %cfg.name);
+    let _e = span.enter();
+    memory::check_host_memory_now(cfg.memory_bytes)?;
+    let kvm = vm::open_kvm()?;
+    install_kick_handler()?;
+    let _terminal = match cfg.console {
+        ConsoleMode::Stdio => TerminalGuard::enter()?,
+        _ => None,
+    };
+    tracing::info!(stage = "restore", dir = %dir.display(), "restoring guest");
+    let mut restore = Some((dir.to_path_buf(), state));
+    loop {
+        let reason = run_once(&kvm, &cfg, opts, restore.take())?;
+        match (&reason, cfg.on_reboot) {
+            (ExitReason::Reboot, OnReboot::Restart) => {
+                preflight(&cfg)?;
+                tracing::info!(stage = "reboot", "guest rebooted; booting it afresh");
+            }
+            _ => return Ok(reason),
+        }
+    }
+}
+
+/// How a VM starts: a fresh boot at the kernel's entry, or from saved state.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    Boot(EntryMode),
+    Restore(&'a VmState),
+}
+
+fn run_once(
+    kvm: &kvm_ioctls::Kvm,
+    cfg: &VmConfig,
+    opts: &RunOptions,
+    restore: Option<(PathBuf, VmState)>,
+) -> Result<ExitReason, Error> {
+    // Bind first: a socket in use is a user error worth failing on before
+    // any memory is allocated.
+    let api = match &opts.api_socket {
+        Some(p) => Some(ApiServer::bind(p)?),
+        None => None,
+    };
     let mem = memory::create_guest_memory(cfg.memory_bytes)?;
     let vm = Vm::new(kvm, &mem)?;
-    // vcpus <= 254 was validated, so this fits.
-    let rsdp = acpi::write(&mem, cfg.vcpus as u8)?;
-    let boot = boot::load(cfg, &mem, rsdp)?;
+    // Restore order at VM level: RAM, then the VM-wide KVM state (clock,
+    // PIT, PIC/IOAPIC) before any vCPU exists, then each vCPU's state as it
+    // is created (see cpu::state::restore for the per-vCPU order).
+    let start = match &restore {
+        Some((dir, state)) => {
+            snapshot::memory::restore(&mem, &state.memory, &dir.join(snapshot::MEMORY_FILE))?;
+            vm.restore_state(&state.vm)?;
+            Start::Restore(state)
+        }
+        None => {
+            // vcpus <= 254 was validated, so this fits.
+            let rsdp = acpi::write(&mem, cfg.vcpus as u8)?;
+            Start::Boot(boot::load(cfg, &mem, rsdp)?.entry)
+        }
+    };
 
     let exit = Arc::new(ExitSignal::new()?);
     let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::SerialIrq)?;
@@ -155,31 +260,63 @@ fn run_once(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig) -> Result<ExitReason, Error> 
         .register_irqfd(&irq, COM1_IRQ)
         .map_err(|e| Error::SerialIrq(std::io::Error::from_raw_os_error(e.errno())))?;
     let out = console::output_for(&cfg.console)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, out)));
+    let serial = match start {
+        Start::Restore(state) => {
+            SerialDevice::restore(SerialArgs { irq, out }, &state.devices.serial)?
+        }
+        Start::Boot(_) => SerialDevice::new(irq, out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     let bus = Arc::new(PioBus::new(serial.clone(), exit.clone()));
 
     let mut events: EventManager<Subscriber> = EventManager::new().map_err(Error::EventLoop)?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
     if cfg.console == ConsoleMode::Stdio {
-        events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(serial))));
+        events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(serial.clone()))));
     }
 
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuError::SupportedCpuid)?;
+    let gate = Arc::new(VcpuGate::new(cfg.vcpus));
+    let caps = Arc::new(StateCaps::probe(kvm));
+    let shared = || VcpuShared {
+        bus: bus.clone(),
+        exit: exit.clone(),
+        gate: gate.clone(),
+        caps: caps.clone(),
+    };
     let mut vcpus = Vec::new();
-    for id in 0..cfg.vcpus {
-        let cpuid = cpu::vcpu_cpuid(&supported, cfg.cpu_template, id, cfg.vcpus)?;
-        vcpus.push(Vcpu::new(
-            vm.fd(),
-            id,
-            &cpuid,
-            &mem,
-            boot.entry,
-            bus.clone(),
-            exit.clone(),
-        )?);
+    match start {
+        Start::Restore(state) => {
+            for s in &state.vcpus {
+                vcpus.push(Vcpu::restore(vm.fd(), s, shared())?);
+            }
+        }
+        Start::Boot(entry) => {
+            let supported = kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(CpuError::SupportedCpuid)?;
+            for id in 0..cfg.vcpus {
+                let cpuid = cpu::vcpu_cpuid(&supported, cfg.cpu_template, id, cfg.vcpus)?;
+                vcpus.push(Vcpu::new(vm.fd(), id, &cpuid, &mem, entry, shared())?);
+            }
+        }
     }
+    let vcpu_fds: Vec<Arc<OwnedFd>> = vcpus
+        .iter()
+        .filter_map(|v| v.dup_fd().ok())
+        .map(Arc::new)
+        .collect();
+
+    let restored_from = restore.map(|(d, _)| d);
+    let machine = Arc::new(Machine::new(
+        cfg.clone(),
+        vm,
+        mem,
+        serial,
+        gate.clone(),
+        exit.clone(),
+        caps,
+        restored_from,
+    ));
 
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for (id, vcpu) in (0u32..).zip(vcpus) {
@@ -196,18 +333,47 @@ fn run_once(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig) -> Result<ExitReason, Error> 
             }
         }
     }
+    gate.set_threads(threads);
     tracing::info!(stage = "running", vcpus = cfg.vcpus, "guest running");
 
+    let api_stop = Arc::new(AtomicBool::new(false));
+    let api_thread = match api {
+        Some(server) => match api::spawn(server, machine.clone(), api_stop.clone()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                exit.request(ExitReason::VmmError(format!(
+                    "cannot start the API thread: {e}"
+                )));
+                None
+            }
+        },
+        None => None,
+    };
+    let wd = {
+        let m = machine.clone();
+        let threshold = opts.watchdog_threshold;
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || watchdog::run(m, vcpu_fds, threshold))
+            .map_err(|e| tracing::warn!(error = %e, "cannot start the watchdog; running without"))
+            .ok()
+    };
+
     while !exit.should_stop() {
+        machine.loop_tick();
         if let Err(e) = events.run_with_timeout(500) {
             exit.request(ExitReason::VmmError(format!("event loop failed: {e:?}")));
         }
     }
-    stop_vcpus(threads);
-    // The VM fd goes before guest memory: KVM must not see memory unmapped
-    // under a live slot.
-    drop(vm);
-    drop(mem);
+    gate.stop();
+    stop_vcpus(gate.take_threads());
+    api_stop.store(true, Ordering::SeqCst);
+    for t in [api_thread, wd].into_iter().flatten() {
+        let _ = t.join();
+    }
+    // Dropping the machine drops the VM fd before guest memory (field
+    // order): KVM must not see memory unmapped under a live slot.
+    drop(machine);
     Ok(exit
         .reason()
         .unwrap_or_else(|| ExitReason::VmmError("VM stopped without a reason".to_string())))

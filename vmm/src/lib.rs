@@ -14,6 +14,12 @@
 //! - [`console`]: terminal, stdin and console output.
 //! - [`instance`]: putting one VM together and running it to its end.
 //! - [`control`]: exit reasons and the process exit statuses.
+//! - [`machine`]: the running VM as the API, watchdog and snapshot code see
+//!   it, and the hooks devices implement to appear in the API.
+//! - [`api`]: the control API (HTTP/JSON on a unix socket) and its client.
+//! - [`snapshot`]: the versioned state format, save and restore
+//!   (`docs/SNAPSHOT.md`).
+//! - [`watchdog`]: stall detection for vCPU threads and the event loop.
 //!
 //! Where later work slots in:
 //! - virtio-mmio devices (block, net, vsock): one folder each under
@@ -21,15 +27,17 @@
 //!   notifications as ioeventfds and interrupts as irqfds, each device an
 //!   `event_manager` subscriber on the loop in [`instance`] (where the stdin
 //!   console input already lives).
-//! - the control API: another subscriber on that loop, listening on a unix
-//!   socket, asking the VM to stop through [`control::ExitSignal`].
-//! - snapshot/restore: one `Persist`-style trait (save to plain serde
-//!   state, restore from it) implemented by the VM, vCPUs and devices.
+//! - devices join snapshot/restore by implementing [`persist::Persist`] and
+//!   adding their state to [`snapshot::DeviceStates`]; they join the API by
+//!   registering a [`machine::IoCounterSource`] (I/O counters) or, for the
+//!   vsock tools channel, a [`machine::GuestTools`] (heartbeat, graceful
+//!   shutdown) on the [`machine::Machine`].
 //! - live migration: [`vm::Vm::slots`] lists the KVM memory slots for
 //!   KVM_MEM_LOG_DIRTY_PAGES and KVM_GET_DIRTY_LOG; VMM-side writes are in
 //!   the `AtomicBitmap` of [`memory::GuestMemory`].
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod console;
@@ -37,10 +45,13 @@ pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod instance;
+pub mod machine;
 pub mod memory;
 pub mod persist;
+pub mod snapshot;
 pub mod vm;
+pub mod watchdog;
 
 pub use config::VmConfig;
 pub use control::ExitReason;
-pub use instance::{run, Error};
+pub use instance::{run, run_restored, run_with, Error, RunOptions};

@@ -6,7 +6,10 @@
 //! so that live migration can turn on `KVM_MEM_LOG_DIRTY_PAGES` and read the
 //! dirty log slot by slot without re-deriving the layout.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -169,5 +172,63 @@ impl Vm {
     /// The memory slots, in guest address order.
     pub fn slots(&self) -> &[MemorySlot] {
         &self.slots
+    }
+}
+
+/// The VM-wide KVM state a snapshot carries: the in-kernel PIC pair and
+/// IOAPIC, the PIT, and the KVM clock (kvmclock's base).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmKvmState {
+    /// KVM_GET_IRQCHIP chip 0.
+    pub pic_master: kvm_irqchip,
+    /// KVM_GET_IRQCHIP chip 1.
+    pub pic_slave: kvm_irqchip,
+    /// KVM_GET_IRQCHIP chip 2.
+    pub ioapic: kvm_irqchip,
+    /// KVM_GET_PIT2.
+    pub pit: kvm_pit_state2,
+    /// KVM_GET_CLOCK.
+    pub clock: kvm_clock_data,
+}
+
+impl Vm {
+    /// Reads the VM-wide state. vCPUs must be paused.
+    pub fn save_state(&self) -> Result<VmKvmState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(ioctl("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(VmKvmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Writes the VM-wide state into a fresh VM, before its vCPUs are
+    /// created. The clock goes first so the PIT and the guest's kvmclock
+    /// continue from the saved time rather than from the time the snapshot
+    /// was taken plus the time it spent on disk.
+    pub fn restore_state(&self, s: &VmKvmState) -> Result<(), VmError> {
+        // KVM rejects flags it reports but does not accept back
+        // (KVM_CLOCK_TSC_STABLE, REALTIME, HOST_TSC).
+        let clock = kvm_clock_data {
+            clock: s.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))?;
+        self.fd.set_pit2(&s.pit).map_err(ioctl("KVM_SET_PIT2"))?;
+        for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+            self.fd.set_irqchip(c).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
     }
 }

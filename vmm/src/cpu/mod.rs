@@ -6,7 +6,9 @@
 //! topology, hypervisor bit). The KVM paravirtual leaves (0x4000_0000..) that
 //! KVM reports are kept, so the guest finds kvmclock.
 
+pub mod gate;
 pub mod regs;
+pub mod state;
 pub mod templates;
 pub mod vcpu;
 

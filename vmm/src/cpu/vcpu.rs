@@ -9,7 +9,9 @@ use std::sync::Arc;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
+use super::gate::VcpuGate;
 use super::regs::{self, EntryMode, RegsError};
+use super::state::{self, StateCaps, StateError, VcpuState};
 use crate::control::{ExitReason, ExitSignal};
 use crate::devices::PioBus;
 use crate::memory::GuestMemory;
@@ -28,6 +30,9 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Restoring saved state failed.
+    #[error(transparent)]
+    Restore(#[from] StateError),
     /// Register set-up failed.
     #[error("vCPU {id}: {source}")]
     Regs {
@@ -50,6 +55,20 @@ pub struct Vcpu {
     fd: VcpuFd,
     bus: Arc<PioBus>,
     exit: Arc<ExitSignal>,
+    gate: Arc<VcpuGate>,
+    caps: Arc<StateCaps>,
+}
+
+/// What a vCPU shares with the rest of the VMM.
+pub struct VcpuShared {
+    /// Port I/O routing.
+    pub bus: Arc<PioBus>,
+    /// Stop requests.
+    pub exit: Arc<ExitSignal>,
+    /// Pause/save requests and progress.
+    pub gate: Arc<VcpuGate>,
+    /// What state KVM can save.
+    pub caps: Arc<StateCaps>,
 }
 
 /// What the run loop decided after one exit, once the borrow of the kvm_run
@@ -69,8 +88,7 @@ impl Vcpu {
         cpuid: &CpuId,
         mem: &GuestMemory,
         entry: EntryMode,
-        bus: Arc<PioBus>,
-        exit: Arc<ExitSignal>,
+        shared: VcpuShared,
     ) -> Result<Self, VcpuError> {
         let ioctl = |op| move |source| VcpuError::Ioctl { id, op, source };
         let fd = vm
@@ -84,7 +102,42 @@ impl Vcpu {
         if id == 0 {
             regs::setup_boot_cpu(&fd, mem, entry).map_err(regs_err)?;
         }
-        Ok(Self { id, fd, bus, exit })
+        Ok(Self::with(id, fd, shared))
+    }
+
+    /// Creates vCPU `state.id` and loads saved state into it (see
+    /// [`state::restore`] for the order).
+    pub fn restore(vm: &VmFd, state: &VcpuState, shared: VcpuShared) -> Result<Self, VcpuError> {
+        let id = state.id;
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Ioctl {
+                id,
+                op: "KVM_CREATE_VCPU",
+                source,
+            })?;
+        state::restore(&fd, state)?;
+        Ok(Self::with(id, fd, shared))
+    }
+
+    /// A duplicate of the vCPU fd (for the watchdog's register dump).
+    pub fn dup_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: the raw fd belongs to `self.fd`, which is open for the
+        // duration of this borrow; the clone gets its own descriptor.
+        let b = unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) };
+        b.try_clone_to_owned()
+    }
+
+    fn with(id: u32, fd: VcpuFd, s: VcpuShared) -> Self {
+        Self {
+            id,
+            fd,
+            bus: s.bus,
+            exit: s.exit,
+            gate: s.gate,
+            caps: s.caps,
+        }
     }
 
     /// Runs until the VM is asked to stop. Never panics on guest behaviour:
@@ -104,7 +157,15 @@ impl Vcpu {
             );
         }
         while !self.exit.should_stop() {
-            match self.run_once() {
+            if self.gate.pause_requested() {
+                let (fd, id, caps) = (&self.fd, self.id, &self.caps);
+                self.gate
+                    .park(id, || state::save(fd, id, caps).map_err(|e| e.to_string()));
+                continue;
+            }
+            let next = self.run_once();
+            self.gate.bump(self.id);
+            match next {
                 Next::Continue => {}
                 Next::Stop(reason) => {
                     self.exit.request(reason);

@@ -76,6 +76,88 @@ impl SerialDevice {
     }
 }
 
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`,
+/// mirrored so it has serde).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    /// DLL.
+    pub baud_divisor_low: u8,
+    /// DLM.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+/// Errors restoring the UART.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// vm-superio refused the state (FIFO larger than the UART's).
+    #[error("serial device state is invalid: {0}")]
+    Restore(String),
+}
+
+/// What a restored UART needs besides its state.
+pub struct SerialArgs {
+    /// The irqfd for COM1's line.
+    pub irq: EventFd,
+    /// Where output goes (chosen by the restoring process).
+    pub out: ConsoleOut,
+}
+
+impl crate::persist::Persist for SerialDevice {
+    type State = SerialDeviceState;
+    type ConstructorArgs = SerialArgs;
+    type Error = SerialError;
+
+    fn save(&self) -> SerialDeviceState {
+        let s = self.uart.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(args: SerialArgs, s: &SerialDeviceState) -> Result<Self, SerialError> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, IrqTrigger(args.irq), NoEvents, args.out)
+            .map_err(|e| SerialError::Restore(e.to_string()))?;
+        Ok(Self { uart })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +189,28 @@ mod tests {
         assert_eq!(irq.read().unwrap(), 1);
         assert_eq!(s.read(0), b'a');
         assert_eq!(s.input_capacity(), 63);
+    }
+
+    #[test]
+    fn persist_round_trip() {
+        use crate::persist::Persist;
+        let buf = Buf::default();
+        let irq = EventFd::new(0).unwrap();
+        let mut s = SerialDevice::new(irq.try_clone().unwrap(), Box::new(buf.clone()));
+        s.write(3, 0x03); // 8N1
+        s.write(7, 0x5a); // scratch
+        s.enqueue_input(b"xy");
+        let st = s.save();
+        let json = serde_json::to_string(&st).unwrap();
+        let back: SerialDeviceState = serde_json::from_str(&json).unwrap();
+        let args = SerialArgs {
+            irq,
+            out: Box::new(buf),
+        };
+        let mut r = SerialDevice::restore(args, &back).unwrap();
+        assert_eq!(r.read(7), 0x5a);
+        assert_eq!(r.read(0), b'x');
+        assert_eq!(r.save().line_control, 0x03);
     }
 
     #[test]
