@@ -148,7 +148,10 @@ mod tests {
     fn endpoints() {
         assert_eq!(
             parse_endpoint(b"vsock"),
-            Some(Endpoint::Vsock { cid: 2, port: 1100 })
+            Some(Endpoint::Vsock {
+                cid: crate::proto::HOST_CID,
+                port: crate::proto::VSOCK_PORT
+            })
         );
         assert_eq!(
             parse_endpoint(b"vsock:3:99"),
