@@ -96,6 +96,9 @@ pub struct SourceOptions {
     pub ack_timeout: Duration,
     /// How long to wait for any other reply (default 30 s).
     pub reply_timeout: Duration,
+    /// Longest a single write may block before the target counts as hung
+    /// (default 10 s).
+    pub write_timeout: Duration,
     /// Pages per `Pages` frame (default 256 = 1 MiB).
     pub pages_per_frame: u32,
     /// Protocol versions offered (tests override it).
@@ -113,6 +116,7 @@ impl Default for SourceOptions {
             page_checksum: false,
             ack_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
             pages_per_frame: 256,
             versions: (protocol::VERSION_MIN, protocol::VERSION_MAX),
         }
@@ -402,6 +406,9 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
 
     fn run(&mut self) -> Result<Summary, Error> {
         self.enter(Stage::Connect, 0)?;
+        self.chan
+            .set_write_timeout(Some(self.opts.write_timeout))
+            .map_err(|e| Error::Protocol(ProtocolError::Io(e)))?;
         let mut wanted = caps::ZERO_PAGES;
         if self.opts.page_checksum {
             wanted |= caps::PAGE_CHECKSUM;
@@ -692,6 +699,9 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
         tracing::warn!(stage = %stage, error = %error, "migration failed, resuming the source");
         // Tell the target, briefly: it may be gone or not reading.
         let _ = self.chan.set_read_timeout(Some(Duration::from_millis(100)));
+        let _ = self
+            .chan
+            .set_write_timeout(Some(Duration::from_millis(500)));
         let note = match &error {
             Error::Cancelled => Some(Message::Cancel),
             Error::Protocol(ProtocolError::Io(_)) | Error::TargetAborted { .. } => None,

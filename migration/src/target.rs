@@ -142,6 +142,7 @@ pub fn receive<H: TargetHost, C: Channel>(
             );
             if tell || matches!(e, Error::Cancelled) {
                 let _ = t.chan.set_read_timeout(Some(Duration::from_millis(100)));
+                let _ = t.chan.set_write_timeout(Some(Duration::from_millis(500)));
                 let _ = t.enc.send(
                     &mut t.chan,
                     &Message::Abort(Abort {

@@ -28,6 +28,9 @@ use std::time::Duration;
 pub trait Channel: Read + Write + Send {
     /// Sets how long a read may block; `None` blocks forever.
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Sets how long a write may block: a peer that stops reading must not
+    /// hang the source (cancel is only seen between writes).
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
     /// Closes both directions; the peer sees end of stream.
     fn shutdown(&mut self);
 }
@@ -35,6 +38,9 @@ pub trait Channel: Read + Write + Send {
 impl Channel for TcpStream {
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, timeout)
     }
     fn shutdown(&mut self) {
         // Already closed is fine: we only want it closed.
@@ -252,6 +258,9 @@ macro_rules! tls_channel {
         impl Channel for $t {
             fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
                 self.sock.set_read_timeout(timeout)
+            }
+            fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+                self.sock.set_write_timeout(timeout)
             }
             fn shutdown(&mut self) {
                 self.conn.send_close_notify();

@@ -440,3 +440,38 @@ fn two_migrations_at_once() {
         h.join().unwrap();
     }
 }
+
+#[test]
+fn target_that_stops_reading_fails_by_write_timeout() {
+    use migration::protocol::{read_message, Decoder, Encoder, Hello, Message};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    // A target that answers the hello and the pre-checks, then hangs.
+    let hung = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let (mut dec, mut enc) = (Decoder::new(), Encoder::new());
+        let hello = read_message(&mut s, &mut dec).unwrap().unwrap();
+        assert!(matches!(hello, Message::Hello(_)));
+        enc.send(&mut s, &Message::Hello(Hello::ours("host-b", 1)))
+            .unwrap();
+        let pre = read_message(&mut s, &mut dec).unwrap().unwrap();
+        assert!(matches!(pre, Message::Precheck(_)));
+        enc.send(&mut s, &Message::PrecheckResult(vec![])).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let mut vm = idle(64);
+    let opts = SourceOptions {
+        write_timeout: Duration::from_millis(300),
+        ..source_opts()
+    };
+    let t0 = std::time::Instant::now();
+    let (r, _) = run_source(&mut vm, addr, &opts, None);
+    let f = r.unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "source hung with the target"
+    );
+    assert_eq!(f.stage, Stage::Precopy { round: 0 }, "{}", f.report());
+    assert_source_running(&vm);
+    hung.join().unwrap();
+}
