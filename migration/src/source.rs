@@ -77,6 +77,26 @@ impl Default for AutoConverge {
     }
 }
 
+impl AutoConverge {
+    /// Whether an interval in which the guest dirtied `dirty_bytes` while we
+    /// sent `sent_bytes` made no headway.
+    pub fn is_unproductive(&self, dirty_bytes: u64, sent_bytes: u64) -> bool {
+        self.enabled
+            && u128::from(dirty_bytes) * 100
+                > u128::from(self.trigger_percent) * u128::from(sent_bytes)
+    }
+
+    /// The throttle after one more unproductive streak.
+    pub fn next_throttle(&self, current: u8) -> u8 {
+        let next = if current == 0 {
+            self.initial
+        } else {
+            current.saturating_add(self.increment)
+        };
+        next.min(self.max)
+    }
+}
+
 /// Source settings.
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
@@ -483,16 +503,12 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
             }
             self.enter(Stage::Precopy { round }, (70 + 2 * round.min(9)) as u8)?;
             let ac = &self.opts.auto_converge;
-            if ac.enabled && dirty_bytes * 100 > u64::from(ac.trigger_percent) * interval_bytes {
+            if ac.is_unproductive(dirty_bytes, interval_bytes) {
                 unproductive += 1;
                 if unproductive >= ac.unproductive_rounds {
                     unproductive = 0;
-                    let next = if self.throttle == 0 {
-                        ac.initial
-                    } else {
-                        self.throttle.saturating_add(ac.increment)
-                    };
-                    self.set_throttle(next.min(ac.max));
+                    let next = ac.next_throttle(self.throttle);
+                    self.set_throttle(next);
                 }
             } else {
                 unproductive = 0;
@@ -751,4 +767,36 @@ fn unexpected(m: &Message, expected: &'static str) -> Error {
 fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(8)
         .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_steps_like_qemu() {
+        let ac = AutoConverge::default();
+        let mut t = 0;
+        let mut steps = Vec::new();
+        for _ in 0..10 {
+            t = ac.next_throttle(t);
+            steps.push(t);
+        }
+        assert_eq!(steps, [20, 30, 40, 50, 60, 70, 80, 90, 99, 99]);
+    }
+
+    #[test]
+    fn unproductive_when_dirtying_over_half_of_what_was_sent() {
+        let ac = AutoConverge::default();
+        assert!(!ac.is_unproductive(50, 100));
+        assert!(ac.is_unproductive(51, 100));
+        assert!(ac.is_unproductive(1, 0));
+        assert!(ac.is_unproductive(u64::MAX, u64::MAX), "no overflow");
+        assert!(!ac.is_unproductive(u64::MAX / 2, u64::MAX), "no overflow");
+        let off = AutoConverge {
+            enabled: false,
+            ..ac
+        };
+        assert!(!off.is_unproductive(1000, 1));
+    }
 }
