@@ -475,3 +475,35 @@ fn target_that_stops_reading_fails_by_write_timeout() {
     assert_source_running(&vm);
     hung.join().unwrap();
 }
+
+#[test]
+fn cancel_from_another_thread_mid_round() {
+    let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let mut vm = idle(32);
+    // 16 MiB of data at 8 MiB/s: round 0 would take 2 s.
+    let opts = SourceOptions {
+        bandwidth_cap: Some(8 << 20),
+        ..source_opts()
+    };
+    let cancel = CancelToken::new();
+    let c = cancel.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        c.cancel();
+    });
+    let t0 = std::time::Instant::now();
+    let s = TcpStream::connect(addr).unwrap();
+    let r = migration::migrate(&mut vm, s, &opts, &cancel, &mut |_| {});
+    let f = r.unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "cancel took {:?}",
+        t0.elapsed()
+    );
+    assert!(matches!(f.error, SrcError::Cancelled), "{}", f.report());
+    assert_eq!(f.stage, Stage::Precopy { round: 0 });
+    assert_source_running(&vm);
+    assert!(matches!(tgt.join().unwrap(), Err(TgtError::Cancelled)));
+    assert_not_started(&seen);
+    canceller.join().unwrap();
+}
