@@ -13,6 +13,32 @@
 //! - [`progress`]: progress reports, summary, cancel token.
 //! - [`transport`]: the byte stream (TCP; TLS to come).
 //!
+//! # Use
+//!
+//! ```no_run
+//! use migration::{CancelToken, MigratableVm, SourceOptions, TargetHost, TargetOptions};
+//! use std::net::{TcpListener, TcpStream};
+//!
+//! // On the source host, with a VM that implements `MigratableVm`:
+//! fn send<V: MigratableVm>(vm: &mut V) -> Result<(), Box<dyn std::error::Error>> {
+//!     let stream = TcpStream::connect("198.18.0.2:5253")?;
+//!     let opts = SourceOptions { host: "host-a".into(), ..Default::default() };
+//!     let summary = migration::migrate(vm, stream, &opts, &CancelToken::new(), &mut |p| {
+//!         println!("{} {}% throttle {}%", p.stage, p.percent, p.throttle)
+//!     })?;
+//!     println!("downtime {:?}; destroy the source VM now", summary.downtime);
+//!     Ok(())
+//! }
+//!
+//! // On the target host:
+//! fn accept<H: TargetHost>(host: &mut H) -> Result<H::Vm, Box<dyn std::error::Error>> {
+//!     let (stream, _) = TcpListener::bind("198.18.0.2:5253")?.accept()?;
+//!     let opts = TargetOptions { host: "host-b".into(), ..Default::default() };
+//!     let (vm, _received) = migration::receive(host, stream, &opts, &CancelToken::new())?;
+//!     Ok(vm) // running
+//! }
+//! ```
+//!
 //! The tests in `tests/` migrate a fake VM (memory as a `Vec`, a thread
 //! dirtying pages) over real loopback TCP. End-to-end tests with real guests
 //! come when the VMM implements the traits.
