@@ -1,0 +1,220 @@
+//! Framing: one [`Message`] per frame, the header layout documented in the
+//! parent module. Encoding, incremental decoding that survives read
+//! timeouts, and the checks that make a torn or corrupted stream fail with
+//! a precise error.
+
+use super::{Message, MessageType, ProtocolError, HEADER_LEN, MAGIC, MAX_PAYLOAD};
+use std::io::{self, Read, Write};
+
+/// Encodes one frame with the given sequence number.
+pub fn encode_frame(msg: &Message, sequence: u32) -> Result<Vec<u8>, ProtocolError> {
+    let payload = msg.encode_payload();
+    if payload.len() > MAX_PAYLOAD as usize {
+        return Err(ProtocolError::TooLargeToSend {
+            kind: msg.kind(),
+            length: payload.len(),
+            max: MAX_PAYLOAD,
+        });
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&(msg.kind() as u16).to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&sequence.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out), &payload);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+fn kind_name(raw: u16) -> String {
+    MessageType::from_u16(raw).map_or_else(|| format!("type {raw}"), |k| k.to_string())
+}
+
+/// Incremental frame decoder: feed bytes as they arrive, take whole messages
+/// out. Keeps partial frames across read timeouts, so a reader can poll for
+/// cancellation without losing sync.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    next_sequence: u32,
+}
+
+impl Decoder {
+    /// A decoder expecting sequence 0 first.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// How many more bytes the frame in progress needs, at least 1 if a frame
+    /// is incomplete; errors early on a bad header.
+    fn frame_len(&self) -> Result<Option<usize>, ProtocolError> {
+        let seq = self.next_sequence;
+        if self.buf.len() >= 4 && self.buf[..4] != MAGIC {
+            let mut found = [0; 4];
+            found.copy_from_slice(&self.buf[..4]);
+            return Err(ProtocolError::BadMagic {
+                sequence: seq,
+                found,
+            });
+        }
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let raw_kind = u16::from_le_bytes([self.buf[4], self.buf[5]]);
+        let length = u32::from_le_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]]);
+        if length > MAX_PAYLOAD {
+            return Err(ProtocolError::Oversized {
+                sequence: seq,
+                kind: kind_name(raw_kind),
+                length,
+                max: MAX_PAYLOAD,
+            });
+        }
+        Ok(Some(HEADER_LEN + length as usize))
+    }
+
+    /// The next whole message, `Ok(None)` if more bytes are needed.
+    pub fn next_message(&mut self) -> Result<Option<Message>, ProtocolError> {
+        let Some(total) = self.frame_len()? else {
+            return Ok(None);
+        };
+        if self.buf.len() < total {
+            return Ok(None);
+        }
+        let b = &self.buf;
+        let seq = self.next_sequence;
+        let raw_kind = u16::from_le_bytes([b[4], b[5]]);
+        let flags = u16::from_le_bytes([b[6], b[7]]);
+        let length = (total - HEADER_LEN) as u32;
+        let found_seq = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+        let stated = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
+        let payload = &b[HEADER_LEN..total];
+        // Checksum first: any later complaint about a corrupted field would
+        // be misleading.
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&b[..16]), payload);
+        if computed != stated {
+            return Err(ProtocolError::Checksum {
+                sequence: seq,
+                kind: kind_name(raw_kind),
+                length,
+                computed,
+                stated,
+            });
+        }
+        let kind = MessageType::from_u16(raw_kind).ok_or(ProtocolError::UnknownType {
+            sequence: seq,
+            value: raw_kind,
+        })?;
+        if flags != 0 {
+            return Err(ProtocolError::BadFlags {
+                sequence: seq,
+                kind,
+                flags,
+            });
+        }
+        if found_seq != seq {
+            return Err(ProtocolError::Sequence {
+                kind,
+                expected: seq,
+                found: found_seq,
+            });
+        }
+        let msg = Message::decode_payload(kind, seq, payload)?;
+        self.buf.drain(..total);
+        self.next_sequence = self.next_sequence.wrapping_add(1);
+        Ok(Some(msg))
+    }
+
+    /// Call at end of stream: an error if a frame was cut short.
+    pub fn finish(&self) -> Result<(), ProtocolError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let (kind, want) = match self.frame_len()? {
+            Some(total) => (
+                kind_name(u16::from_le_bytes([self.buf[4], self.buf[5]])),
+                total,
+            ),
+            None => ("header".to_string(), HEADER_LEN),
+        };
+        Err(ProtocolError::Truncated {
+            sequence: self.next_sequence,
+            kind,
+            got: self.buf.len(),
+            want,
+        })
+    }
+}
+
+/// Writes frames with consecutive sequence numbers.
+#[derive(Debug, Default)]
+pub struct Encoder {
+    next_sequence: u32,
+}
+
+impl Encoder {
+    /// An encoder starting at sequence 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Encodes `msg` and writes it; returns the bytes written.
+    pub fn send<W: Write + ?Sized>(
+        &mut self,
+        w: &mut W,
+        msg: &Message,
+    ) -> Result<usize, ProtocolError> {
+        let frame = encode_frame(msg, self.next_sequence)?;
+        w.write_all(&frame).map_err(ProtocolError::Io)?;
+        self.next_sequence = self.next_sequence.wrapping_add(1);
+        Ok(frame.len())
+    }
+}
+
+/// Reads one message, blocking until it is complete. `Ok(None)` if the
+/// stream's read timeout expired with no whole message yet (partial bytes
+/// stay in the decoder). A clean end of stream between frames is
+/// `UnexpectedEof`; inside a frame it is [`ProtocolError::Truncated`].
+pub fn read_message<R: Read + ?Sized>(
+    r: &mut R,
+    dec: &mut Decoder,
+) -> Result<Option<Message>, ProtocolError> {
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        if let Some(m) = dec.next_message()? {
+            return Ok(Some(m));
+        }
+        match r.read(&mut chunk) {
+            Ok(0) => {
+                dec.finish()?;
+                return Err(ProtocolError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed the connection",
+                )));
+            }
+            Ok(n) => dec.push(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProtocolError::Io(e)),
+        }
+    }
+}

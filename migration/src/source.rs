@@ -1,0 +1,802 @@
+//! The source side: pre-copy live migration of a running VM (M2, M4, M7).
+//!
+//! # Algorithm
+//!
+//! 1. **Connect**: exchange `Hello`, pick the highest common protocol
+//!    version, agree on capabilities (the page-checksum mode must be
+//!    accepted by the target or the migration stops here).
+//! 2. **Precheck**: send the VM's facts; the target answers with every
+//!    failed check. Nothing else moves until it answers "ok".
+//! 3. **Pre-copy round 0**: start the dirty log, then send all of guest
+//!    memory; all-zero pages are announced without data.
+//! 4. **Rounds 1..N**: take the dirty set, and if it can be sent within the
+//!    downtime target at the measured bandwidth, go to 5. Otherwise send it
+//!    and repeat. When the guest dirties memory faster than the link carries
+//!    it (more than `trigger_percent` of the bytes sent in the same interval,
+//!    for `unproductive_rounds` rounds in a row; the rule QEMU's
+//!    auto-converge uses), throttle the vCPUs: `initial`%, then +`increment`
+//!    per unproductive streak, up to `max`%. Past `max_duration` the
+//!    migration fails cleanly.
+//! 5. **Stun**: pause the vCPUs, quiesce devices, send the last dirty pages.
+//! 6. **Switchover**: send the state blob and `Complete`, wait for the
+//!    target's `Resumed`. Only then is the migration a success; the caller
+//!    destroys the source VM afterwards.
+//!
+//! Any failure or cancel before the ack: throttle removed, dirty log
+//! stopped, the source VM resumed, `Abort`/`Cancel` sent to the target
+//! (best effort), and a [`Failed`] naming the stage and the reason.
+//!
+//! # The window after `Complete`
+//!
+//! If the connection breaks after `Complete` is sent and before `Resumed`
+//! arrives, the source cannot know whether the target started. It resumes
+//! (no ack, no success), which is the rule M4 asks for; the target only
+//! starts after a complete, intact stream, and will need the disk locks of
+//! the shared datastore (to come with storage) to keep two copies from
+//! both writing. A cancel that arrives after `Complete` is forwarded; if the
+//! target has already resumed the migration reports success.
+
+use crate::precheck::Failure;
+use crate::progress::{CancelToken, Progress, Stage, Summary};
+use crate::protocol::{
+    self, caps, Abort, Complete, Decoder, Encoder, Hello, Message, PageRun, ProtocolError,
+    VersionMismatch, PAGE_SIZE,
+};
+use crate::transport::Channel;
+use crate::vm::{DirtyBitmap, MigratableVm, VmError};
+use std::time::{Duration, Instant};
+
+/// Auto-converge (vCPU throttling) settings. Defaults are QEMU's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoConverge {
+    /// Throttle at all.
+    pub enabled: bool,
+    /// First throttle, percent.
+    pub initial: u8,
+    /// Added per unproductive streak, percent.
+    pub increment: u8,
+    /// Ceiling, percent.
+    pub max: u8,
+    /// A round is unproductive when the guest dirtied more than this percent
+    /// of the bytes sent in the same interval.
+    pub trigger_percent: u8,
+    /// Unproductive rounds in a row before raising the throttle.
+    pub unproductive_rounds: u32,
+}
+
+impl Default for AutoConverge {
+    fn default() -> Self {
+        AutoConverge {
+            enabled: true,
+            initial: 20,
+            increment: 10,
+            max: 99,
+            trigger_percent: 50,
+            unproductive_rounds: 2,
+        }
+    }
+}
+
+impl AutoConverge {
+    /// Whether an interval in which the guest dirtied `dirty_bytes` while we
+    /// sent `sent_bytes` made no headway.
+    pub fn is_unproductive(&self, dirty_bytes: u64, sent_bytes: u64) -> bool {
+        self.enabled
+            && u128::from(dirty_bytes) * 100
+                > u128::from(self.trigger_percent) * u128::from(sent_bytes)
+    }
+
+    /// The throttle after one more unproductive streak.
+    pub fn next_throttle(&self, current: u8) -> u8 {
+        let next = if current == 0 {
+            self.initial
+        } else {
+            current.saturating_add(self.increment)
+        };
+        next.min(self.max)
+    }
+}
+
+/// Source settings.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// This host's name (for messages).
+    pub host: String,
+    /// Longest acceptable pause of the guest (default 100 ms).
+    pub downtime_target: Duration,
+    /// Give up (cleanly) if not switched over by then (default 100 s).
+    pub max_duration: Duration,
+    /// Bytes per second, or unlimited.
+    pub bandwidth_cap: Option<u64>,
+    /// Throttling.
+    pub auto_converge: AutoConverge,
+    /// End-to-end per-run checksums (M8).
+    pub page_checksum: bool,
+    /// How long to wait for `Resumed` after `Complete` (default 30 s).
+    pub ack_timeout: Duration,
+    /// How long to wait for any other reply (default 30 s).
+    pub reply_timeout: Duration,
+    /// Longest a single write may block before the target counts as hung
+    /// (default 10 s).
+    pub write_timeout: Duration,
+    /// Pages per `Pages` frame (default 256 = 1 MiB).
+    pub pages_per_frame: u32,
+    /// Protocol versions offered (tests override it).
+    pub versions: (u16, u16),
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            host: "localhost".into(),
+            downtime_target: Duration::from_millis(100),
+            max_duration: Duration::from_secs(100),
+            bandwidth_cap: None,
+            auto_converge: AutoConverge::default(),
+            page_checksum: false,
+            ack_timeout: Duration::from_secs(30),
+            reply_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
+            pages_per_frame: 256,
+            versions: (protocol::VERSION_MIN, protocol::VERSION_MAX),
+        }
+    }
+}
+
+/// Why a migration failed (the cause; [`Failed`] adds the stage).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The target's pre-checks failed.
+    #[error("pre-checks failed on the target: {}", join(.failures))]
+    Precheck {
+        /// Every failed check.
+        failures: Vec<Failure>,
+    },
+    /// No common protocol version.
+    #[error(transparent)]
+    Version(VersionMismatch),
+    /// The target refused a capability we require.
+    #[error("the target does not accept {what}: enable it on the target or disable it here")]
+    Capability {
+        /// The capability.
+        what: &'static str,
+    },
+    /// The stream broke or carried garbage.
+    #[error("migration stream failed")]
+    Protocol(#[source] ProtocolError),
+    /// A VM operation failed.
+    #[error("VM operation {op} failed")]
+    Vm {
+        /// The operation.
+        op: &'static str,
+        /// The VMM's error.
+        #[source]
+        source: VmError,
+    },
+    /// The target gave up.
+    #[error("the target aborted ({stage}): {reason}")]
+    TargetAborted {
+        /// The target's stage.
+        stage: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// The user cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// Not converged within the hard limit.
+    #[error(
+        "did not converge within {limit:?}: {remaining_pages} pages still dirty at throttle {throttle}%: \
+         raise the limit, lower the guest's write rate or use a faster link"
+    )]
+    Timeout {
+        /// The limit.
+        limit: Duration,
+        /// Pages still dirty.
+        remaining_pages: u64,
+        /// Throttle reached.
+        throttle: u8,
+    },
+    /// The target did not answer in time.
+    #[error("no {expected} from the target within {waited:?}")]
+    NoReply {
+        /// What we waited for.
+        expected: &'static str,
+        /// For how long.
+        waited: Duration,
+    },
+    /// The target sent something out of place.
+    #[error("the target sent {got} while we waited for {expected}")]
+    Unexpected {
+        /// What came.
+        got: protocol::MessageType,
+        /// What we waited for.
+        expected: &'static str,
+    },
+}
+
+fn join(f: &[Failure]) -> String {
+    f.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A failed migration: the stage, the cause, and whether the source VM runs
+/// again.
+#[derive(Debug, thiserror::Error)]
+#[error("migration failed at {stage}{}", .resume_error.as_ref().map(|e| format!(" and the source VM could not be resumed: {e}")).unwrap_or_default())]
+pub struct Failed {
+    /// Stage the failure happened in.
+    pub stage: Stage,
+    /// The cause.
+    #[source]
+    pub error: Error,
+    /// Set if resuming the source failed too (the VM is stopped).
+    pub resume_error: Option<String>,
+}
+
+impl Failed {
+    /// The whole chain on one line, for logs and CLIs.
+    pub fn report(&self) -> String {
+        format!("{self}: {}", crate::error_chain(&self.error))
+    }
+}
+
+/// Migrates `vm` over `chan` to a target running [`crate::target::receive`].
+/// Calls `progress` at each step. On success the target runs the guest and
+/// the caller should destroy the source VM; on failure the source VM runs.
+pub fn migrate<V: MigratableVm, C: Channel>(
+    vm: &mut V,
+    chan: C,
+    opts: &SourceOptions,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Summary, Failed> {
+    let mut s = Source {
+        vm,
+        chan,
+        enc: Encoder::new(),
+        dec: Decoder::new(),
+        opts,
+        cancel,
+        progress,
+        stage: Stage::Connect,
+        percent: 0,
+        start: Instant::now(),
+        bytes: 0,
+        paced: Instant::now(),
+        paced_bytes: 0,
+        throttle: 0,
+        max_throttle: 0,
+        paused: false,
+        logging: false,
+        caps: 0,
+        data_pages: 0,
+        zero_pages: 0,
+        runs: 0,
+        dirty_rate: 0.0,
+        bandwidth: 0.0,
+        remaining: 0,
+        expected: Duration::ZERO,
+        last_report: None,
+    };
+    match s.run() {
+        Ok(summary) => Ok(summary),
+        Err(error) => Err(s.fail(error)),
+    }
+}
+
+struct Source<'a, V, C> {
+    vm: &'a mut V,
+    chan: C,
+    enc: Encoder,
+    dec: Decoder,
+    opts: &'a SourceOptions,
+    cancel: &'a CancelToken,
+    progress: &'a mut dyn FnMut(&Progress),
+    stage: Stage,
+    percent: u8,
+    start: Instant,
+    bytes: u64,
+    paced: Instant,
+    paced_bytes: u64,
+    throttle: u8,
+    max_throttle: u8,
+    paused: bool,
+    logging: bool,
+    caps: u32,
+    data_pages: u64,
+    zero_pages: u64,
+    runs: u64,
+    dirty_rate: f64,
+    bandwidth: f64,
+    remaining: u64,
+    expected: Duration,
+    last_report: Option<Instant>,
+}
+
+fn vm_err(op: &'static str) -> impl FnOnce(VmError) -> Error {
+    move |source| Error::Vm { op, source }
+}
+
+impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
+    fn report(&mut self, force: bool) {
+        let now = Instant::now();
+        if !force
+            && self
+                .last_report
+                .is_some_and(|t| now - t < Duration::from_millis(100))
+        {
+            return;
+        }
+        self.last_report = Some(now);
+        let p = Progress {
+            stage: self.stage,
+            percent: self.percent,
+            bytes_sent: self.bytes,
+            dirty_pages_per_sec: self.dirty_rate,
+            bandwidth: self.bandwidth,
+            remaining_pages: self.remaining,
+            expected_downtime: self.expected,
+            throttle: self.throttle,
+        };
+        (self.progress)(&p);
+    }
+
+    fn enter(&mut self, stage: Stage, percent: u8) -> Result<(), Error> {
+        self.stage = stage;
+        self.percent = percent;
+        tracing::info!(stage = %stage, percent, "migration stage");
+        self.report(true);
+        self.check_cancel()
+    }
+
+    fn check_cancel(&self) -> Result<(), Error> {
+        if self.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, msg: &Message) -> Result<(), Error> {
+        match self.enc.send(&mut self.chan, msg) {
+            Ok(n) => {
+                self.bytes += n as u64;
+                self.pace(n as u64)
+            }
+            // The target may have closed after telling us why.
+            Err(e @ ProtocolError::Io(_)) => match self.recv(Duration::from_millis(200)) {
+                Err(abort @ Error::TargetAborted { .. }) => Err(abort),
+                _ => Err(Error::Protocol(e)),
+            },
+            Err(e) => Err(Error::Protocol(e)),
+        }
+    }
+
+    fn pace(&mut self, n: u64) -> Result<(), Error> {
+        let Some(cap) = self.opts.bandwidth_cap.filter(|c| *c > 0) else {
+            return Ok(());
+        };
+        self.paced_bytes += n;
+        let due = Duration::from_secs_f64(self.paced_bytes as f64 / cap as f64);
+        while self.paced.elapsed() < due {
+            self.check_cancel()?;
+            std::thread::sleep((due - self.paced.elapsed()).min(Duration::from_millis(20)));
+        }
+        Ok(())
+    }
+
+    /// The next message within `wait`, `Ok(None)` on timeout. An `Abort`
+    /// from the target becomes [`Error::TargetAborted`].
+    fn recv(&mut self, wait: Duration) -> Result<Option<Message>, Error> {
+        let t = wait.clamp(Duration::from_millis(1), Duration::from_millis(50));
+        self.chan
+            .set_read_timeout(Some(t))
+            .map_err(|e| Error::Protocol(ProtocolError::Io(e)))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match protocol::read_message(&mut self.chan, &mut self.dec).map_err(Error::Protocol)? {
+                Some(Message::Abort(Abort { stage, reason })) => {
+                    return Err(Error::TargetAborted { stage, reason })
+                }
+                Some(m) => return Ok(Some(m)),
+                None if Instant::now() >= deadline => return Ok(None),
+                None => {}
+            }
+        }
+    }
+
+    /// Waits for a reply, honouring cancel.
+    fn reply(&mut self, expected: &'static str) -> Result<Message, Error> {
+        let deadline = Instant::now() + self.opts.reply_timeout;
+        loop {
+            self.check_cancel()?;
+            if let Some(m) = self.recv(Duration::from_millis(50))? {
+                return Ok(m);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NoReply {
+                    expected,
+                    waited: self.opts.reply_timeout,
+                });
+            }
+        }
+    }
+
+    fn run(&mut self) -> Result<Summary, Error> {
+        self.enter(Stage::Connect, 0)?;
+        self.chan
+            .set_write_timeout(Some(self.opts.write_timeout))
+            .map_err(|e| Error::Protocol(ProtocolError::Io(e)))?;
+        let mut wanted = caps::ZERO_PAGES;
+        if self.opts.page_checksum {
+            wanted |= caps::PAGE_CHECKSUM;
+        }
+        let mut ours = Hello::ours(&self.opts.host, wanted);
+        (ours.version_min, ours.version_max) = self.opts.versions;
+        self.send(&Message::Hello(ours.clone()))?;
+        let theirs = match self.reply("Hello")? {
+            Message::Hello(h) => h,
+            m => return Err(unexpected(&m, "Hello")),
+        };
+        let version = protocol::negotiate(&ours, &theirs).map_err(Error::Version)?;
+        self.caps = wanted & theirs.capabilities;
+        if self.opts.page_checksum && self.caps & caps::PAGE_CHECKSUM == 0 {
+            return Err(Error::Capability {
+                what: "end-to-end page checksums",
+            });
+        }
+        tracing::info!(version, peer = %theirs.host, "migration connected");
+
+        self.enter(Stage::Precheck, 5)?;
+        self.send(&Message::Precheck(self.vm.facts()))?;
+        match self.reply("PrecheckResult")? {
+            Message::PrecheckResult(f) if f.is_empty() => {}
+            Message::PrecheckResult(failures) => return Err(Error::Precheck { failures }),
+            m => return Err(unexpected(&m, "PrecheckResult")),
+        }
+        let layout = self.vm.memory_layout();
+        self.send(&Message::MemoryLayout(layout.clone()))?;
+
+        self.enter(Stage::Precopy { round: 0 }, 10)?;
+        self.vm
+            .start_dirty_log()
+            .map_err(vm_err("start_dirty_log"))?;
+        self.logging = true;
+        let mut all = DirtyBitmap::new(&layout);
+        for r in &layout {
+            all.set_range(r.gpa, (r.size / PAGE_SIZE as u64) as u32);
+        }
+        let total_pages = all.total_pages().max(1);
+        let mut taken = Instant::now();
+        let mut sent_since = self.bytes;
+        let (mut last_bytes, mut last_time) = self.send_round(&all, 0, Some(total_pages))?;
+        let (mut all_bytes, mut all_time) = (last_bytes, last_time);
+
+        let mut round = 0;
+        let mut unproductive = 0;
+        let pending = loop {
+            round += 1;
+            let dirty = self.vm.take_dirty().map_err(vm_err("take_dirty"))?;
+            let n = dirty.count();
+            let interval = taken.elapsed().as_secs_f64().max(1e-6);
+            taken = Instant::now();
+            let interval_bytes = self.bytes - sent_since;
+            sent_since = self.bytes;
+            // The last round is the best estimate unless it was too small to
+            // measure; then the whole pre-copy so far.
+            self.bandwidth = if last_bytes >= 1 << 20 {
+                last_bytes as f64 / last_time.as_secs_f64().max(1e-6)
+            } else {
+                all_bytes as f64 / all_time.as_secs_f64().max(1e-6)
+            };
+            self.dirty_rate = n as f64 / interval;
+            self.remaining = n;
+            let dirty_bytes = n * PAGE_SIZE as u64;
+            self.expected = Duration::from_secs_f64(dirty_bytes as f64 / self.bandwidth.max(1.0));
+            if self.expected <= self.opts.downtime_target {
+                break dirty;
+            }
+            if self.start.elapsed() > self.opts.max_duration {
+                return Err(self.timeout());
+            }
+            self.enter(Stage::Precopy { round }, (70 + 2 * round.min(9)) as u8)?;
+            let ac = &self.opts.auto_converge;
+            if ac.is_unproductive(dirty_bytes, interval_bytes) {
+                unproductive += 1;
+                if unproductive >= ac.unproductive_rounds {
+                    unproductive = 0;
+                    let next = ac.next_throttle(self.throttle);
+                    self.set_throttle(next);
+                }
+            } else {
+                unproductive = 0;
+            }
+            (last_bytes, last_time) = self.send_round(&dirty, round, None)?;
+            all_bytes += last_bytes;
+            all_time += last_time;
+            self.poll_target()?;
+        };
+
+        self.enter(Stage::Stun, 90)?;
+        let stunned = Instant::now();
+        self.vm.pause().map_err(vm_err("pause"))?;
+        self.paused = true;
+        self.vm
+            .quiesce_devices()
+            .map_err(vm_err("quiesce_devices"))?;
+        let mut last = pending;
+        last.merge(&self.vm.take_dirty().map_err(vm_err("take_dirty"))?);
+        let last_round_pages = last.count();
+        // `round` is the round whose dirty set was taken but not yet sent.
+        self.send_round(&last, round, None)?;
+
+        self.enter(Stage::Switchover, 95)?;
+        let state = self.vm.save_state().map_err(vm_err("save_state"))?;
+        self.send(&Message::State(state))?;
+        self.check_cancel()?;
+        self.send(&Message::Complete(Complete {
+            rounds: round + 1,
+            runs: self.runs,
+        }))?;
+        self.wait_resumed()?;
+        let downtime = stunned.elapsed();
+        self.vm.stop_dirty_log();
+        self.logging = false;
+        self.percent = 100;
+        self.stage = Stage::Done;
+        self.remaining = 0;
+        self.report(true);
+        let summary = Summary {
+            total: self.start.elapsed(),
+            downtime,
+            bytes_sent: self.bytes,
+            rounds: round + 1,
+            data_pages: self.data_pages,
+            zero_pages: self.zero_pages,
+            max_throttle: self.max_throttle,
+            last_round_pages,
+        };
+        tracing::info!(?summary, "migration done");
+        Ok(summary)
+    }
+
+    fn timeout(&self) -> Error {
+        Error::Timeout {
+            limit: self.opts.max_duration,
+            remaining_pages: self.remaining,
+            throttle: self.throttle,
+        }
+    }
+
+    fn set_throttle(&mut self, percent: u8) {
+        if percent != self.throttle {
+            tracing::info!(throttle = percent, "auto-converge: throttling vCPUs");
+            self.vm.set_throttle(percent);
+            self.throttle = percent;
+            self.max_throttle = self.max_throttle.max(percent);
+        }
+    }
+
+    /// Picks up an `Abort` the target sent while we were streaming.
+    fn poll_target(&mut self) -> Result<(), Error> {
+        match self.recv(Duration::from_millis(1))? {
+            None => Ok(()),
+            Some(m) => Err(unexpected(&m, "nothing during pre-copy")),
+        }
+    }
+
+    /// After `Complete`: `Resumed` is success. A cancel now is forwarded;
+    /// if the target already started, it still answers `Resumed`.
+    fn wait_resumed(&mut self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.opts.ack_timeout;
+        let mut cancel_sent = false;
+        loop {
+            if self.cancel.is_cancelled() && !cancel_sent {
+                self.send(&Message::Cancel)?;
+                cancel_sent = true;
+            }
+            match self.recv(Duration::from_millis(50)) {
+                Ok(Some(Message::Resumed)) => return Ok(()),
+                Ok(Some(m)) => return Err(unexpected(&m, "Resumed")),
+                Ok(None) if Instant::now() >= deadline => {
+                    return Err(Error::NoReply {
+                        expected: "Resumed",
+                        waited: self.opts.ack_timeout,
+                    })
+                }
+                Ok(None) => {}
+                Err(Error::TargetAborted { .. }) if cancel_sent => return Err(Error::Cancelled),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends every page marked in `pages`; returns bytes sent and time
+    /// taken. `full` is the page total when this round's progress is the
+    /// percentage shown (round 0).
+    fn send_round(
+        &mut self,
+        pages: &DirtyBitmap,
+        round: u32,
+        full: Option<u64>,
+    ) -> Result<(u64, Duration), Error> {
+        let t0 = Instant::now();
+        let b0 = self.bytes;
+        let max = self.opts.pages_per_frame.max(1);
+        let mut buf = vec![0u8; max as usize * PAGE_SIZE];
+        let mut runs = Vec::new();
+        let mut in_frame = 0u32;
+        let mut done = 0u64;
+        for (gpa, n) in pages.runs(max) {
+            if in_frame + n > max {
+                self.flush(round, &mut runs)?;
+                in_frame = 0;
+            }
+            let bytes = &mut buf[..n as usize * PAGE_SIZE];
+            self.vm
+                .read_pages(gpa, bytes)
+                .map_err(vm_err("read_pages"))?;
+            self.split_runs(gpa, bytes, &mut runs);
+            in_frame += n;
+            done += u64::from(n);
+            if let Some(total) = full {
+                self.percent = (10 + done * 60 / total) as u8;
+                self.remaining = total - done;
+            }
+        }
+        self.flush(round, &mut runs)?;
+        self.send(&Message::RoundEnd(round))?;
+        Ok((self.bytes - b0, t0.elapsed()))
+    }
+
+    /// Cuts `bytes` (read from `gpa`) into zero and data runs.
+    fn split_runs(&mut self, gpa: u64, bytes: &[u8], runs: &mut Vec<PageRun>) {
+        let zero_ok = self.caps & caps::ZERO_PAGES != 0;
+        let mut i = 0;
+        let pages: Vec<&[u8]> = bytes.chunks_exact(PAGE_SIZE).collect();
+        while i < pages.len() {
+            let zero = zero_ok && is_zero(pages[i]);
+            let mut j = i + 1;
+            while j < pages.len() && (zero_ok && is_zero(pages[j])) == zero {
+                j += 1;
+            }
+            let at = gpa + (i * PAGE_SIZE) as u64;
+            let count = (j - i) as u32;
+            if zero {
+                self.zero_pages += u64::from(count);
+                runs.push(PageRun {
+                    gpa: at,
+                    pages: count,
+                    data: None,
+                    checksum: 0,
+                });
+            } else {
+                let data = bytes[i * PAGE_SIZE..j * PAGE_SIZE].to_vec();
+                let checksum = if self.caps & caps::PAGE_CHECKSUM != 0 {
+                    crc32c::crc32c(&data)
+                } else {
+                    0
+                };
+                self.data_pages += u64::from(count);
+                runs.push(PageRun {
+                    gpa: at,
+                    pages: count,
+                    data: Some(data),
+                    checksum,
+                });
+            }
+            i = j;
+        }
+    }
+
+    fn flush(&mut self, round: u32, runs: &mut Vec<PageRun>) -> Result<(), Error> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        self.check_cancel()?;
+        if self.start.elapsed() > self.opts.max_duration {
+            return Err(self.timeout());
+        }
+        self.runs += runs.len() as u64;
+        let msg = Message::Pages {
+            round,
+            runs: std::mem::take(runs),
+        };
+        self.send(&msg)?;
+        self.report(false);
+        Ok(())
+    }
+
+    /// Undo everything so the guest runs on the source as before.
+    fn fail(&mut self, error: Error) -> Failed {
+        let stage = self.stage;
+        tracing::warn!(stage = %stage, error = %error, "migration failed, resuming the source");
+        // Tell the target, briefly: it may be gone or not reading.
+        let _ = self.chan.set_read_timeout(Some(Duration::from_millis(100)));
+        let _ = self
+            .chan
+            .set_write_timeout(Some(Duration::from_millis(500)));
+        let note = match &error {
+            Error::Cancelled => Some(Message::Cancel),
+            Error::Protocol(ProtocolError::Io(_)) | Error::TargetAborted { .. } => None,
+            e => Some(Message::Abort(Abort {
+                stage: stage.to_string(),
+                reason: crate::error_chain(e),
+            })),
+        };
+        if let Some(m) = note {
+            let _ = self.enc.send(&mut self.chan, &m);
+        }
+        self.chan.shutdown();
+        if self.throttle != 0 {
+            self.vm.set_throttle(0);
+            self.throttle = 0;
+        }
+        if self.logging {
+            self.vm.stop_dirty_log();
+            self.logging = false;
+        }
+        let mut resume_error = None;
+        if self.paused {
+            match self.vm.resume() {
+                Ok(()) => self.paused = false,
+                Err(e) => resume_error = Some(e.to_string()),
+            }
+        }
+        self.stage = Stage::Failed;
+        self.report(true);
+        let f = Failed {
+            stage,
+            error,
+            resume_error,
+        };
+        tracing::warn!(report = %f.report(), "migration failed");
+        f
+    }
+}
+
+fn unexpected(m: &Message, expected: &'static str) -> Error {
+    Error::Unexpected {
+        got: m.kind(),
+        expected,
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_steps_like_qemu() {
+        let ac = AutoConverge::default();
+        let mut t = 0;
+        let mut steps = Vec::new();
+        for _ in 0..10 {
+            t = ac.next_throttle(t);
+            steps.push(t);
+        }
+        assert_eq!(steps, [20, 30, 40, 50, 60, 70, 80, 90, 99, 99]);
+    }
+
+    #[test]
+    fn unproductive_when_dirtying_over_half_of_what_was_sent() {
+        let ac = AutoConverge::default();
+        assert!(!ac.is_unproductive(50, 100));
+        assert!(ac.is_unproductive(51, 100));
+        assert!(ac.is_unproductive(1, 0));
+        assert!(ac.is_unproductive(u64::MAX, u64::MAX), "no overflow");
+        assert!(!ac.is_unproductive(u64::MAX / 2, u64::MAX), "no overflow");
+        let off = AutoConverge {
+            enabled: false,
+            ..ac
+        };
+        assert!(!off.is_unproductive(1000, 1));
+    }
+}

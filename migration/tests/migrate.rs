@@ -1,0 +1,509 @@
+//! Migrations of a fake VM over real loopback TCP: integrity, convergence,
+//! auto-converge, the hard limit, cancel in every stage, a cut connection,
+//! a corrupted stream, version and pre-check refusals, two at once.
+
+mod common;
+
+use common::*;
+use migration::protocol::MessageType;
+use migration::source::{AutoConverge, Error as SrcError};
+use migration::target::{Error as TgtError, Received};
+use migration::{CancelToken, Failed, Progress, SourceOptions, Stage, Summary, TargetOptions};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+type TargetResult = Result<Received, TgtError>;
+
+fn target_opts() -> TargetOptions {
+    TargetOptions {
+        host: "host-b".into(),
+        idle_timeout: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+fn spawn_target(
+    mut host: FakeHost,
+    opts: TargetOptions,
+) -> (SocketAddr, JoinHandle<TargetResult>, Arc<Mutex<TargetSeen>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = host.seen.clone();
+    let h = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        migration::transport::tune_tcp(&s).unwrap();
+        migration::receive(&mut host, s, &opts, &CancelToken::new()).map(|(_vm, r)| r)
+    });
+    (addr, h, seen)
+}
+
+fn source_opts() -> SourceOptions {
+    SourceOptions {
+        host: "host-a".into(),
+        max_duration: Duration::from_secs(20),
+        ack_timeout: Duration::from_secs(5),
+        reply_timeout: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+fn run_source(
+    vm: &mut FakeVm,
+    addr: SocketAddr,
+    opts: &SourceOptions,
+    cancel_at: Option<Stage>,
+) -> (Result<Summary, Failed>, Vec<Progress>) {
+    let s = TcpStream::connect(addr).unwrap();
+    migration::transport::tune_tcp(&s).unwrap();
+    let cancel = CancelToken::new();
+    let mut seen = Vec::new();
+    let c = cancel.clone();
+    let r = migration::migrate(vm, s, opts, &cancel, &mut |p: &Progress| {
+        if Some(p.stage) == cancel_at {
+            c.cancel();
+        }
+        seen.push(p.clone());
+    });
+    (r, seen)
+}
+
+/// The source runs as before: not paused, not throttled, not logging.
+fn assert_source_running(vm: &FakeVm) {
+    assert!(!vm.is_paused(), "source left paused");
+    assert_eq!(vm.throttle(), 0, "source left throttled");
+    assert!(!vm.is_logging(), "dirty log left on");
+}
+
+fn assert_not_started(seen: &Arc<Mutex<TargetSeen>>) {
+    assert!(!seen.lock().unwrap().started, "target started the guest");
+}
+
+fn assert_intact(vm: &FakeVm, seen: &Arc<Mutex<TargetSeen>>) {
+    let s = seen.lock().unwrap();
+    assert!(s.started);
+    let src = vm.memory_at_pause().expect("source never paused");
+    let dst = s.memory.as_ref().expect("no target memory");
+    if src != *dst {
+        let bad = src
+            .chunks(4096)
+            .zip(dst.chunks(4096))
+            .filter(|(a, b)| a != b)
+            .count();
+        panic!("{bad} pages differ between source at pause and target");
+    }
+    assert_eq!(s.state.as_deref(), Some(&b"fake vcpu+device state"[..]));
+}
+
+fn idle(mib: u64) -> FakeVm {
+    FakeVm::new(VmSpec {
+        mib,
+        rate: 0,
+        hot_pages: 1,
+    })
+}
+
+#[test]
+fn idle_vm_migrates_intact() {
+    let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let mut vm = idle(16);
+    let (r, progress) = run_source(&mut vm, addr, &source_opts(), None);
+    let summary = r.unwrap_or_else(|e| panic!("{}", e.report()));
+    let got = tgt.join().unwrap().unwrap();
+    assert_intact(&vm, &seen);
+    assert_eq!(summary.zero_pages, 2048, "half of 16 MiB is zero");
+    assert_eq!(summary.data_pages, 2048);
+    assert_eq!(got.zero_pages, 2048);
+    let last = progress.last().unwrap();
+    assert_eq!((last.stage, last.percent), (Stage::Done, 100));
+    let mut pct = 0;
+    for p in &progress {
+        assert!(p.percent >= pct, "percent went back: {progress:?}");
+        pct = p.percent;
+    }
+    println!("{summary:?}");
+}
+
+#[test]
+fn busy_vm_converges_with_memory_equal_at_pause() {
+    let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let mut vm = FakeVm::new(VmSpec {
+        mib: 32,
+        rate: 20_000,
+        hot_pages: 4096,
+    });
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let summary = r.unwrap_or_else(|e| panic!("{}", e.report()));
+    tgt.join().unwrap().unwrap();
+    assert_intact(&vm, &seen);
+    assert!(summary.rounds >= 2, "{summary:?}");
+    assert!(vm.writes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    println!("{summary:?}");
+}
+
+#[test]
+fn auto_converge_engages_when_guest_outruns_the_cap() {
+    let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let mut vm = FakeVm::new(VmSpec {
+        mib: 8,
+        rate: 100_000,
+        hot_pages: 1024,
+    });
+    let opts = SourceOptions {
+        bandwidth_cap: Some(16 << 20),
+        auto_converge: AutoConverge {
+            unproductive_rounds: 1,
+            ..Default::default()
+        },
+        ..source_opts()
+    };
+    let (r, progress) = run_source(&mut vm, addr, &opts, None);
+    let summary = r.unwrap_or_else(|e| panic!("{}", e.report()));
+    tgt.join().unwrap().unwrap();
+    assert_intact(&vm, &seen);
+    assert!(summary.max_throttle >= 20, "{summary:?}");
+    assert!(
+        progress.iter().any(|p| p.throttle >= 20),
+        "throttle never reported"
+    );
+    println!("{summary:?}");
+}
+
+#[test]
+fn hard_limit_fails_cleanly_and_resumes_source() {
+    let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let mut vm = FakeVm::new(VmSpec {
+        mib: 8,
+        rate: 100_000,
+        hot_pages: 1024,
+    });
+    let opts = SourceOptions {
+        bandwidth_cap: Some(16 << 20),
+        max_duration: Duration::from_secs(1),
+        auto_converge: AutoConverge {
+            enabled: false,
+            ..Default::default()
+        },
+        ..source_opts()
+    };
+    let (r, _) = run_source(&mut vm, addr, &opts, None);
+    let f = r.unwrap_err();
+    assert!(
+        matches!(f.error, SrcError::Timeout { .. }),
+        "{}",
+        f.report()
+    );
+    assert!(matches!(f.stage, Stage::Precopy { .. }), "{}", f.report());
+    assert_source_running(&vm);
+    assert!(tgt.join().unwrap().is_err());
+    assert_not_started(&seen);
+}
+
+#[test]
+fn cancel_in_each_stage_resumes_source() {
+    let stages = [
+        Stage::Connect,
+        Stage::Precheck,
+        Stage::Precopy { round: 0 },
+        Stage::Precopy { round: 1 },
+        Stage::Stun,
+        Stage::Switchover,
+    ];
+    for stage in stages {
+        let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+        let mut vm = FakeVm::new(VmSpec {
+            mib: 16,
+            rate: 20_000,
+            hot_pages: 2048,
+        });
+        let opts = SourceOptions {
+            bandwidth_cap: Some(64 << 20),
+            ..source_opts()
+        };
+        let (r, progress) = run_source(&mut vm, addr, &opts, Some(stage));
+        let f = r.expect_err(&format!("cancel at {stage} ignored"));
+        assert!(
+            matches!(f.error, SrcError::Cancelled),
+            "{stage}: {}",
+            f.report()
+        );
+        assert_eq!(f.stage, stage, "{}", f.report());
+        assert_eq!(progress.last().unwrap().stage, Stage::Failed);
+        assert_source_running(&vm);
+        let t = tgt.join().unwrap();
+        assert!(
+            matches!(t, Err(TgtError::Cancelled)),
+            "{stage}: target {t:?}"
+        );
+        assert_not_started(&seen);
+    }
+}
+
+#[test]
+fn connection_cut_mid_precopy_resumes_source() {
+    let (tgt_addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let addr = proxy(tgt_addr, Fault::CutAt(MessageType::Pages, 3));
+    let mut vm = idle(16);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    assert_eq!(f.stage, Stage::Precopy { round: 0 }, "{}", f.report());
+    assert!(matches!(f.error, SrcError::Protocol(_)), "{}", f.report());
+    assert_source_running(&vm);
+    let t = tgt.join().unwrap();
+    assert!(matches!(t, Err(TgtError::Protocol(_))), "{t:?}");
+    assert_not_started(&seen);
+}
+
+#[test]
+fn connection_cut_mid_switchover_resumes_source() {
+    let (tgt_addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let addr = proxy(tgt_addr, Fault::CutAt(MessageType::State, 0));
+    let mut vm = idle(8);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    assert_eq!(f.stage, Stage::Switchover, "{}", f.report());
+    assert_eq!(vm.resumes, 1, "paused source not resumed");
+    assert_source_running(&vm);
+    assert!(tgt.join().unwrap().is_err());
+    assert_not_started(&seen);
+}
+
+#[test]
+fn corrupted_stream_target_refuses_to_start() {
+    let (tgt_addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let addr = proxy(tgt_addr, Fault::FlipAt(MessageType::Pages, 2));
+    let mut vm = idle(16);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    assert_source_running(&vm);
+    let t = tgt.join().unwrap();
+    let e = t.unwrap_err();
+    let chain = format!(
+        "{e}: {}",
+        std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
+    assert!(
+        chain.contains("checksum mismatch") && chain.contains("Pages"),
+        "{chain}"
+    );
+    assert_not_started(&seen);
+    println!("source: {}\ntarget: {chain}", f.report());
+}
+
+#[test]
+fn version_mismatch_says_which_host_to_upgrade() {
+    let (addr, tgt, seen) = spawn_target(
+        FakeHost::new(),
+        TargetOptions {
+            versions: (3, 4),
+            ..target_opts()
+        },
+    );
+    let mut vm = idle(8);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    assert_eq!(f.stage, Stage::Connect);
+    let msg = f.report();
+    assert!(
+        msg.contains("speaks migration protocol 3..4") && msg.contains("upgrade vigil on host-a"),
+        "{msg}"
+    );
+    assert!(matches!(tgt.join().unwrap(), Err(TgtError::Version(_))));
+    assert_not_started(&seen);
+}
+
+#[test]
+fn precheck_failure_names_check_and_both_sides() {
+    let mut host = FakeHost::new();
+    host.facts.networks = ["prod".to_string()].into();
+    let (addr, tgt, seen) = spawn_target(host, target_opts());
+    let mut vm = idle(8);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    assert_eq!(f.stage, Stage::Precheck);
+    let SrcError::Precheck { failures } = &f.error else {
+        panic!("{}", f.report())
+    };
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].check, "network");
+    assert!(
+        failures[0].target.contains("case-sensitive"),
+        "{}",
+        failures[0]
+    );
+    assert_source_running(&vm);
+    assert!(matches!(tgt.join().unwrap(), Err(TgtError::Precheck(_))));
+    assert_not_started(&seen);
+}
+
+#[test]
+fn target_restore_failure_resumes_source_with_reason() {
+    let mut host = FakeHost::new();
+    host.fail_restore = true;
+    let (addr, tgt, seen) = spawn_target(host, target_opts());
+    let mut vm = idle(8);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    assert_eq!(f.stage, Stage::Switchover);
+    let SrcError::TargetAborted { reason, .. } = &f.error else {
+        panic!("{}", f.report())
+    };
+    assert!(reason.contains("restore_state"), "{reason}");
+    assert_eq!(vm.resumes, 1);
+    assert_source_running(&vm);
+    assert!(tgt.join().unwrap().is_err());
+    assert_not_started(&seen);
+}
+
+#[test]
+fn source_save_failure_resumes_source() {
+    let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let mut vm = idle(8);
+    vm.fail_save = true;
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    assert_eq!(f.stage, Stage::Switchover);
+    assert!(f.report().contains("KVM_GET_REGS"), "{}", f.report());
+    assert_source_running(&vm);
+    assert!(matches!(
+        tgt.join().unwrap(),
+        Err(TgtError::SourceAborted { .. })
+    ));
+    assert_not_started(&seen);
+}
+
+#[test]
+fn page_checksum_mode_migrates_intact() {
+    let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let mut vm = FakeVm::new(VmSpec {
+        mib: 16,
+        rate: 5_000,
+        hot_pages: 1024,
+    });
+    let opts = SourceOptions {
+        page_checksum: true,
+        ..source_opts()
+    };
+    let (r, _) = run_source(&mut vm, addr, &opts, None);
+    r.unwrap_or_else(|e| panic!("{}", e.report()));
+    tgt.join().unwrap().unwrap();
+    assert_intact(&vm, &seen);
+}
+
+#[test]
+fn checksum_mode_refused_by_target_fails_at_connect() {
+    let (addr, tgt, _seen) = spawn_target(
+        FakeHost::new(),
+        TargetOptions {
+            capabilities: migration::protocol::caps::ZERO_PAGES,
+            ..target_opts()
+        },
+    );
+    let mut vm = idle(8);
+    let opts = SourceOptions {
+        page_checksum: true,
+        ..source_opts()
+    };
+    let (r, _) = run_source(&mut vm, addr, &opts, None);
+    let f = r.unwrap_err();
+    assert_eq!(f.stage, Stage::Connect);
+    assert!(
+        matches!(f.error, SrcError::Capability { .. }),
+        "{}",
+        f.report()
+    );
+    assert!(tgt.join().unwrap().is_err());
+}
+
+#[test]
+fn two_migrations_at_once() {
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+                let mut vm = FakeVm::new(VmSpec {
+                    mib: 16,
+                    rate: 10_000 * (i + 1),
+                    hot_pages: 2048,
+                });
+                let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+                r.unwrap_or_else(|e| panic!("{}", e.report()));
+                tgt.join().unwrap().unwrap();
+                assert_intact(&vm, &seen);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn target_that_stops_reading_fails_by_write_timeout() {
+    use migration::protocol::{read_message, Decoder, Encoder, Hello, Message};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    // A target that answers the hello and the pre-checks, then hangs.
+    let hung = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let (mut dec, mut enc) = (Decoder::new(), Encoder::new());
+        let hello = read_message(&mut s, &mut dec).unwrap().unwrap();
+        assert!(matches!(hello, Message::Hello(_)));
+        enc.send(&mut s, &Message::Hello(Hello::ours("host-b", 1)))
+            .unwrap();
+        let pre = read_message(&mut s, &mut dec).unwrap().unwrap();
+        assert!(matches!(pre, Message::Precheck(_)));
+        enc.send(&mut s, &Message::PrecheckResult(vec![])).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let mut vm = idle(64);
+    let opts = SourceOptions {
+        write_timeout: Duration::from_millis(300),
+        ..source_opts()
+    };
+    let t0 = std::time::Instant::now();
+    let (r, _) = run_source(&mut vm, addr, &opts, None);
+    let f = r.unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "source hung with the target"
+    );
+    assert_eq!(f.stage, Stage::Precopy { round: 0 }, "{}", f.report());
+    assert_source_running(&vm);
+    hung.join().unwrap();
+}
+
+#[test]
+fn cancel_from_another_thread_mid_round() {
+    let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let mut vm = idle(32);
+    // 16 MiB of data at 8 MiB/s: round 0 would take 2 s.
+    let opts = SourceOptions {
+        bandwidth_cap: Some(8 << 20),
+        ..source_opts()
+    };
+    let cancel = CancelToken::new();
+    let c = cancel.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        c.cancel();
+    });
+    let t0 = std::time::Instant::now();
+    let s = TcpStream::connect(addr).unwrap();
+    let r = migration::migrate(&mut vm, s, &opts, &cancel, &mut |_| {});
+    let f = r.unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "cancel took {:?}",
+        t0.elapsed()
+    );
+    assert!(matches!(f.error, SrcError::Cancelled), "{}", f.report());
+    assert_eq!(f.stage, Stage::Precopy { round: 0 });
+    assert_source_running(&vm);
+    assert!(matches!(tgt.join().unwrap(), Err(TgtError::Cancelled)));
+    assert_not_started(&seen);
+    canceller.join().unwrap();
+}
