@@ -120,25 +120,66 @@ pub fn restore(mem: &GuestMemory, table: &[RegionInfo], path: &Path) -> Result<(
     }
     let mut buf = vec![0u8; CHUNK];
     for (region, info) in mem.iter().zip(table) {
-        let mut off = 0u64;
-        while off < info.size {
-            let n = CHUNK.min((info.size - off) as usize);
-            file.read_exact_at(&mut buf[..n], info.file_offset + off)
-                .map_err(io(path, "read guest memory from"))?;
-            // Fresh guest memory is zero: copying zero pages would only
-            // make the host allocate them.
-            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
-                if page.iter().any(|b| *b != 0) {
-                    let at = MemoryRegionAddress(off + (i * PAGE) as u64);
-                    region
-                        .write_slice(page, at)
-                        .map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
-                }
+        // Only the file's data extents are read: holes are zero pages, and
+        // fresh guest memory is already zero. Reading a mostly idle guest's
+        // holes would copy (and make the host allocate) all of its RAM.
+        for (start, end) in data_extents(&file, info.file_offset, info.file_offset + info.size)
+            .map_err(io(path, "find the data in"))?
+        {
+            let mut pos = start;
+            while pos < end {
+                let n = CHUNK.min((end - pos) as usize);
+                file.read_exact_at(&mut buf[..n], pos)
+                    .map_err(io(path, "read guest memory from"))?;
+                let at = MemoryRegionAddress(pos - info.file_offset);
+                region
+                    .write_slice(&buf[..n], at)
+                    .map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
+                pos += n as u64;
             }
-            off += n as u64;
         }
     }
     Ok(())
+}
+
+/// The `[start, end)` ranges of `file` between `from` and `to` that hold
+/// data (SEEK_DATA/SEEK_HOLE). A filesystem without hole reporting reports
+/// the whole range as data, which is still correct, only slower.
+fn data_extents(file: &File, from: u64, to: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |pos: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let pos = libc::off_t::try_from(pos)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek on a file descriptor we own for the duration of the
+        // call; it only moves the (unused) file offset.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `pos`.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut out = Vec::new();
+    let mut pos = from;
+    while pos < to {
+        let Some(start) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= to {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(to).min(to);
+        // Extents are filesystem blocks; guest memory pages are 4 KiB and
+        // regions are page aligned, so any block boundary is fine.
+        out.push((start, end));
+        pos = end;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
