@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// CPU template shaping the guest's CPUID [default: baseline].
     #[arg(long, value_enum)]
     pub cpu_template: Option<CpuTemplateArg>,
+    /// A virtio-blk disk: path=IMG[,ro][,id=NAME] (repeatable; the first is
+    /// /dev/vda). Replaces the config file's [[disks]] when given.
+    #[arg(long, value_name = "path=IMG[,ro][,id=NAME]")]
+    pub disk: Vec<String>,
     /// VM name, used in logs [default: config `name`, or "vigil"].
     #[arg(long)]
     pub name: Option<String>,

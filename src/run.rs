@@ -30,6 +30,7 @@ pub fn run(args: RunArgs) -> i32 {
             OnRebootArg::Exit => OnReboot::Exit,
             OnRebootArg::Restart => OnReboot::Restart,
         }),
+        disks: args.disk,
     };
     let cfg = match VmConfig::load(args.config.as_deref(), overrides) {
         Ok(c) => c,

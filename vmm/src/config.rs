@@ -197,6 +197,73 @@ struct FileConfig {
     cpu_template: Option<CpuTemplateName>,
     console: Option<String>,
     on_reboot: Option<OnReboot>,
+    #[serde(default)]
+    disks: Vec<FileDisk>,
+}
+
+/// A `[[disks]]` entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDisk {
+    path: PathBuf,
+    #[serde(default)]
+    read_only: bool,
+    id: Option<String>,
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub read_only: bool,
+    /// What the guest reads with GET_ID (/sys/block/vdX/serial); at most 20
+    /// bytes. Default `vigil-diskN` (N = position in the list), which is
+    /// stable across boots as long as the list does not change.
+    pub id: String,
+}
+
+impl DiskConfig {
+    /// Parses a `--disk` value: `path=IMG[,ro][,id=NAME]`. The id defaults
+    /// to `vigil-disk<index>`.
+    pub fn parse(s: &str, index: usize) -> Result<Self, String> {
+        let mut path = None;
+        let mut read_only = false;
+        let mut id = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                Some(("id", i)) => id = Some(i.to_string()),
+                None if part == "ro" => read_only = true,
+                _ => {
+                    return Err(format!(
+                        "`{part}` in `{s}`: expected path=IMG, ro or id=NAME"
+                    ))
+                }
+            }
+        }
+        let path = path.ok_or_else(|| format!("`{s}` has no path=IMG"))?;
+        Ok(Self {
+            path,
+            read_only,
+            id: id.unwrap_or_else(|| default_disk_id(index)),
+        })
+    }
+}
+
+fn default_disk_id(index: usize) -> String {
+    format!("vigil-disk{index}")
+}
+
+fn validate_disk_id(id: &str) -> Result<(), ConfigError> {
+    if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "disks.id (--disk id=)",
+            format!("`{id}` must be 1 to 20 printable ASCII characters (virtio-blk serial)"),
+        ));
+    }
+    Ok(())
 }
 
 /// Values given on the command line; each `Some` replaces the file's value.
@@ -220,6 +287,9 @@ pub struct ConfigOverrides {
     pub console: Option<String>,
     /// `--on-reboot`.
     pub on_reboot: Option<OnReboot>,
+    /// `--disk`, unparsed, in order. When any is given they replace the
+    /// file's `[[disks]]`.
+    pub disks: Vec<String>,
 }
 
 /// A complete, validated VM configuration.
@@ -245,6 +315,8 @@ pub struct VmConfig {
     pub console: ConsoleMode,
     /// Reboot policy.
     pub on_reboot: OnReboot,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Default guest memory when neither file nor flag says: 256 MiB.
@@ -357,6 +429,33 @@ impl VmConfig {
             (None, None) => ConsoleMode::Stdio,
         };
 
+        let disks = if ov.disks.is_empty() {
+            file.disks
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| DiskConfig {
+                    path: rel(d.path),
+                    read_only: d.read_only,
+                    id: d.id.unwrap_or_else(|| default_disk_id(i)),
+                })
+                .collect()
+        } else {
+            ov.disks
+                .iter()
+                .enumerate()
+                .map(|(i, s)| DiskConfig::parse(s, i).map_err(|r| invalid("disk (--disk)", r)))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for d in &disks {
+            validate_disk_id(&d.id)?;
+        }
+        if let Some(i) = (1..disks.len()).find(|&i| disks[..i].iter().any(|d| d.id == disks[i].id)) {
+            return Err(invalid(
+                "disks.id (--disk id=)",
+                format!("`{}` is used by two disks", disks[i].id),
+            ));
+        }
+
         Ok(VmConfig {
             name,
             id,
@@ -368,6 +467,7 @@ impl VmConfig {
             cpu_template: ov.cpu_template.or(file.cpu_template).unwrap_or_default(),
             console,
             on_reboot: ov.on_reboot.or(file.on_reboot).unwrap_or_default(),
+            disks,
         })
     }
 }
@@ -421,7 +521,8 @@ fn validate_memory(bytes: u64) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_cmdline(s: &str) -> Result<(), ConfigError> {
+/// Checks a kernel command line's length and characters.
+pub fn validate_cmdline(s: &str) -> Result<(), ConfigError> {
     if s.len() >= MAX_CMDLINE_LEN {
         return Err(invalid(
             "cmdline (--cmdline)",

@@ -24,6 +24,7 @@ use crate::control::{ControlError, ExitReason, ExitSignal};
 use crate::cpu::vcpu::{vcpu_kick_signal, Vcpu, VcpuError};
 use crate::cpu::{self, CpuError};
 use crate::devices::serial::{SerialDevice, COM1_IRQ};
+use crate::devices::virtio::attach::{self, AttachError};
 use crate::devices::PioBus;
 use crate::memory::{self, MemoryError};
 use crate::vm::{self, Vm, VmError};
@@ -58,6 +59,9 @@ pub enum Error {
     /// Exit signalling problems.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// Virtio device problems.
+    #[error(transparent)]
+    Virtio(#[from] AttachError),
     /// Event loop problems.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
@@ -147,7 +151,13 @@ fn run_once(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig) -> Result<ExitReason, Error> 
     let vm = Vm::new(kvm, &mem)?;
     // vcpus <= 254 was validated, so this fits.
     let rsdp = acpi::write(&mem, cfg.vcpus as u8)?;
-    let boot = boot::load(cfg, &mem, rsdp)?;
+    let mut virtio = attach::attach_all(vm.fd(), &mem, cfg)?;
+    // The devices are announced on the command line; the length check runs
+    // again on the longer line.
+    let mut booted = cfg.clone();
+    booted.cmdline.push_str(&virtio.cmdline);
+    config::validate_cmdline(&booted.cmdline)?;
+    let boot = boot::load(&booted, &mem, rsdp)?;
 
     let exit = Arc::new(ExitSignal::new()?);
     let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::SerialIrq)?;
@@ -163,6 +173,9 @@ fn run_once(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig) -> Result<ExitReason, Error> 
     if cfg.console == ConsoleMode::Stdio {
         events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(serial))));
     }
+    for sub in std::mem::take(&mut virtio.subscribers) {
+        events.add_subscriber(Arc::new(Mutex::new(sub)));
+    }
 
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -177,6 +190,7 @@ fn run_once(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig) -> Result<ExitReason, Error> 
             &mem,
             boot.entry,
             bus.clone(),
+            virtio.bus.clone(),
             exit.clone(),
         )?);
     }

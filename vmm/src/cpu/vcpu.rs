@@ -11,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 use super::regs::{self, EntryMode, RegsError};
 use crate::control::{ExitReason, ExitSignal};
+use crate::devices::mmio::MmioBus;
 use crate::devices::PioBus;
 use crate::memory::GuestMemory;
 
@@ -49,6 +50,7 @@ pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
     bus: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
     exit: Arc<ExitSignal>,
 }
 
@@ -70,6 +72,7 @@ impl Vcpu {
         mem: &GuestMemory,
         entry: EntryMode,
         bus: Arc<PioBus>,
+        mmio: Arc<MmioBus>,
         exit: Arc<ExitSignal>,
     ) -> Result<Self, VcpuError> {
         let ioctl = |op| move |source| VcpuError::Ioctl { id, op, source };
@@ -84,7 +87,13 @@ impl Vcpu {
         if id == 0 {
             regs::setup_boot_cpu(&fd, mem, entry).map_err(regs_err)?;
         }
-        Ok(Self { id, fd, bus, exit })
+        Ok(Self {
+            id,
+            fd,
+            bus,
+            mmio,
+            exit,
+        })
     }
 
     /// Runs until the VM is asked to stop. Never panics on guest behaviour:
@@ -118,12 +127,11 @@ impl Vcpu {
                 Next::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                tracing::trace!(addr, len = data.len(), "MMIO read from unclaimed address");
-                data.fill(0xff);
+                self.mmio.read(id, addr, data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                tracing::trace!(addr, ?data, "MMIO write to unclaimed address");
+                self.mmio.write(id, addr, data);
                 Next::Continue
             }
             Ok(VcpuExit::Hlt) => {

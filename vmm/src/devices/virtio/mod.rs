@@ -13,6 +13,7 @@
 //! that cannot be trusted any more marks the device as needing a reset
 //! (logged once). Nothing the guest writes may panic the VMM.
 
+pub mod attach;
 pub mod block;
 pub mod event_handler;
 pub mod persist;

@@ -1,0 +1,161 @@
+//! Putting the configured virtio devices into a VM: one MMIO window and one
+//! interrupt line each, the irqfd and queue ioeventfds registered with KVM,
+//! the kernel command-line parameters that announce them, and the handles
+//! the rest of the VMM keeps (event subscribers, counters, transports for
+//! quiesce and persistence).
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::block::{Block, BlockCounters, BlockError};
+use super::event_handler::QueueEvents;
+use super::transport::{reg, MmioTransport};
+use super::VirtioDevice;
+use crate::config::VmConfig;
+use crate::devices::mmio::{
+    MmioBus, VIRTIO_FIRST_IRQ, VIRTIO_LAST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
+use crate::memory::GuestMemory;
+
+/// Errors attaching virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd for a virtio device: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// KVM refused the interrupt eventfd.
+    #[error("cannot register the irqfd for virtio IRQ {irq}: {source}")]
+    Irqfd {
+        /// The line.
+        irq: u32,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM refused a queue-notify eventfd.
+    #[error("cannot register the ioeventfd at {addr:#x}: {source}")]
+    Ioeventfd {
+        /// The QueueNotify address.
+        addr: u64,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// More devices than interrupt lines.
+    #[error("too many virtio devices: at most {} fit", VIRTIO_LAST_IRQ - VIRTIO_FIRST_IRQ + 1)]
+    TooMany,
+}
+
+/// A disk as the rest of the VMM sees it.
+pub struct BlockHandle {
+    /// The disk's id (config `id`).
+    pub id: String,
+    /// Live I/O counters.
+    pub counters: Arc<BlockCounters>,
+    /// The transport (quiesce, persistence).
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Everything attached.
+#[derive(Default)]
+pub struct VirtioDevices {
+    /// The MMIO bus holding every device window (shared with the vCPUs).
+    pub bus: Arc<MmioBus>,
+    /// One event-loop subscriber per device.
+    pub subscribers: Vec<QueueEvents>,
+    /// `virtio_mmio.device=...` parameters for the kernel command line.
+    pub cmdline: String,
+    /// Disks, in config order.
+    pub blocks: Vec<BlockHandle>,
+    /// Every transport, in attach order (MMIO address order).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl VirtioDevices {
+    /// Stops every device from serving its queues (see
+    /// [`MmioTransport::quiesce`]).
+    pub fn quiesce(&self) {
+        for t in &self.transports {
+            t.lock().unwrap_or_else(|p| p.into_inner()).quiesce();
+        }
+    }
+
+    /// Lets every device serve its queues again.
+    pub fn resume(&self) {
+        for t in &self.transports {
+            t.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
+    }
+
+    /// Requests in flight over all devices (0 once quiesced).
+    pub fn in_flight(&self) -> usize {
+        self.transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).in_flight())
+            .sum()
+    }
+
+    fn attach(
+        &mut self,
+        bus: &mut MmioBus,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        dev: Box<dyn VirtioDevice>,
+    ) -> Result<Arc<Mutex<MmioTransport>>, AttachError> {
+        let n = self.transports.len() as u32;
+        let irq = VIRTIO_FIRST_IRQ + n;
+        if irq > VIRTIO_LAST_IRQ {
+            return Err(AttachError::TooMany);
+        }
+        let base = VIRTIO_MMIO_BASE + u64::from(n) * VIRTIO_MMIO_SIZE;
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(AttachError::EventFd)?;
+        vm.register_irqfd(&irq_evt, irq)
+            .map_err(|source| AttachError::Irqfd { irq, source })?;
+        let mut evts = Vec::new();
+        let notify = base + reg::QUEUE_NOTIFY;
+        for q in 0..dev.queue_max_sizes().len() as u32 {
+            let e = EventFd::new(EFD_NONBLOCK).map_err(AttachError::EventFd)?;
+            vm.register_ioevent(&e, &IoEventAddress::Mmio(notify), q)
+                .map_err(|source| AttachError::Ioeventfd {
+                    addr: notify,
+                    source,
+                })?;
+            evts.push(e);
+        }
+        let t = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), irq_evt)));
+        bus.insert(base, VIRTIO_MMIO_SIZE, t.clone());
+        self.subscribers.push(QueueEvents::new(t.clone(), evts));
+        self.transports.push(t.clone());
+        self.cmdline
+            .push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+        tracing::debug!(base, irq, "virtio device attached");
+        Ok(t)
+    }
+}
+
+/// Creates and attaches every virtio device `cfg` asks for.
+pub fn attach_all(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    cfg: &VmConfig,
+) -> Result<VirtioDevices, AttachError> {
+    let mut devs = VirtioDevices::default();
+    let mut bus = MmioBus::new();
+    for d in &cfg.disks {
+        let b = Block::new(&d.path, d.read_only, d.id.clone())?;
+        let counters = b.counters();
+        let transport = devs.attach(&mut bus, vm, mem, Box::new(b))?;
+        devs.blocks.push(BlockHandle {
+            id: d.id.clone(),
+            counters,
+            transport,
+        });
+    }
+    devs.bus = Arc::new(bus);
+    Ok(devs)
+}
