@@ -18,7 +18,14 @@
  *   VIGIL-CPUS <n>              (vigil.test=sysinfo)
  *   VIGIL-MEMTOTAL-KB <n>       (vigil.test=sysinfo)
  *   VIGIL-TEST-ERROR <reason>   (an unknown test or a failing step)
- * Tests: boot (marker, then power off), sysinfo, reboot.
+ *   VIGIL-DISK-WRITE-OK         (vigil.test=disk-write)
+ *   VIGIL-DISK-READ-OK          (vigil.test=disk-read)
+ *   VIGIL-DISK-SERIAL <id>      (vigil.test=disk-read)
+ *   VIGIL-DISK-RO-OK            (vigil.test=disk-ro)
+ * Tests: boot (marker, then power off), sysinfo, reboot, and the disk
+ * tests on /dev/vda (see disk_pattern): disk-write writes 4 KiB at offset
+ * 4 KiB and fsyncs; disk-read reads them back and checks them; disk-ro
+ * checks that writing fails.
  */
 
 /* nolibc of this kernel version has neither sync() nor pause(). */
@@ -122,6 +129,60 @@ static void test_sysinfo(void)
 	}
 }
 
+/*
+ * The 4 KiB the disk tests write at offset 4096 of /dev/vda: the text
+ * "VIGIL-DISK-PATTERN\n", then byte i = (i * 7 + 13) % 251. The host test
+ * (tests/devices.rs) checks the same bytes in the image file.
+ */
+static void disk_pattern(unsigned char *buf)
+{
+	static const char head[] = "VIGIL-DISK-PATTERN\n";
+	long i;
+
+	for (i = 0; i < 4096; i++)
+		buf[i] = (unsigned char)((i * 7 + 13) % 251);
+	memcpy(buf, head, sizeof(head) - 1);
+}
+
+static void test_disk(const char *mode)
+{
+	static unsigned char want[4096], got[4096];
+	static char serial[64];
+	int fd;
+
+	disk_pattern(want);
+	if (strcmp(mode, "disk-write") == 0) {
+		fd = open("/dev/vda", O_RDWR, 0);
+		if (fd < 0 || lseek(fd, 4096, SEEK_SET) != 4096 ||
+		    write(fd, want, sizeof(want)) != sizeof(want) || fsync(fd) != 0) {
+			say("VIGIL-TEST-ERROR disk write failed", 0);
+			return;
+		}
+		close(fd);
+		say("VIGIL-DISK-WRITE-OK", 0);
+	} else if (strcmp(mode, "disk-read") == 0) {
+		fd = open("/dev/vda", O_RDONLY, 0);
+		if (fd < 0 || lseek(fd, 4096, SEEK_SET) != 4096 ||
+		    read(fd, got, sizeof(got)) != sizeof(got)) {
+			say("VIGIL-TEST-ERROR disk read failed", 0);
+			return;
+		}
+		close(fd);
+		say(memcmp(want, got, sizeof(got)) == 0 ? "VIGIL-DISK-READ-OK" :
+		    "VIGIL-TEST-ERROR disk contents differ", 0);
+		if (slurp("/sys/block/vda/serial", serial, sizeof(serial)) >= 0)
+			say("VIGIL-DISK-SERIAL ", serial);
+	} else {
+		/* disk-ro: the open itself may already fail with EROFS. */
+		fd = open("/dev/vda", O_RDWR, 0);
+		if (fd >= 0 && lseek(fd, 4096, SEEK_SET) == 4096 &&
+		    write(fd, want, sizeof(want)) == sizeof(want) && fsync(fd) == 0)
+			say("VIGIL-TEST-ERROR write to a read-only disk succeeded", 0);
+		else
+			say("VIGIL-DISK-RO-OK", 0);
+	}
+}
+
 int main(void)
 {
 	static char cmdline[4096];
@@ -153,6 +214,8 @@ int main(void)
 	} else if (strcmp(test, "reboot") == 0) {
 		sync_all();
 		reboot(LINUX_REBOOT_CMD_RESTART);
+	} else if (strncmp(test, "disk-", 5) == 0) {
+		test_disk(test);
 	} else if (strcmp(test, "boot") != 0) {
 		say("VIGIL-TEST-ERROR unknown test ", test);
 	}

@@ -521,8 +521,7 @@ fn validate_memory(bytes: u64) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Checks a kernel command line's length and characters.
-pub fn validate_cmdline(s: &str) -> Result<(), ConfigError> {
+fn validate_cmdline(s: &str) -> Result<(), ConfigError> {
     if s.len() >= MAX_CMDLINE_LEN {
         return Err(invalid(
             "cmdline (--cmdline)",

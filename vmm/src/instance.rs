@@ -150,14 +150,9 @@ fn run_once(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig) -> Result<ExitReason, Error> 
     let mem = memory::create_guest_memory(cfg.memory_bytes)?;
     let vm = Vm::new(kvm, &mem)?;
     // vcpus <= 254 was validated, so this fits.
-    let rsdp = acpi::write(&mem, cfg.vcpus as u8)?;
     let mut virtio = attach::attach_all(vm.fd(), &mem, cfg)?;
-    // The devices are announced on the command line; the length check runs
-    // again on the longer line.
-    let mut booted = cfg.clone();
-    booted.cmdline.push_str(&virtio.cmdline);
-    config::validate_cmdline(&booted.cmdline)?;
-    let boot = boot::load(&booted, &mem, rsdp)?;
+    let rsdp = acpi::write(&mem, cfg.vcpus as u8, &virtio.acpi)?;
+    let boot = boot::load(cfg, &mem, rsdp)?;
 
     let exit = Arc::new(ExitSignal::new()?);
     let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::SerialIrq)?;

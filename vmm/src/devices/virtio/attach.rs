@@ -1,6 +1,7 @@
 //! Putting the configured virtio devices into a VM: one MMIO window and one
 //! interrupt line each, the irqfd and queue ioeventfds registered with KVM,
-//! the kernel command-line parameters that announce them, and the handles
+//! the ACPI descriptions that announce them (see `acpi` for why not the
+//! kernel command line), and the handles
 //! the rest of the VMM keeps (event subscribers, counters, transports for
 //! quiesce and persistence).
 
@@ -13,6 +14,7 @@ use super::block::{Block, BlockCounters, BlockError};
 use super::event_handler::QueueEvents;
 use super::transport::{reg, MmioTransport};
 use super::VirtioDevice;
+use crate::acpi::VirtioMmioInfo;
 use crate::config::VmConfig;
 use crate::devices::mmio::{
     MmioBus, VIRTIO_FIRST_IRQ, VIRTIO_LAST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
@@ -68,8 +70,8 @@ pub struct VirtioDevices {
     pub bus: Arc<MmioBus>,
     /// One event-loop subscriber per device.
     pub subscribers: Vec<QueueEvents>,
-    /// `virtio_mmio.device=...` parameters for the kernel command line.
-    pub cmdline: String,
+    /// The windows and interrupt lines, for the ACPI DSDT.
+    pub acpi: Vec<VirtioMmioInfo>,
     /// Disks, in config order.
     pub blocks: Vec<BlockHandle>,
     /// Every transport, in attach order (MMIO address order).
@@ -131,8 +133,12 @@ impl VirtioDevices {
         bus.insert(base, VIRTIO_MMIO_SIZE, t.clone());
         self.subscribers.push(QueueEvents::new(t.clone(), evts));
         self.transports.push(t.clone());
-        self.cmdline
-            .push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+        self.acpi.push(VirtioMmioInfo {
+            // The window is below 4 GiB by construction.
+            base: base as u32,
+            len: VIRTIO_MMIO_SIZE as u32,
+            gsi: irq,
+        });
         tracing::debug!(base, irq, "virtio device attached");
         Ok(t)
     }
