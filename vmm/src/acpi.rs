@@ -289,10 +289,37 @@ mod tests {
 
     #[test]
     fn dsdt_has_s5_and_com1() {
-        let d = dsdt();
+        let d = dsdt(&[]);
         let has = |n: &[u8]| d.windows(n.len()).any(|w| w == n);
         assert!(has(b"_S5_"));
         assert!(has(b"COM1"));
         assert!(has(b"_CRS"));
+        assert!(!has(b"LNRO0005"));
+    }
+
+    #[test]
+    fn dsdt_describes_virtio_mmio_devices() {
+        let v = [
+            VirtioMmioInfo {
+                base: 0xd000_0000,
+                len: 0x1000,
+                gsi: 5,
+            },
+            VirtioMmioInfo {
+                base: 0xd000_1000,
+                len: 0x1000,
+                gsi: 6,
+            },
+        ];
+        let d = dsdt(&v);
+        let has = |n: &[u8]| d.windows(n.len()).any(|w| w == n);
+        assert!(has(b"LNRO0005"));
+        assert!(has(b"VR00") && has(b"VR01"));
+        // Memory32Fixed descriptor: tag 0x86, length 9, read-write, base, len.
+        let mut m = vec![0x86, 9, 0, 1];
+        m.extend_from_slice(&0xd000_1000u32.to_le_bytes());
+        m.extend_from_slice(&0x1000u32.to_le_bytes());
+        assert!(has(&m));
+        assert_eq!(sum(&d), 0, "checksum");
     }
 }

@@ -449,7 +449,8 @@ impl VmConfig {
         for d in &disks {
             validate_disk_id(&d.id)?;
         }
-        if let Some(i) = (1..disks.len()).find(|&i| disks[..i].iter().any(|d| d.id == disks[i].id)) {
+        if let Some(i) = (1..disks.len()).find(|&i| disks[..i].iter().any(|d| d.id == disks[i].id))
+        {
             return Err(invalid(
                 "disks.id (--disk id=)",
                 format!("`{}` is used by two disks", disks[i].id),

@@ -52,10 +52,19 @@ impl MmioBus {
     /// A guest read of `data.len()` bytes at `addr`.
     pub fn read(&self, vcpu: u32, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((w, off)) => w.dev.lock().unwrap_or_else(|p| p.into_inner()).read(off, data),
+            Some((w, off)) => w
+                .dev
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read(off, data),
             None => {
                 data.fill(0);
-                tracing::trace!(vcpu, addr, len = data.len(), "MMIO read from unclaimed address");
+                tracing::trace!(
+                    vcpu,
+                    addr,
+                    len = data.len(),
+                    "MMIO read from unclaimed address"
+                );
             }
         }
     }

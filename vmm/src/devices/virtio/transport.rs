@@ -180,7 +180,11 @@ impl MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            tracing::debug!(offset, len = data.len(), "unaligned virtio-mmio register read");
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "unaligned virtio-mmio register read"
+            );
             data.fill(0);
             return;
         }
@@ -200,7 +204,10 @@ impl MmioTransport {
             reg::STATUS => self.device_status,
             reg::CONFIG_GENERATION => self.config_generation,
             _ => {
-                tracing::debug!(offset, "read of a write-only or unknown virtio-mmio register");
+                tracing::debug!(
+                    offset,
+                    "read of a write-only or unknown virtio-mmio register"
+                );
                 0
             }
         };
@@ -215,7 +222,11 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::debug!(offset, len = data.len(), "non-32-bit virtio-mmio register write");
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "non-32-bit virtio-mmio register write"
+            );
             return;
         };
         if offset % 4 != 0 {
@@ -259,12 +270,24 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => self.notify(v as usize),
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
             reg::STATUS => self.set_status(v),
-            reg::QUEUE_DESC_LOW if setup => self.set_addr(|q, v| q.set_desc_table_address(Some(v), None), v),
-            reg::QUEUE_DESC_HIGH if setup => self.set_addr(|q, v| q.set_desc_table_address(None, Some(v)), v),
-            reg::QUEUE_AVAIL_LOW if setup => self.set_addr(|q, v| q.set_avail_ring_address(Some(v), None), v),
-            reg::QUEUE_AVAIL_HIGH if setup => self.set_addr(|q, v| q.set_avail_ring_address(None, Some(v)), v),
-            reg::QUEUE_USED_LOW if setup => self.set_addr(|q, v| q.set_used_ring_address(Some(v), None), v),
-            reg::QUEUE_USED_HIGH if setup => self.set_addr(|q, v| q.set_used_ring_address(None, Some(v)), v),
+            reg::QUEUE_DESC_LOW if setup => {
+                self.set_addr(|q, v| q.set_desc_table_address(Some(v), None), v)
+            }
+            reg::QUEUE_DESC_HIGH if setup => {
+                self.set_addr(|q, v| q.set_desc_table_address(None, Some(v)), v)
+            }
+            reg::QUEUE_AVAIL_LOW if setup => {
+                self.set_addr(|q, v| q.set_avail_ring_address(Some(v), None), v)
+            }
+            reg::QUEUE_AVAIL_HIGH if setup => {
+                self.set_addr(|q, v| q.set_avail_ring_address(None, Some(v)), v)
+            }
+            reg::QUEUE_USED_LOW if setup => {
+                self.set_addr(|q, v| q.set_used_ring_address(Some(v), None), v)
+            }
+            reg::QUEUE_USED_HIGH if setup => {
+                self.set_addr(|q, v| q.set_used_ring_address(None, Some(v)), v)
+            }
             _ => tracing::debug!(offset, v, "virtio-mmio register write ignored"),
         }
     }
@@ -381,7 +404,10 @@ impl MmioTransport {
     }
 
     /// The selected queue's addresses, for tests and debugging.
-    pub fn queue_addresses(&self, idx: usize) -> Option<(GuestAddress, GuestAddress, GuestAddress)> {
+    pub fn queue_addresses(
+        &self,
+        idx: usize,
+    ) -> Option<(GuestAddress, GuestAddress, GuestAddress)> {
         self.queues.get(idx).map(|q| {
             (
                 GuestAddress(q.desc_table()),

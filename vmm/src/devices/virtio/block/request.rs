@@ -56,6 +56,10 @@ pub enum RequestError {
     /// Fewer than two descriptors (header + status).
     #[error("descriptor chain too short")]
     TooShort,
+    /// The walk stopped at a descriptor that still points to a next one: a
+    /// loop, or a next index outside the table.
+    #[error("descriptor chain loops or leaves the table")]
+    Truncated,
     /// The header descriptor is device-writable or too small.
     #[error("bad header descriptor")]
     BadHeader,
@@ -94,13 +98,20 @@ pub struct Request {
 /// one: used to report errors for chains that are otherwise malformed.
 pub fn status_address(descs: &[Descriptor], mem: &GuestMemory) -> Option<GuestAddress> {
     let last = descs.last()?;
-    (descs.len() >= 2 && last.is_write_only() && last.len() >= 1)
+    (descs.len() >= 2 && !last.has_next() && last.is_write_only() && last.len() >= 1)
         .then(|| last.addr())
         .filter(|a| mem.check_address(*a).is_some())
 }
 
 /// Parses a chain already collected into `descs`.
-pub fn parse(descs: &[Descriptor], mem: &GuestMemory, capacity: u64) -> Result<Request, RequestError> {
+pub fn parse(
+    descs: &[Descriptor],
+    mem: &GuestMemory,
+    capacity: u64,
+) -> Result<Request, RequestError> {
+    if descs.last().is_some_and(|d| d.has_next()) {
+        return Err(RequestError::Truncated);
+    }
     let (first, rest) = descs.split_first().ok_or(RequestError::TooShort)?;
     let (last, data) = rest.split_last().ok_or(RequestError::TooShort)?;
     if first.is_write_only() || (first.len() as usize) < std::mem::size_of::<RequestHeader>() {
@@ -194,7 +205,10 @@ impl Block {
                     if take == 0 {
                         break;
                     }
-                    if mem.write_slice(&id[written..written + take], *addr).is_err() {
+                    if mem
+                        .write_slice(&id[written..written + take], *addr)
+                        .is_err()
+                    {
                         return self.io_error("get-id", std::io::Error::other("bad buffer"));
                     }
                     written += take;
@@ -218,7 +232,12 @@ impl Block {
 
 /// Moves the request's data between the file and guest memory; returns the
 /// bytes moved.
-fn transfer(file: &mut File, req: &Request, mem: &GuestMemory, to_disk: bool) -> std::io::Result<u64> {
+fn transfer(
+    file: &mut File,
+    req: &Request,
+    mem: &GuestMemory,
+    to_disk: bool,
+) -> std::io::Result<u64> {
     let mut off = req.sector * SECTOR_SIZE;
     for (addr, len) in &req.data {
         file.seek(SeekFrom::Start(off))?;
