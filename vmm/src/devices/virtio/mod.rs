@@ -19,6 +19,9 @@ pub mod event_handler;
 pub mod persist;
 pub mod transport;
 
+#[cfg(test)]
+mod tests;
+
 use std::any::Any;
 
 use virtio_queue::Queue;

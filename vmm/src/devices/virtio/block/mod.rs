@@ -16,7 +16,7 @@ pub mod persist;
 pub mod request;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use device::{Block, BlockCounters, BlockCountersSnapshot};
 
