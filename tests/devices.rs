@@ -1,0 +1,232 @@
+//! End-to-end tests of the virtio devices: the real `vigil` binary booting
+//! the real guest from `guest-images/` with disks attached.
+//!
+//! Guest-booting tests hold [`GUEST_LOCK`] so this binary runs one guest at
+//! a time (tests/boot.rs has its own lock; the two binaries may overlap,
+//! which keeps it at two guests at most on a 2-core machine). The guest side
+//! of each test is a test mode of the guest's /init
+//! (`guest-images/init/init.c`: disk-write, disk-read, disk-ro).
+//!
+//! The helpers are a copy of the few tests/boot.rs needs, kept here so the
+//! two files can change independently.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static GUEST_LOCK: Mutex<()> = Mutex::new(());
+
+/// A real guest boot may take a few minutes on an emulated-KVM host.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
+const QUICK_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn guest_lock() -> MutexGuard<'static, ()> {
+    GUEST_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn guest_config() -> PathBuf {
+    let cfg = repo().join("guest-images/default-vm.toml");
+    let vm = vmm::VmConfig::load(Some(&cfg), Default::default())
+        .unwrap_or_else(|e| panic!("{} is not a valid VM config: {e}", cfg.display()));
+    for f in std::iter::once(vm.kernel.clone()).chain(vm.initrd.clone()) {
+        assert!(
+            f.exists(),
+            "guest image {} is missing: run `make guest-image` first",
+            f.display()
+        );
+    }
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: this test needs KVM"
+    );
+    cfg
+}
+
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let b = buf.clone();
+    let t = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            b.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    (buf, t)
+}
+
+/// Runs `vigil` with `args`; kills it and fails the test after `timeout`.
+fn vigil(args: &[&str], timeout: Duration) -> Outcome {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start the vigil binary");
+    let (out, t_out) = reader(child.stdout.take().unwrap());
+    let (err, t_err) = reader(child.stderr.take().unwrap());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = t_out.join();
+    let _ = t_err.join();
+    let o = Outcome {
+        code: status.and_then(|s| s.code()),
+        stdout: String::from_utf8_lossy(&out.lock().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&err.lock().unwrap()).into_owned(),
+    };
+    assert!(
+        status.is_some(),
+        "vigil {args:?} did not stop within {timeout:?}\n{o:?}"
+    );
+    o
+}
+
+/// Boots the default guest running test mode `test` with `extra` flags.
+fn boot_guest(extra: &[&str], test: &str) -> Outcome {
+    let cfg = guest_config();
+    let base = vmm::VmConfig::load(Some(&cfg), Default::default()).unwrap();
+    let cmdline = format!("{} vigil.test={test}", base.cmdline);
+    let _g = guest_lock();
+    let mut args = vec![
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+    ];
+    args.extend_from_slice(extra);
+    vigil(&args, GUEST_TIMEOUT)
+}
+
+/// A scratch file removed when dropped (also when the test fails).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str, size: u64, fill: u8) -> Self {
+        let p = std::env::temp_dir().join(format!("vigil-dev-{}-{name}", std::process::id()));
+        std::fs::write(&p, vec![fill; size as usize]).unwrap();
+        Scratch(p)
+    }
+
+    fn disk_arg(&self, extra: &str) -> String {
+        format!("path={}{extra}", self.0.display())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The bytes the guest's disk tests write at offset 4096 (see disk_pattern
+/// in guest-images/init/init.c).
+fn disk_pattern() -> Vec<u8> {
+    let mut v: Vec<u8> = (0..4096u32).map(|i| ((i * 7 + 13) % 251) as u8).collect();
+    v[..19].copy_from_slice(b"VIGIL-DISK-PATTERN\n");
+    v
+}
+
+#[test]
+fn linux_guest_writes_disk_and_reads_it_back_after_reboot() {
+    let img = Scratch::new("rw.img", 8 << 20, 0);
+    let disk = img.disk_arg(",id=test-disk-1");
+    let o = boot_guest(&["--disk", &disk], "disk-write");
+    assert!(o.stdout.contains("VIGIL-DISK-WRITE-OK"), "{o:?}");
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let bytes = std::fs::read(&img.0).unwrap();
+    assert_eq!(
+        &bytes[4096..8192],
+        &disk_pattern()[..],
+        "pattern not on disk"
+    );
+    assert!(
+        bytes[..4096].iter().all(|b| *b == 0),
+        "bytes before the pattern changed"
+    );
+    assert!(
+        bytes[8192..].iter().all(|b| *b == 0),
+        "bytes after the pattern changed"
+    );
+
+    let o = boot_guest(&["--disk", &disk], "disk-read");
+    assert!(o.stdout.contains("VIGIL-DISK-READ-OK"), "{o:?}");
+    assert!(o.stdout.contains("VIGIL-DISK-SERIAL test-disk-1"), "{o:?}");
+    assert_eq!(o.code, Some(0), "{o:?}");
+}
+
+#[test]
+fn linux_guest_cannot_write_a_read_only_disk() {
+    let img = Scratch::new("ro.img", 4 << 20, 0x5a);
+    let o = boot_guest(&["--disk", &img.disk_arg(",ro")], "disk-ro");
+    assert!(o.stdout.contains("VIGIL-DISK-RO-OK"), "{o:?}");
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let bytes = std::fs::read(&img.0).unwrap();
+    assert!(
+        bytes.iter().all(|b| *b == 0x5a),
+        "read-only image was modified"
+    );
+}
+
+#[test]
+fn bad_disk_arguments_are_precise_errors() {
+    let cfg = repo().join("guest-images/default-vm.toml");
+    let cfg = cfg.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--disk", "ro"], "has no path=IMG"),
+        (&["--disk", "path=/x,bogus"], "`bogus`"),
+        (
+            &["--disk", "path=/nonexistent/vigil.img"],
+            "cannot open disk image /nonexistent/vigil.img",
+        ),
+        (
+            &["--disk", "path=/a,id=same", "--disk", "path=/b,id=same"],
+            "`same` is used by two disks",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut a = vec!["run", "--config", cfg, "--console", "none"];
+        a.extend_from_slice(args);
+        let o = vigil(&a, QUICK_TIMEOUT);
+        assert_eq!(o.code, Some(1), "{args:?}: {o:?}");
+        assert!(
+            o.stderr.contains(needle),
+            "{args:?}: want {needle:?}\n{o:?}"
+        );
+    }
+}
