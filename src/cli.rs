@@ -87,6 +87,11 @@ pub struct RunArgs {
     /// /dev/vda). Replaces the config file's [[disks]] when given.
     #[arg(long, value_name = "path=IMG[,ro][,id=NAME]")]
     pub disk: Vec<String>,
+    /// A virtio-vsock device: cid=N,socket=PATH. Guest connections to host
+    /// port P go to PATH_P; host processes connect to PATH and send
+    /// "CONNECT <port>\n". Port 5252 is the VMM's guest tools channel.
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    pub vsock: Option<String>,
     /// VM name, used in logs [default: config `name`, or "vigil"].
     #[arg(long)]
     pub name: Option<String>,

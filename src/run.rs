@@ -31,6 +31,7 @@ pub fn run(args: RunArgs) -> i32 {
             OnRebootArg::Restart => OnReboot::Restart,
         }),
         disks: args.disk,
+        vsock: args.vsock,
     };
     let cfg = match VmConfig::load(args.config.as_deref(), overrides) {
         Ok(c) => c,

@@ -199,6 +199,49 @@ struct FileConfig {
     on_reboot: Option<OnReboot>,
     #[serde(default)]
     disks: Vec<FileDisk>,
+    vsock: Option<FileVsock>,
+}
+
+/// The `[vsock]` section as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVsock {
+    cid: u64,
+    socket: PathBuf,
+}
+
+/// The virtio-vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 or more).
+    pub cid: u64,
+    /// Host socket: host processes connect here (`CONNECT <port>`); guest
+    /// connections to port P go to `<socket>_P`.
+    pub socket: PathBuf,
+}
+
+impl VsockConfig {
+    /// Parses a `--vsock` value: `cid=N,socket=PATH`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut cid = None;
+        let mut socket = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", c)) => {
+                    cid = Some(
+                        c.parse::<u64>()
+                            .map_err(|_| format!("cid `{c}` is not a number"))?,
+                    )
+                }
+                Some(("socket", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
+                _ => return Err(format!("`{part}` in `{s}`: expected cid=N or socket=PATH")),
+            }
+        }
+        Ok(Self {
+            cid: cid.ok_or_else(|| format!("`{s}` has no cid=N"))?,
+            socket: socket.ok_or_else(|| format!("`{s}` has no socket=PATH"))?,
+        })
+    }
 }
 
 /// A `[[disks]]` entry as written.
@@ -290,6 +333,8 @@ pub struct ConfigOverrides {
     /// `--disk`, unparsed, in order. When any is given they replace the
     /// file's `[[disks]]`.
     pub disks: Vec<String>,
+    /// `--vsock`, unparsed.
+    pub vsock: Option<String>,
 }
 
 /// A complete, validated VM configuration.
@@ -317,6 +362,8 @@ pub struct VmConfig {
     pub on_reboot: OnReboot,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// The virtio-vsock device, if any.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// Default guest memory when neither file nor flag says: 256 MiB.
@@ -457,6 +504,25 @@ impl VmConfig {
             ));
         }
 
+        let vsock = match (ov.vsock, file.vsock) {
+            (Some(v), _) => {
+                Some(VsockConfig::parse(&v).map_err(|r| invalid("vsock (--vsock)", r))?)
+            }
+            (None, Some(v)) => Some(VsockConfig {
+                cid: v.cid,
+                socket: rel(v.socket),
+            }),
+            (None, None) => None,
+        };
+        if let Some(v) = &vsock {
+            if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+                return Err(invalid(
+                    "vsock.cid (--vsock cid=)",
+                    format!("{} is reserved or too large: use 3 to 4294967295", v.cid),
+                ));
+            }
+        }
+
         Ok(VmConfig {
             name,
             id,
@@ -469,6 +535,7 @@ impl VmConfig {
             console,
             on_reboot: ov.on_reboot.or(file.on_reboot).unwrap_or_default(),
             disks,
+            vsock,
         })
     }
 }

@@ -169,7 +169,7 @@ fn run_once(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig) -> Result<ExitReason, Error> 
         events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(serial))));
     }
     for sub in std::mem::take(&mut virtio.subscribers) {
-        events.add_subscriber(Arc::new(Mutex::new(sub)));
+        events.add_subscriber(sub);
     }
 
     let supported = kvm

@@ -10,9 +10,13 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use event_manager::MutEventSubscriber;
+
 use super::block::{Block, BlockCounters, BlockError};
 use super::event_handler::QueueEvents;
 use super::transport::{reg, MmioTransport};
+use super::vsock::event_handler::VsockEvents;
+use super::vsock::{ToolsStatus, Vsock, VsockError};
 use super::VirtioDevice;
 use crate::acpi::VirtioMmioInfo;
 use crate::config::VmConfig;
@@ -27,6 +31,9 @@ pub enum AttachError {
     /// A disk could not be opened.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// The vsock device could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// An eventfd could not be created.
     #[error("cannot create an eventfd for a virtio device: {0}")]
     EventFd(#[source] std::io::Error),
@@ -69,14 +76,21 @@ pub struct VirtioDevices {
     /// The MMIO bus holding every device window (shared with the vCPUs).
     pub bus: Arc<MmioBus>,
     /// One event-loop subscriber per device.
-    pub subscribers: Vec<QueueEvents>,
+    pub subscribers: Vec<Subscriber>,
     /// The windows and interrupt lines, for the ACPI DSDT.
     pub acpi: Vec<VirtioMmioInfo>,
     /// Disks, in config order.
     pub blocks: Vec<BlockHandle>,
     /// Every transport, in attach order (MMIO address order).
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The vsock device's transport, if configured.
+    pub vsock: Option<Arc<Mutex<MmioTransport>>>,
+    /// The guest tools channel status (needs a vsock device).
+    pub tools: Option<Arc<ToolsStatus>>,
 }
+
+/// An event-loop subscriber as the instance's event manager holds it.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 impl VirtioDevices {
     /// Stops every device from serving its queues (see
@@ -108,7 +122,7 @@ impl VirtioDevices {
         vm: &VmFd,
         mem: &GuestMemory,
         dev: Box<dyn VirtioDevice>,
-    ) -> Result<Arc<Mutex<MmioTransport>>, AttachError> {
+    ) -> Result<(Arc<Mutex<MmioTransport>>, Vec<EventFd>), AttachError> {
         let n = self.transports.len() as u32;
         let irq = VIRTIO_FIRST_IRQ + n;
         if irq > VIRTIO_LAST_IRQ {
@@ -131,7 +145,6 @@ impl VirtioDevices {
         }
         let t = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), irq_evt)));
         bus.insert(base, VIRTIO_MMIO_SIZE, t.clone());
-        self.subscribers.push(QueueEvents::new(t.clone(), evts));
         self.transports.push(t.clone());
         self.acpi.push(VirtioMmioInfo {
             // The window is below 4 GiB by construction.
@@ -140,7 +153,7 @@ impl VirtioDevices {
             gsi: irq,
         });
         tracing::debug!(base, irq, "virtio device attached");
-        Ok(t)
+        Ok((t, evts))
     }
 }
 
@@ -155,12 +168,31 @@ pub fn attach_all(
     for d in &cfg.disks {
         let b = Block::new(&d.path, d.read_only, d.id.clone())?;
         let counters = b.counters();
-        let transport = devs.attach(&mut bus, vm, mem, Box::new(b))?;
+        let (transport, evts) = devs.attach(&mut bus, vm, mem, Box::new(b))?;
+        devs.subscribers.push(Arc::new(Mutex::new(QueueEvents::new(
+            transport.clone(),
+            evts,
+        ))));
         devs.blocks.push(BlockHandle {
             id: d.id.clone(),
             counters,
             transport,
         });
+    }
+    if let Some(v) = &cfg.vsock {
+        let dev = Vsock::new(v.cid, &v.socket)?;
+        let tools = dev.tools();
+        let listener = dev.listener_fd();
+        let wake = std::os::unix::io::AsRawFd::as_raw_fd(tools.wake_fd());
+        let (transport, evts) = devs.attach(&mut bus, vm, mem, Box::new(dev))?;
+        devs.subscribers.push(Arc::new(Mutex::new(VsockEvents::new(
+            transport.clone(),
+            evts,
+            listener,
+            wake,
+        ))));
+        devs.vsock = Some(transport);
+        devs.tools = Some(tools);
     }
     devs.bus = Arc::new(bus);
     Ok(devs)

@@ -18,6 +18,7 @@ pub mod block;
 pub mod event_handler;
 pub mod persist;
 pub mod transport;
+pub mod vsock;
 
 #[cfg(test)]
 mod tests;
@@ -81,12 +82,13 @@ pub trait VirtioDevice: Send {
     }
     /// Called once the driver set DRIVER_OK with the features it accepted.
     fn activate(&mut self, _acked_features: u64) {}
-    /// Serves the available buffers of queue `idx`. Returns whether the used
-    /// ring changed (the transport then interrupts the guest).
+    /// Serves queue `idx` after a notification (devices whose queues depend
+    /// on each other, like vsock's rx and tx, get all of them). Returns
+    /// whether a used ring changed (the transport then interrupts the guest).
     fn process_queue(
         &mut self,
         idx: usize,
-        queue: &mut Queue,
+        queues: &mut [Queue],
         mem: &GuestMemory,
     ) -> Result<bool, DeviceError>;
     /// Forgets per-activation state (the driver wrote 0 to Status).
@@ -98,4 +100,6 @@ pub trait VirtioDevice: Send {
     }
     /// For callers that need the concrete device (persistence, counters).
     fn as_any(&self) -> &dyn Any;
+    /// Mutable access to the concrete device (backend events).
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }

@@ -131,6 +131,11 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
+    /// The device model, mutably (backend events served by the event loop).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     /// Number of queues.
     pub fn num_queues(&self) -> usize {
         self.queues.len()
@@ -383,11 +388,10 @@ impl MmioTransport {
         if !self.is_activated() {
             return;
         }
-        let q = &mut self.queues[idx];
-        if !q.ready() {
+        if !self.queues[idx].ready() {
             return;
         }
-        match self.device.process_queue(idx, q, &self.mem) {
+        match self.device.process_queue(idx, &mut self.queues, &self.mem) {
             Ok(true) => {
                 self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
                 self.signal();

@@ -182,13 +182,20 @@ impl VirtioDevice for Block {
     fn process_queue(
         &mut self,
         idx: usize,
-        queue: &mut Queue,
+        queues: &mut [Queue],
         mem: &GuestMemory,
     ) -> Result<bool, DeviceError> {
-        self.serve(idx, queue, mem)
+        match queues.get_mut(idx) {
+            Some(q) => self.serve(idx, q, mem),
+            None => Ok(false),
+        }
     }
 
     fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
 }

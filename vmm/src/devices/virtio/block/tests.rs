@@ -77,7 +77,7 @@ fn run(
     mq.avail().idx().store(1);
     let mut q: Queue = mq.create_queue().unwrap();
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let r = blk.process_queue(0, &mut q, mem);
+    let r = blk.process_queue(0, std::slice::from_mut(&mut q), mem);
     let used_len = mq.used().ring().ref_at(0).unwrap().load().len();
     let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
     (r, used_len, status, q)
@@ -275,7 +275,9 @@ fn corrupt_avail_index_breaks_the_queue() {
     let mq = MockSplitQueue::new(&mem, 16);
     mq.avail().idx().store(1000);
     let mut q: Queue = mq.create_queue().unwrap();
-    assert!(blk.process_queue(0, &mut q, &mem).is_err());
+    assert!(blk
+        .process_queue(0, std::slice::from_mut(&mut q), &mem)
+        .is_err());
     std::fs::remove_file(path).unwrap();
 }
 
