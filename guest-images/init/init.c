@@ -22,7 +22,12 @@
  *   VIGIL-DISK-READ-OK          (vigil.test=disk-read)
  *   VIGIL-DISK-SERIAL <id>      (vigil.test=disk-read)
  *   VIGIL-DISK-RO-OK            (vigil.test=disk-ro)
- * Tests: boot (marker, then power off), sysinfo, reboot, and the disk
+ *   VIGIL-VSOCK-GOT <line>      (vigil.test=vsock: the host's answer)
+ *   VIGIL-VSOCK-HOST-SAID <line> (vigil.test=vsock: a host-initiated line)
+ * vsock: connects to CID 2 port 7000, sends "HELLO-FROM-GUEST", prints the
+ * line the host answers; then listens on port 7001, accepts one connection,
+ * prints the line the host sends and answers "GUEST-ACK".
+ * Tests: boot (marker, then power off), sysinfo, reboot, vsock, and the disk
  * tests on /dev/vda (see disk_pattern): disk-write writes 4 KiB at offset
  * 4 KiB and fsyncs; disk-read reads them back and checks them; disk-ro
  * checks that writing fails.
@@ -183,6 +188,70 @@ static void test_disk(const char *mode)
 	}
 }
 
+/* AF_VSOCK sockets through raw system calls (this nolibc has no socket API). */
+struct vsock_addr {
+	unsigned short family, reserved;
+	unsigned int port, cid;
+	unsigned char zero[4];
+};
+
+static long vsock_socket(void)
+{
+	return my_syscall3(__NR_socket, 40 /* AF_VSOCK */, 1 /* SOCK_STREAM */, 0);
+}
+
+/* Reads one line (without the newline) into buf; returns its length or -1. */
+static long read_line(int fd, char *buf, long size)
+{
+	long n = 0;
+
+	while (n < size - 1 && read(fd, buf + n, 1) == 1 && buf[n] != '\n')
+		n++;
+	buf[n] = '\0';
+	return n > 0 ? n : -1;
+}
+
+static void test_vsock(void)
+{
+	struct vsock_addr a = { 40, 0, 7000, 2, { 0 } };
+	static char line[256];
+	long s, c;
+
+	s = vsock_socket();
+	if (s < 0 || my_syscall3(__NR_connect, s, &a, sizeof(a)) != 0) {
+		say("VIGIL-TEST-ERROR vsock connect failed", 0);
+		return;
+	}
+	write(s, "HELLO-FROM-GUEST\n", 17);
+	if (read_line(s, line, sizeof(line)) < 0) {
+		say("VIGIL-TEST-ERROR vsock read failed", 0);
+		return;
+	}
+	say("VIGIL-VSOCK-GOT ", line);
+	close(s);
+
+	s = vsock_socket();
+	a.port = 7001;
+	a.cid = 0xffffffff; /* VMADDR_CID_ANY */
+	if (s < 0 || my_syscall3(__NR_bind, s, &a, sizeof(a)) != 0 ||
+	    my_syscall2(__NR_listen, s, 1) != 0) {
+		say("VIGIL-TEST-ERROR vsock listen failed", 0);
+		return;
+	}
+	say("VIGIL-VSOCK-LISTENING", 0);
+	c = my_syscall3(__NR_accept, s, 0, 0);
+	if (c < 0 || read_line(c, line, sizeof(line)) < 0) {
+		say("VIGIL-TEST-ERROR vsock accept failed", 0);
+		return;
+	}
+	say("VIGIL-VSOCK-HOST-SAID ", line);
+	write(c, "GUEST-ACK\n", 10);
+	/* Wait for the host to close: powering off at once could drop the
+	 * answer still queued in this kernel. */
+	read_line(c, line, sizeof(line));
+	close(c);
+}
+
 int main(void)
 {
 	static char cmdline[4096];
@@ -214,6 +283,8 @@ int main(void)
 	} else if (strcmp(test, "reboot") == 0) {
 		sync_all();
 		reboot(LINUX_REBOOT_CMD_RESTART);
+	} else if (strcmp(test, "vsock") == 0) {
+		test_vsock();
 	} else if (strncmp(test, "disk-", 5) == 0) {
 		test_disk(test);
 	} else if (strcmp(test, "boot") != 0) {

@@ -55,9 +55,9 @@ enum Target {
 pub struct Vsock {
     pub(super) cid: u64,
     pub(super) uds_path: PathBuf,
-    listener: UnixListener,
+    pub(super) listener: UnixListener,
     pub(super) conns: HashMap<Key, Connection>,
-    pending: HashMap<u32, (UnixStream, Vec<u8>)>,
+    pub(super) pending: HashMap<u32, (UnixStream, Vec<u8>)>,
     targets: HashMap<u32, Target>,
     next_token: u32,
     next_host_port: u32,
@@ -268,6 +268,7 @@ impl Vsock {
 
     /// Acts on one packet from the guest.
     pub(super) fn handle_packet(&mut self, h: &Header, data: &[u8]) {
+        tracing::trace!(?h, len = data.len(), "vsock packet from the guest");
         if h.src_cid != self.cid || h.dst_cid != HOST_CID {
             tracing::debug!(
                 src = h.src_cid,
@@ -294,9 +295,17 @@ impl Vsock {
         match h.op {
             op::RESPONSE if c.state == ConnState::Connecting => {
                 c.state = ConnState::Established;
+                // The answer is for the host process, not guest data: it
+                // does not count in fwd_cnt. A few bytes on a fresh socket
+                // cannot block.
                 let ok = format!("OK {}\n", c.host_port);
-                c.to_host.extend_from_slice(ok.as_bytes());
-                self.flush(key);
+                if let Backend::Unix(s) = &mut c.backend {
+                    if s.write_all(ok.as_bytes()).is_err() {
+                        self.reset(key);
+                        return;
+                    }
+                }
+                self.update_interest(key);
             }
             op::RW if c.state == ConnState::Established => self.guest_data(key, data),
             op::CREDIT_UPDATE => {}
@@ -489,6 +498,7 @@ impl Vsock {
                     let room = w.available_bytes() - HDR_LEN;
                     match self.next_rx(room) {
                         Some((h, data)) => {
+                            tracing::trace!(?h, "vsock packet to the guest");
                             let ok =
                                 w.write_all(&h.to_bytes()).is_ok() && w.write_all(&data).is_ok();
                             if !ok {
@@ -522,6 +532,7 @@ impl Vsock {
 
     /// A host socket (or the listener / tools eventfd) is ready.
     pub fn on_event(&mut self, token: u32, ev: EventSet) {
+        tracing::trace!(token, ?ev, "vsock host event");
         match token {
             LISTENER_TOKEN => self.accept(),
             TOOLS_TOKEN => {

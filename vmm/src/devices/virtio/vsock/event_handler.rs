@@ -41,6 +41,7 @@ impl VsockEvents {
 
     fn apply(&mut self, ops: &mut EventOps, changes: Vec<FdChange>) {
         for ch in changes {
+            tracing::trace!(change = ?ch, "vsock fd change");
             let r = match ch {
                 FdChange::Set(fd, tok, ev) => {
                     let e = Events::with_data_raw(fd, tok, ev);
