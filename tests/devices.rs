@@ -5,7 +5,7 @@
 //! a time (tests/boot.rs has its own lock; the two binaries may overlap,
 //! which keeps it at two guests at most on a 2-core machine). The guest side
 //! of each test is a test mode of the guest's /init
-//! (`guest-images/init/init.c`: disk-write, disk-read, disk-ro).
+//! (`guest-images/init/init.c`: disk-write, disk-read, disk-ro, vsock).
 //!
 //! The helpers are a copy of the few tests/boot.rs needs, kept here so the
 //! two files can change independently.
@@ -229,4 +229,85 @@ fn bad_disk_arguments_are_precise_errors() {
             "{args:?}: want {needle:?}\n{o:?}"
         );
     }
+}
+
+/// Reads one line from `s` (the newline excluded).
+fn read_line(s: &mut std::os::unix::net::UnixStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).map(|n| n == 1).unwrap_or(false) && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+#[test]
+fn linux_guest_vsock_both_directions() {
+    use std::io::Write;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    guest_config();
+    let dir = std::env::temp_dir().join(format!("vigil-vsock-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let sock = dir.join("v.sock");
+    let console = dir.join("console.log");
+    std::fs::write(&console, b"").unwrap();
+    // Guest -> host: the guest connects to port 7000, i.e. <sock>_7000.
+    let listener = UnixListener::bind(format!("{}_7000", sock.display())).unwrap();
+
+    let (sock2, console2) = (sock.clone(), console.clone());
+    let host = std::thread::spawn(move || -> Result<(String, String, String), String> {
+        let (mut c, _) = listener.accept().map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(GUEST_TIMEOUT)).unwrap();
+        let from_guest = read_line(&mut c);
+        c.write_all(b"HELLO-FROM-HOST\n")
+            .map_err(|e| e.to_string())?;
+        // Host -> guest, once the guest listens on port 7001.
+        let start = Instant::now();
+        while !std::fs::read_to_string(&console2)
+            .unwrap_or_default()
+            .contains("VIGIL-VSOCK-LISTENING")
+        {
+            if start.elapsed() > GUEST_TIMEOUT {
+                return Err("guest never listened".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut s = UnixStream::connect(&sock2).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"CONNECT 7001\n").map_err(|e| e.to_string())?;
+        let ok = read_line(&mut s);
+        s.write_all(b"HOST-LINE\n").map_err(|e| e.to_string())?;
+        let ack = read_line(&mut s);
+        Ok((from_guest, ok, ack))
+    });
+
+    let vsock = format!("cid=3,socket={}", sock.display());
+    let con = format!("file:{}", console.display());
+    let o = boot_guest(&["--vsock", &vsock, "--console", &con], "vsock");
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    let (from_guest, ok, ack) = host
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{out}\n{o:?}"));
+    assert_eq!(from_guest, "HELLO-FROM-GUEST", "{out}");
+    assert!(
+        out.contains("VIGIL-VSOCK-GOT HELLO-FROM-HOST"),
+        "{out}\n{o:?}"
+    );
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    assert!(
+        out.contains("VIGIL-VSOCK-HOST-SAID HOST-LINE"),
+        "{out}\n{o:?}"
+    );
+    assert_eq!(ack, "GUEST-ACK");
+    assert_eq!(o.code, Some(0), "{out}\n{o:?}");
 }
