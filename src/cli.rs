@@ -92,6 +92,10 @@ pub struct RunArgs {
     /// "CONNECT <port>\n". Port 5252 is the VMM's guest tools channel.
     #[arg(long, value_name = "cid=N,socket=PATH")]
     pub vsock: Option<String>,
+    /// A virtio-net NIC on a host tap: tap=NAME[,mac=MAC][,network=NAME]
+    /// (repeatable; the first is eth0). Replaces the config file's [[nics]].
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,network=NAME]")]
+    pub net: Vec<String>,
     /// VM name, used in logs [default: config `name`, or "vigil"].
     #[arg(long)]
     pub name: Option<String>,

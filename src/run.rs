@@ -32,6 +32,7 @@ pub fn run(args: RunArgs) -> i32 {
         }),
         disks: args.disk,
         vsock: args.vsock,
+        nics: args.net,
     };
     let cfg = match VmConfig::load(args.config.as_deref(), overrides) {
         Ok(c) => c,

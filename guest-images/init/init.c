@@ -27,7 +27,12 @@
  * vsock: connects to CID 2 port 7000, sends "HELLO-FROM-GUEST", prints the
  * line the host answers; then listens on port 7001, accepts one connection,
  * prints the line the host sends and answers "GUEST-ACK".
- * Tests: boot (marker, then power off), sysinfo, reboot, vsock, and the disk
+ *   VIGIL-NET-PING-OK           (vigil.test=net)
+ *   VIGIL-NET-READY             (vigil.test=net: the host may ping now)
+ * net: busybox gives eth0 198.18.77.2/24, pings the host's tap address
+ * 198.18.77.1, prints READY, stays up 25 s for the host to ping it, then
+ * powers off.
+ * Tests: boot (marker, then power off), sysinfo, reboot, vsock, net, and the disk
  * tests on /dev/vda (see disk_pattern): disk-write writes 4 KiB at offset
  * 4 KiB and fsyncs; disk-read reads them back and checks them; disk-ro
  * checks that writing fails.
@@ -283,6 +288,15 @@ int main(void)
 	} else if (strcmp(test, "reboot") == 0) {
 		sync_all();
 		reboot(LINUX_REBOOT_CMD_RESTART);
+	} else if (strcmp(test, "net") == 0) {
+		static char *net_argv[] = { "sh", "-c",
+			"ip addr add 198.18.77.2/24 dev eth0 && ip link set eth0 up && "
+			"ping -c 2 -W 20 198.18.77.1 >/dev/null && echo VIGIL-NET-PING-OK || "
+			"echo VIGIL-TEST-ERROR net ping failed; echo VIGIL-NET-READY; "
+			"sleep 25; poweroff -f", 0 };
+
+		execve("/bin/busybox", net_argv, envp);
+		say("VIGIL-TEST-ERROR cannot start busybox sh", 0);
 	} else if (strcmp(test, "vsock") == 0) {
 		test_vsock();
 	} else if (strncmp(test, "disk-", 5) == 0) {

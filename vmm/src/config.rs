@@ -200,6 +200,83 @@ struct FileConfig {
     #[serde(default)]
     disks: Vec<FileDisk>,
     vsock: Option<FileVsock>,
+    #[serde(default)]
+    nics: Vec<FileNic>,
+}
+
+/// A `[[nics]]` entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNic {
+    tap: String,
+    mac: Option<String>,
+    network: Option<String>,
+}
+
+/// One virtio-net NIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicConfig {
+    /// Host tap device (attached to, or created if missing).
+    pub tap: String,
+    /// MAC address: the guest's network identity. Default: derived from the
+    /// VM id and the NIC's position (locally administered, stable).
+    pub mac: [u8; 6],
+    /// Logical network (port group) name; compared by migration pre-checks.
+    /// Default `default`.
+    pub network: String,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast addresses.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("`{s}` is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    for (m, p) in mac.iter_mut().zip(&parts) {
+        *m = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| format!("`{s}` is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("`{s}` is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// A stable locally administered MAC for NIC `index` of VM `id`.
+fn default_mac(id: &str, index: usize) -> [u8; 6] {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes().chain(std::iter::once(index as u8)) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    [0x52, 0x54, b[0], b[1], b[2], b[3]]
+}
+
+impl NicConfig {
+    fn parse(s: &str, id: &str, index: usize) -> Result<Self, String> {
+        let (mut tap, mut mac, mut network) = (None, None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", t)) if !t.is_empty() => tap = Some(t.to_string()),
+                Some(("mac", m)) => mac = Some(parse_mac(m)?),
+                Some(("network", n)) if !n.is_empty() => network = Some(n.to_string()),
+                _ => {
+                    return Err(format!(
+                        "`{part}` in `{s}`: expected tap=NAME, mac=MAC or network=NAME"
+                    ))
+                }
+            }
+        }
+        Ok(Self {
+            tap: tap.ok_or_else(|| format!("`{s}` has no tap=NAME"))?,
+            mac: mac.unwrap_or_else(|| default_mac(id, index)),
+            network: network.unwrap_or_else(|| "default".to_string()),
+        })
+    }
 }
 
 /// The `[vsock]` section as written.
@@ -335,6 +412,9 @@ pub struct ConfigOverrides {
     pub disks: Vec<String>,
     /// `--vsock`, unparsed.
     pub vsock: Option<String>,
+    /// `--net`, unparsed, in order. When any is given they replace the
+    /// file's `[[nics]]`.
+    pub nics: Vec<String>,
 }
 
 /// A complete, validated VM configuration.
@@ -364,6 +444,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// The virtio-vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// virtio-net NICs, in the order the guest sees them (eth0, eth1, ...).
+    pub nics: Vec<NicConfig>,
 }
 
 /// Default guest memory when neither file nor flag says: 256 MiB.
@@ -523,6 +605,37 @@ impl VmConfig {
             }
         }
 
+        let nics = if ov.nics.is_empty() {
+            file.nics
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    Ok(NicConfig {
+                        mac: match n.mac {
+                            Some(m) => parse_mac(&m).map_err(|r| invalid("nics.mac", r))?,
+                            None => default_mac(&id, i),
+                        },
+                        tap: n.tap,
+                        network: n.network.unwrap_or_else(|| "default".to_string()),
+                    })
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?
+        } else {
+            ov.nics
+                .iter()
+                .enumerate()
+                .map(|(i, s)| NicConfig::parse(s, &id, i).map_err(|r| invalid("net (--net)", r)))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for n in &nics {
+            if n.tap.is_empty() || n.tap.len() > 15 {
+                return Err(invalid(
+                    "nics.tap (--net tap=)",
+                    format!("`{}` must be 1 to 15 characters (a Linux interface name)", n.tap),
+                ));
+            }
+        }
+
         Ok(VmConfig {
             name,
             id,
@@ -536,6 +649,7 @@ impl VmConfig {
             on_reboot: ov.on_reboot.or(file.on_reboot).unwrap_or_default(),
             disks,
             vsock,
+            nics,
         })
     }
 }

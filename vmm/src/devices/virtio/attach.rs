@@ -14,6 +14,9 @@ use event_manager::MutEventSubscriber;
 
 use super::block::{Block, BlockCounters, BlockError};
 use super::event_handler::QueueEvents;
+use super::net::event_handler::NetEvents;
+use super::net::tap::Tap;
+use super::net::{Net, NetCounters, NetError};
 use super::transport::{reg, MmioTransport};
 use super::vsock::event_handler::VsockEvents;
 use super::vsock::{ToolsStatus, Vsock, VsockError};
@@ -31,6 +34,9 @@ pub enum AttachError {
     /// A disk could not be opened.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A NIC could not be set up.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// The vsock device could not be set up.
     #[error(transparent)]
     Vsock(#[from] VsockError),
@@ -70,6 +76,20 @@ pub struct BlockHandle {
     pub transport: Arc<Mutex<MmioTransport>>,
 }
 
+/// A NIC as the rest of the VMM sees it.
+pub struct NicHandle {
+    /// The MAC address.
+    pub mac: [u8; 6],
+    /// The logical network name.
+    pub network: String,
+    /// The tap name.
+    pub tap: String,
+    /// Live traffic counters.
+    pub counters: Arc<NetCounters>,
+    /// The transport (quiesce, persistence).
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
 /// Everything attached.
 #[derive(Default)]
 pub struct VirtioDevices {
@@ -81,6 +101,8 @@ pub struct VirtioDevices {
     pub acpi: Vec<VirtioMmioInfo>,
     /// Disks, in config order.
     pub blocks: Vec<BlockHandle>,
+    /// NICs, in config order.
+    pub nics: Vec<NicHandle>,
     /// Every transport, in attach order (MMIO address order).
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// The vsock device's transport, if configured.
@@ -175,6 +197,22 @@ pub fn attach_all(
         ))));
         devs.blocks.push(BlockHandle {
             id: d.id.clone(),
+            counters,
+            transport,
+        });
+    }
+    for n in &cfg.nics {
+        let tap = Tap::open(&n.tap)?;
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&tap);
+        let dev = Net::new(n.mac, n.network.clone(), n.tap.clone(), Box::new(tap));
+        let counters = dev.counters();
+        let (transport, evts) = devs.attach(&mut bus, vm, mem, Box::new(dev))?;
+        devs.subscribers
+            .push(Arc::new(Mutex::new(NetEvents::new(transport.clone(), evts, fd))));
+        devs.nics.push(NicHandle {
+            mac: n.mac,
+            network: n.network.clone(),
+            tap: n.tap.clone(),
             counters,
             transport,
         });

@@ -16,6 +16,7 @@
 pub mod attach;
 pub mod block;
 pub mod event_handler;
+pub mod net;
 pub mod persist;
 pub mod transport;
 pub mod vsock;
