@@ -5,7 +5,9 @@
 //! a time (tests/boot.rs has its own lock; the two binaries may overlap,
 //! which keeps it at two guests at most on a 2-core machine). The guest side
 //! of each test is a test mode of the guest's /init
-//! (`guest-images/init/init.c`: disk-write, disk-read, disk-ro, vsock).
+//! (`guest-images/init/init.c`: disk-write, disk-read, disk-ro, vsock, net).
+//! The network test needs root (it creates a tap, 198.18.77.1/24, removed
+//! even when the test fails) and only sends to 198.18.77.2, the guest.
 //!
 //! The helpers are a copy of the few tests/boot.rs needs, kept here so the
 //! two files can change independently.
@@ -309,5 +311,152 @@ fn linux_guest_vsock_both_directions() {
         "{out}\n{o:?}"
     );
     assert_eq!(ack, "GUEST-ACK");
+    assert_eq!(o.code, Some(0), "{out}\n{o:?}");
+}
+
+/// A tap for one test, with a 198.18.77.1/24 address, removed on drop (also
+/// when the test fails).
+struct TestTap(String);
+
+impl TestTap {
+    fn new(name: &str) -> Self {
+        let _ = Command::new("ip").args(["link", "del", name]).status();
+        let run = |args: &[&str]| {
+            let ok = Command::new("ip").args(args).status().map(|s| s.success());
+            assert!(
+                matches!(ok, Ok(true)),
+                "ip {args:?} failed (this test needs root)"
+            );
+        };
+        let t = TestTap(name.to_string());
+        run(&["tuntap", "add", "dev", name, "mode", "tap"]);
+        run(&["addr", "add", "198.18.77.1/24", "dev", name]);
+        run(&["link", "set", name, "up"]);
+        t
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+/// Sends ICMP echo requests to `dst` (a 198.18.x.x test address) over a raw
+/// socket until one is answered or `timeout` passes. The host may have no
+/// `ping` binary, so this is done here.
+fn icmp_ping(dst: [u8; 4], timeout: Duration) -> bool {
+    fn checksum(b: &[u8]) -> u16 {
+        let mut s: u32 = b
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+    assert_eq!(dst[..2], [198, 18], "tests only send to 198.18.0.0/15");
+    // SAFETY: plain socket(2) call; the fd is checked and closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    assert!(
+        fd >= 0,
+        "raw ICMP socket: {}",
+        std::io::Error::last_os_error()
+    );
+    let tv = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: SO_RCVTIMEO takes a timeval, passed with its size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst),
+        },
+        sin_zero: [0; 8],
+    };
+    let start = Instant::now();
+    let mut seq: u16 = 0;
+    let mut answered = false;
+    while !answered && start.elapsed() < timeout {
+        seq += 1;
+        let mut pkt = vec![8u8, 0, 0, 0, 0x56, 0x47, (seq >> 8) as u8, seq as u8];
+        pkt.extend_from_slice(b"vigil-net-test");
+        let c = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+        // SAFETY: the buffer and address are live locals with their sizes.
+        unsafe {
+            libc::sendto(
+                fd,
+                pkt.as_ptr() as *const libc::c_void,
+                pkt.len(),
+                0,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        let mut buf = [0u8; 1500];
+        // SAFETY: recv into a live local buffer of the given size.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n >= 28 {
+            let ihl = usize::from(buf[0] & 0xf) * 4;
+            // Echo reply from dst with our identifier.
+            answered = buf[12..16] == dst
+                && buf.get(ihl) == Some(&0)
+                && buf.get(ihl + 4..ihl + 6) == Some(&[0x56, 0x47]);
+        }
+    }
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    answered
+}
+
+#[test]
+fn linux_guest_network_both_directions() {
+    guest_config();
+    let tap = TestTap::new(&format!("vgt{}", std::process::id() % 100_000));
+    let dir = std::env::temp_dir().join(format!("vigil-net-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let console = dir.join("console.log");
+    std::fs::write(&console, b"").unwrap();
+    let console2 = console.clone();
+    let host = std::thread::spawn(move || {
+        let start = Instant::now();
+        while !std::fs::read_to_string(&console2)
+            .unwrap_or_default()
+            .contains("VIGIL-NET-READY")
+        {
+            if start.elapsed() > GUEST_TIMEOUT {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        icmp_ping([198, 18, 77, 2], Duration::from_secs(20))
+    });
+    let net = format!("tap={},mac=52:54:00:12:34:56,network=lab", tap.0);
+    let con = format!("file:{}", console.display());
+    let o = boot_guest(&["--net", &net, "--console", &con], "net");
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    let host_reached_guest = host.join().unwrap();
+    assert!(
+        out.contains("VIGIL-NET-PING-OK"),
+        "guest could not ping the host\n{out}\n{o:?}"
+    );
+    assert!(
+        host_reached_guest,
+        "host could not ping the guest\n{out}\n{o:?}"
+    );
     assert_eq!(o.code, Some(0), "{out}\n{o:?}");
 }

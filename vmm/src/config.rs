@@ -631,7 +631,10 @@ impl VmConfig {
             if n.tap.is_empty() || n.tap.len() > 15 {
                 return Err(invalid(
                     "nics.tap (--net tap=)",
-                    format!("`{}` must be 1 to 15 characters (a Linux interface name)", n.tap),
+                    format!(
+                        "`{}` must be 1 to 15 characters (a Linux interface name)",
+                        n.tap
+                    ),
                 ));
             }
         }

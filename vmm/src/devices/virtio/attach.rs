@@ -207,8 +207,11 @@ pub fn attach_all(
         let dev = Net::new(n.mac, n.network.clone(), n.tap.clone(), Box::new(tap));
         let counters = dev.counters();
         let (transport, evts) = devs.attach(&mut bus, vm, mem, Box::new(dev))?;
-        devs.subscribers
-            .push(Arc::new(Mutex::new(NetEvents::new(transport.clone(), evts, fd))));
+        devs.subscribers.push(Arc::new(Mutex::new(NetEvents::new(
+            transport.clone(),
+            evts,
+            fd,
+        ))));
         devs.nics.push(NicHandle {
             mac: n.mac,
             network: n.network.clone(),

@@ -177,17 +177,22 @@ impl Net {
             } else {
                 add(&self.counters.tx_dropped, 1);
             }
-            q.add_used(mem, head, 0).map_err(|e| DeviceError::BrokenQueue {
-                queue: TX,
-                reason: format!("cannot write the used ring: {e}"),
-            })?;
+            q.add_used(mem, head, 0)
+                .map_err(|e| DeviceError::BrokenQueue {
+                    queue: TX,
+                    reason: format!("cannot write the used ring: {e}"),
+                })?;
             used = true;
         }
         Ok(used)
     }
 
     /// Moves frames from the tap into rx buffers until either runs out.
-    pub(super) fn process_rx(&mut self, q: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
+    pub(super) fn process_rx(
+        &mut self,
+        q: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<bool, DeviceError> {
         let mut used = false;
         loop {
             let frame = match self.pending.take() {
@@ -234,10 +239,11 @@ impl Net {
                     0
                 }
             };
-            q.add_used(mem, head, written).map_err(|e| DeviceError::BrokenQueue {
-                queue: RX,
-                reason: format!("cannot write the used ring: {e}"),
-            })?;
+            q.add_used(mem, head, written)
+                .map_err(|e| DeviceError::BrokenQueue {
+                    queue: RX,
+                    reason: format!("cannot write the used ring: {e}"),
+                })?;
             used = true;
         }
         Ok(used)

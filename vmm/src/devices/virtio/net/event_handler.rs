@@ -65,7 +65,11 @@ impl MutEventSubscriber for NetEvents {
         // A frame waiting for rx buffers: stop watching the tap so the loop
         // does not spin; the guest's rx notification brings it back.
         if want != self.tap_watched {
-            let ev = if want { EventSet::IN } else { EventSet::empty() };
+            let ev = if want {
+                EventSet::IN
+            } else {
+                EventSet::empty()
+            };
             if let Err(e) = ops.modify(Events::with_data_raw(self.tap, TAP_TOKEN, ev)) {
                 tracing::debug!(error = ?e, "cannot change tap interest");
             }
