@@ -184,7 +184,7 @@ impl MmioTransport {
             self.device.read_config(offset - reg::CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::debug!(
                 offset,
                 len = data.len(),
@@ -234,7 +234,7 @@ impl MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             tracing::debug!(offset, "unaligned virtio-mmio register write");
             return;
         }

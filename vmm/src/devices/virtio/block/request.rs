@@ -140,7 +140,7 @@ pub fn parse(
         let end = sector
             .checked_mul(SECTOR_SIZE)
             .and_then(|s| s.checked_add(total));
-        if total % SECTOR_SIZE != 0 || end.is_none_or(|e| e > capacity * SECTOR_SIZE) {
+        if !total.is_multiple_of(SECTOR_SIZE) || end.is_none_or(|e| e > capacity * SECTOR_SIZE) {
             return Err(RequestError::OutOfRange);
         }
     }
