@@ -223,18 +223,19 @@ impl Net {
             let mut frame = frame;
             // num_buffers = 1 (the v1 header always has the field).
             frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let written = match chain.writer(mem) {
-                Ok(mut w) if w.available_bytes() >= frame.len() && w.write_all(&frame).is_ok() => {
-                    add(&self.counters.rx_packets, 1);
-                    add(&self.counters.rx_bytes, (frame.len() - VNET_HDR_LEN) as u64);
-                    frame.len() as u32
-                }
-                _ => {
-                    // Too small for the frame (mergeable buffers are not
-                    // offered) or outside guest memory.
-                    add(&self.counters.rx_dropped, 1);
-                    0
-                }
+            let delivered = match chain.writer(mem) {
+                Ok(mut w) if w.available_bytes() >= frame.len() => w.write_all(&frame).is_ok(),
+                // Too small for the frame (mergeable buffers are not
+                // offered) or outside guest memory.
+                _ => false,
+            };
+            let written = if delivered {
+                add(&self.counters.rx_packets, 1);
+                add(&self.counters.rx_bytes, (frame.len() - VNET_HDR_LEN) as u64);
+                frame.len() as u32
+            } else {
+                add(&self.counters.rx_dropped, 1);
+                0
             };
             q.add_used(mem, head, written)
                 .map_err(|e| DeviceError::BrokenQueue {
