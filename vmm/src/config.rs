@@ -725,3 +725,7 @@ fn validate_cmdline(s: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 #[path = "config_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "config_devices_tests.rs"]
+mod devices_tests;
