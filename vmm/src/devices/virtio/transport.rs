@@ -97,6 +97,9 @@ pub struct MmioTransport {
     quiesced: AtomicBool,
     /// Queues notified while quiesced.
     pending: Vec<bool>,
+    /// Written by [`Self::resume`], so subscribers that stopped watching a
+    /// backend while quiesced (the tap) watch it again.
+    resume_evt: Option<EventFd>,
 }
 
 impl MmioTransport {
@@ -123,7 +126,22 @@ impl MmioTransport {
             broken: false,
             quiesced: AtomicBool::new(false),
             pending,
+            // Only fd exhaustion makes this fail; the device then works,
+            // minus the wake-up after a quiesce.
+            resume_evt: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+                .map_err(|e| tracing::warn!(error = %e, "no resume eventfd for a virtio device"))
+                .ok(),
         }
+    }
+
+    /// Whether the device is quiesced.
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesced.load(Ordering::SeqCst)
+    }
+
+    /// An eventfd that becomes readable when the device resumes.
+    pub fn resume_event(&self) -> Option<EventFd> {
+        self.resume_evt.as_ref().and_then(|e| e.try_clone().ok())
     }
 
     /// The device model (for counters and persistence).
@@ -162,6 +180,9 @@ impl MmioTransport {
     /// Serves queues again, including notifications missed while quiesced.
     pub fn resume(&mut self) {
         self.quiesced.store(false, Ordering::SeqCst);
+        if let Some(e) = &self.resume_evt {
+            let _ = e.write(1);
+        }
         for idx in 0..self.pending.len() {
             if std::mem::take(&mut self.pending[idx]) {
                 self.notify(idx);

@@ -13,6 +13,8 @@ use crate::devices::virtio::transport::MmioTransport;
 
 /// Token of the tap fd (queues use their index).
 const TAP_TOKEN: u32 = 8;
+/// Token of the transport's resume eventfd.
+const RESUME_TOKEN: u32 = 9;
 
 /// Serves queue notifications and tap readiness for one NIC.
 pub struct NetEvents {
@@ -20,16 +22,22 @@ pub struct NetEvents {
     evts: Vec<EventFd>,
     tap: RawFd,
     tap_watched: bool,
+    resume: Option<EventFd>,
 }
 
 impl NetEvents {
     /// Watches `evts[i]` for queue `i`, and `tap`.
     pub fn new(transport: Arc<Mutex<MmioTransport>>, evts: Vec<EventFd>, tap: RawFd) -> Self {
+        let resume = transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resume_event();
         Self {
             transport,
             evts,
             tap,
             tap_watched: true,
+            resume,
         }
     }
 }
@@ -44,6 +52,11 @@ impl MutEventSubscriber for NetEvents {
         if let Err(err) = ops.add(Events::with_data_raw(self.tap, TAP_TOKEN, EventSet::IN)) {
             tracing::error!(error = ?err, "cannot watch the tap");
         }
+        if let Some(r) = &self.resume {
+            if let Err(err) = ops.add(Events::with_data(r, RESUME_TOKEN, EventSet::IN)) {
+                tracing::warn!(error = ?err, "cannot watch the resume eventfd");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -55,15 +68,23 @@ impl MutEventSubscriber for NetEvents {
                 let _ = evt.read();
                 t.notify(tok as usize);
             }
-            None => t.notify(RX),
+            None => {
+                if tok == RESUME_TOKEN {
+                    if let Some(r) = &self.resume {
+                        let _ = r.read();
+                    }
+                }
+                t.notify(RX);
+            }
         }
-        let want = t
-            .device()
-            .as_any()
-            .downcast_ref::<Net>()
-            .is_some_and(Net::wants_tap);
-        // A frame waiting for rx buffers: stop watching the tap so the loop
-        // does not spin; the guest's rx notification brings it back.
+        let want = !t.is_quiesced()
+            && t.device()
+                .as_any()
+                .downcast_ref::<Net>()
+                .is_some_and(Net::wants_tap);
+        // A frame waiting for rx buffers, or a quiesced device: stop watching
+        // the tap so the loop does not spin; the guest's rx notification or
+        // the resume eventfd brings it back.
         if want != self.tap_watched {
             let ev = if want {
                 EventSet::IN
