@@ -81,3 +81,31 @@ impl MmioBus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::devices::virtio::block::tests::{memory, temp_image};
+    use crate::devices::virtio::block::Block;
+
+    #[test]
+    fn routes_to_windows_and_ignores_the_rest() {
+        let path = temp_image(1 << 20);
+        let blk = Block::new(&path, false, "m".into()).unwrap();
+        let t = MmioTransport::new(Box::new(blk), memory(), EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut bus = MmioBus::new();
+        bus.insert(VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)));
+        let mut b = [0xffu8; 4];
+        bus.read(0, VIRTIO_MMIO_BASE, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x7472_6976, "magic");
+        let mut b = [0xffu8; 4];
+        bus.read(0, VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE, &mut b);
+        assert_eq!(b, [0; 4], "unclaimed reads are zeros");
+        bus.read(0, u64::MAX - 1, &mut b);
+        bus.write(0, 0xfee0_0000, &[1, 2, 3, 4]);
+        bus.write(0, VIRTIO_MMIO_BASE + 0xfff, &[1]);
+        std::fs::remove_file(path).unwrap();
+    }
+}
