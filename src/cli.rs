@@ -143,6 +143,19 @@ pub struct RunArgs {
     /// CPU template shaping the guest's CPUID [default: baseline].
     #[arg(long, value_enum)]
     pub cpu_template: Option<CpuTemplateArg>,
+    /// A virtio-blk disk: path=IMG[,ro][,id=NAME] (repeatable; the first is
+    /// /dev/vda). Replaces the config file's [[disks]] when given.
+    #[arg(long, value_name = "path=IMG[,ro][,id=NAME]")]
+    pub disk: Vec<String>,
+    /// A virtio-vsock device: cid=N,socket=PATH. Guest connections to host
+    /// port P go to PATH_P; host processes connect to PATH and send
+    /// "CONNECT <port>\n". Port 5252 is the VMM's guest tools channel.
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    pub vsock: Option<String>,
+    /// A virtio-net NIC on a host tap: tap=NAME[,mac=MAC][,network=NAME]
+    /// (repeatable; the first is eth0). Replaces the config file's [[nics]].
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,network=NAME]")]
+    pub net: Vec<String>,
     /// VM name, used in logs [default: config `name`, or "vigil"].
     #[arg(long)]
     pub name: Option<String>,

@@ -58,6 +58,9 @@ pub fn run(args: RunArgs) -> i32 {
             OnRebootArg::Exit => OnReboot::Exit,
             OnRebootArg::Restart => OnReboot::Restart,
         }),
+        disks: args.disk,
+        vsock: args.vsock,
+        nics: args.net,
     };
     let cfg = match VmConfig::load(args.config.as_deref(), overrides) {
         Ok(c) => c,

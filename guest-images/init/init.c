@@ -32,6 +32,24 @@
  *   VIGIL-MEMTOTAL-KB <n>       (vigil.test=sysinfo)
  *   VIGIL-RUN-DONE status=<n>   (vigil.test=run; the highest exit status)
  *   VIGIL-TEST-ERROR <reason>   (an unknown test or a failing step)
+ *   VIGIL-DISK-WRITE-OK         (vigil.test=disk-write)
+ *   VIGIL-DISK-READ-OK          (vigil.test=disk-read)
+ *   VIGIL-DISK-SERIAL <id>      (vigil.test=disk-read)
+ *   VIGIL-DISK-RO-OK            (vigil.test=disk-ro)
+ *   VIGIL-VSOCK-GOT <line>      (vigil.test=vsock: the host's answer)
+ *   VIGIL-VSOCK-HOST-SAID <line> (vigil.test=vsock: a host-initiated line)
+ * vsock: connects to CID 2 port 7000, sends "HELLO-FROM-GUEST", prints the
+ * line the host answers; then listens on port 7001, accepts one connection,
+ * prints the line the host sends and answers "GUEST-ACK".
+ *   VIGIL-NET-PING-OK           (vigil.test=net)
+ *   VIGIL-NET-READY             (vigil.test=net: the host may ping now)
+ * net: busybox gives eth0 198.18.77.2/24, pings the host's tap address
+ * 198.18.77.1, prints READY, stays up 25 s for the host to ping it, then
+ * powers off.
+ * Tests: boot (marker, then power off), sysinfo, reboot, run, vsock, net, and the disk
+ * tests on /dev/vda (see disk_pattern): disk-write writes 4 KiB at offset
+ * 4 KiB and fsyncs; disk-read reads them back and checks them; disk-ro
+ * checks that writing fails.
  * vigil-tools prints its own (VIGIL-TOOLS-*, VIGIL-DIRTY*, VIGIL-DISK*,
  * VIGIL-ECHO-READY, VIGIL-COUNTER).
  */
@@ -206,6 +224,124 @@ static void test_sysinfo(void)
 	}
 }
 
+/*
+ * The 4 KiB the disk tests write at offset 4096 of /dev/vda: the text
+ * "VIGIL-DISK-PATTERN\n", then byte i = (i * 7 + 13) % 251. The host test
+ * (tests/devices.rs) checks the same bytes in the image file.
+ */
+static void disk_pattern(unsigned char *buf)
+{
+	static const char head[] = "VIGIL-DISK-PATTERN\n";
+	long i;
+
+	for (i = 0; i < 4096; i++)
+		buf[i] = (unsigned char)((i * 7 + 13) % 251);
+	memcpy(buf, head, sizeof(head) - 1);
+}
+
+static void test_disk(const char *mode)
+{
+	static unsigned char want[4096], got[4096];
+	static char serial[64];
+	int fd;
+
+	disk_pattern(want);
+	if (strcmp(mode, "disk-write") == 0) {
+		fd = open("/dev/vda", O_RDWR, 0);
+		if (fd < 0 || lseek(fd, 4096, SEEK_SET) != 4096 ||
+		    write(fd, want, sizeof(want)) != sizeof(want) || fsync(fd) != 0) {
+			say("VIGIL-TEST-ERROR disk write failed", 0);
+			return;
+		}
+		close(fd);
+		say("VIGIL-DISK-WRITE-OK", 0);
+	} else if (strcmp(mode, "disk-read") == 0) {
+		fd = open("/dev/vda", O_RDONLY, 0);
+		if (fd < 0 || lseek(fd, 4096, SEEK_SET) != 4096 ||
+		    read(fd, got, sizeof(got)) != sizeof(got)) {
+			say("VIGIL-TEST-ERROR disk read failed", 0);
+			return;
+		}
+		close(fd);
+		say(memcmp(want, got, sizeof(got)) == 0 ? "VIGIL-DISK-READ-OK" :
+		    "VIGIL-TEST-ERROR disk contents differ", 0);
+		if (slurp("/sys/block/vda/serial", serial, sizeof(serial)) >= 0)
+			say("VIGIL-DISK-SERIAL ", serial);
+	} else {
+		/* disk-ro: the open itself may already fail with EROFS. */
+		fd = open("/dev/vda", O_RDWR, 0);
+		if (fd >= 0 && lseek(fd, 4096, SEEK_SET) == 4096 &&
+		    write(fd, want, sizeof(want)) == sizeof(want) && fsync(fd) == 0)
+			say("VIGIL-TEST-ERROR write to a read-only disk succeeded", 0);
+		else
+			say("VIGIL-DISK-RO-OK", 0);
+	}
+}
+
+/* AF_VSOCK sockets through raw system calls (this nolibc has no socket API). */
+struct vsock_addr {
+	unsigned short family, reserved;
+	unsigned int port, cid;
+	unsigned char zero[4];
+};
+
+static long vsock_socket(void)
+{
+	return my_syscall3(__NR_socket, 40 /* AF_VSOCK */, 1 /* SOCK_STREAM */, 0);
+}
+
+/* Reads one line (without the newline) into buf; returns its length or -1. */
+static long read_line(int fd, char *buf, long size)
+{
+	long n = 0;
+
+	while (n < size - 1 && read(fd, buf + n, 1) == 1 && buf[n] != '\n')
+		n++;
+	buf[n] = '\0';
+	return n > 0 ? n : -1;
+}
+
+static void test_vsock(void)
+{
+	struct vsock_addr a = { 40, 0, 7000, 2, { 0 } };
+	static char line[256];
+	long s, c;
+
+	s = vsock_socket();
+	if (s < 0 || my_syscall3(__NR_connect, s, &a, sizeof(a)) != 0) {
+		say("VIGIL-TEST-ERROR vsock connect failed", 0);
+		return;
+	}
+	write(s, "HELLO-FROM-GUEST\n", 17);
+	if (read_line(s, line, sizeof(line)) < 0) {
+		say("VIGIL-TEST-ERROR vsock read failed", 0);
+		return;
+	}
+	say("VIGIL-VSOCK-GOT ", line);
+	close(s);
+
+	s = vsock_socket();
+	a.port = 7001;
+	a.cid = 0xffffffff; /* VMADDR_CID_ANY */
+	if (s < 0 || my_syscall3(__NR_bind, s, &a, sizeof(a)) != 0 ||
+	    my_syscall2(__NR_listen, s, 1) != 0) {
+		say("VIGIL-TEST-ERROR vsock listen failed", 0);
+		return;
+	}
+	say("VIGIL-VSOCK-LISTENING", 0);
+	c = my_syscall3(__NR_accept, s, 0, 0);
+	if (c < 0 || read_line(c, line, sizeof(line)) < 0) {
+		say("VIGIL-TEST-ERROR vsock accept failed", 0);
+		return;
+	}
+	say("VIGIL-VSOCK-HOST-SAID ", line);
+	write(c, "GUEST-ACK\n", 10);
+	/* Wait for the host to close: powering off at once could drop the
+	 * answer still queued in this kernel. */
+	read_line(c, line, sizeof(line));
+	close(c);
+}
+
 int main(void)
 {
 	static char cmdline[4096], run[1024];
@@ -250,6 +386,19 @@ int main(void)
 			say("VIGIL-TEST-ERROR vigil.test=run without vigil.run workloads", 0);
 		else
 			say("VIGIL-RUN-DONE status=", itoa(wait_workloads(pids, nworkloads)));
+	} else if (strcmp(test, "net") == 0) {
+		static char *net_argv[] = { "sh", "-c",
+			"ip addr add 198.18.77.2/24 dev eth0 && ip link set eth0 up && "
+			"ping -c 2 -W 20 198.18.77.1 >/dev/null && echo VIGIL-NET-PING-OK || "
+			"echo VIGIL-TEST-ERROR net ping failed; echo VIGIL-NET-READY; "
+			"sleep 25; poweroff -f", 0 };
+
+		execve("/bin/busybox", net_argv, envp);
+		say("VIGIL-TEST-ERROR cannot start busybox sh", 0);
+	} else if (strcmp(test, "vsock") == 0) {
+		test_vsock();
+	} else if (strncmp(test, "disk-", 5) == 0) {
+		test_disk(test);
 	} else if (strcmp(test, "boot") != 0) {
 		say("VIGIL-TEST-ERROR unknown test ", test);
 	}

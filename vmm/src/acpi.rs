@@ -14,9 +14,16 @@
 //! emulate. The RSDP is at the start of the BIOS area, where Linux's legacy
 //! scan finds it for the bzImage path; PVH passes its address in
 //! `hvm_start_info.rsdp_paddr` and the zero page carries it too.
+//!
+//! Virtio-mmio devices are described in the DSDT (`LNRO0005`, the id Linux's
+//! virtio_mmio driver matches, with the window and the interrupt), not with
+//! `virtio_mmio.device=` on the command line: hardware-reduced ACPI means no
+//! legacy PIC, so Linux has no IRQ numbers 0-15 and allocates its IRQ numbers
+//! per GSI as ACPI describes them; a command-line device naming IRQ 5 fails
+//! its probe with -EINVAL.
 
 use acpi_tables::aml::{
-    self, Device, EISAName, Interrupt, Name, Package, ResourceTemplate, Scope, IO,
+    self, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -66,7 +73,18 @@ fn bytes_of(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device window to describe to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioInfo {
+    /// Window base (below 4 GiB).
+    pub base: u32,
+    /// Window length.
+    pub len: u32,
+    /// Interrupt line (IOAPIC GSI), edge-triggered, active high.
+    pub gsi: u32,
+}
+
+fn dsdt(virtio: &[VirtioMmioInfo]) -> Vec<u8> {
     let s5 = Name::new("_S5_".into(), &Package::new(vec![&ACPI_S5_SLEEP_TYPE]));
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
     let uid = Name::new("_UID".into(), &aml::ZERO);
@@ -74,7 +92,33 @@ fn dsdt() -> Vec<u8> {
     let irq = Interrupt::new(true, true, false, false, COM1_IRQ);
     let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&io, &irq]));
     let com1 = Device::new("COM1".into(), vec![&hid, &uid, &crs]);
-    let sb = Scope::new("_SB_".into(), vec![&com1]);
+    // Name objects serialise their value at once, so they can outlive the
+    // temporaries they were built from.
+    let parts: Vec<(String, [Name; 3])> = virtio
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mem = Memory32Fixed::new(true, v.base, v.len);
+            let irq = Interrupt::new(true, true, false, false, v.gsi);
+            (
+                format!("VR{i:02X}"),
+                [
+                    Name::new("_HID".into(), &"LNRO0005"),
+                    Name::new("_UID".into(), &(i as u32)),
+                    Name::new("_CRS".into(), &ResourceTemplate::new(vec![&mem, &irq])),
+                ],
+            )
+        })
+        .collect();
+    let virtio_devs: Vec<Device> = parts
+        .iter()
+        .map(|(name, [hid, uid, crs])| {
+            Device::new(name.as_str().into(), vec![hid as &dyn Aml, uid, crs])
+        })
+        .collect();
+    let mut children: Vec<&dyn Aml> = vec![&com1];
+    children.extend(virtio_devs.iter().map(|d| d as &dyn Aml));
+    let sb = Scope::new("_SB_".into(), children);
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
@@ -130,8 +174,9 @@ fn align16(x: u64) -> u64 {
     x.next_multiple_of(16)
 }
 
-/// Builds all tables for `vcpus` vCPUs, laid out from [`ACPI_START`].
-pub fn build(vcpus: u8) -> Result<AcpiTables, AcpiError> {
+/// Builds all tables for `vcpus` vCPUs and the `virtio` devices, laid out
+/// from [`ACPI_START`].
+pub fn build(vcpus: u8, virtio: &[VirtioMmioInfo]) -> Result<AcpiTables, AcpiError> {
     let rsdp_addr = ACPI_START;
     let mut next = align16(rsdp_addr + Rsdp::len() as u64);
     let mut place = |len: usize| {
@@ -139,7 +184,7 @@ pub fn build(vcpus: u8) -> Result<AcpiTables, AcpiError> {
         next = align16(a + len as u64);
         a
     };
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio);
     let dsdt_addr = place(dsdt.len());
     let fadt = fadt(dsdt_addr);
     let fadt_addr = place(fadt.len());
@@ -166,8 +211,8 @@ pub fn build(vcpus: u8) -> Result<AcpiTables, AcpiError> {
 }
 
 /// Builds and writes the tables; returns the RSDP address.
-pub fn write(mem: &GuestMemory, vcpus: u8) -> Result<u64, AcpiError> {
-    let t = build(vcpus)?;
+pub fn write(mem: &GuestMemory, vcpus: u8, virtio: &[VirtioMmioInfo]) -> Result<u64, AcpiError> {
+    let t = build(vcpus, virtio)?;
     for (addr, bytes) in &t.tables {
         mem.write_slice(bytes, GuestAddress(*addr))
             .map_err(AcpiError::Write)?;
@@ -193,7 +238,7 @@ mod tests {
 
     #[test]
     fn checksums_and_lengths() {
-        let t = build(4).unwrap();
+        let t = build(4, &[]).unwrap();
         let (_, rsdp) = &t.tables[0];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0);
@@ -206,7 +251,7 @@ mod tests {
 
     #[test]
     fn pointers_chain() {
-        let t = build(2).unwrap();
+        let t = build(2, &[]).unwrap();
         let find = |sig: &[u8]| t.tables.iter().find(|(_, b)| &b[..4] == sig).unwrap();
         let (xsdt_addr, xsdt) = find(b"XSDT");
         assert_eq!(u64_at(&t.tables[0].1, 24), *xsdt_addr);
@@ -244,10 +289,37 @@ mod tests {
 
     #[test]
     fn dsdt_has_s5_and_com1() {
-        let d = dsdt();
+        let d = dsdt(&[]);
         let has = |n: &[u8]| d.windows(n.len()).any(|w| w == n);
         assert!(has(b"_S5_"));
         assert!(has(b"COM1"));
         assert!(has(b"_CRS"));
+        assert!(!has(b"LNRO0005"));
+    }
+
+    #[test]
+    fn dsdt_describes_virtio_mmio_devices() {
+        let v = [
+            VirtioMmioInfo {
+                base: 0xd000_0000,
+                len: 0x1000,
+                gsi: 5,
+            },
+            VirtioMmioInfo {
+                base: 0xd000_1000,
+                len: 0x1000,
+                gsi: 6,
+            },
+        ];
+        let d = dsdt(&v);
+        let has = |n: &[u8]| d.windows(n.len()).any(|w| w == n);
+        assert!(has(b"LNRO0005"));
+        assert!(has(b"VR00") && has(b"VR01"));
+        // Memory32Fixed descriptor: tag 0x86, length 9, read-write, base, len.
+        let mut m = vec![0x86, 9, 0, 1];
+        m.extend_from_slice(&0xd000_1000u32.to_le_bytes());
+        m.extend_from_slice(&0x1000u32.to_le_bytes());
+        assert!(has(&m));
+        assert_eq!(sum(&d), 0, "checksum");
     }
 }

@@ -197,6 +197,193 @@ struct FileConfig {
     cpu_template: Option<CpuTemplateName>,
     console: Option<String>,
     on_reboot: Option<OnReboot>,
+    #[serde(default)]
+    disks: Vec<FileDisk>,
+    vsock: Option<FileVsock>,
+    #[serde(default)]
+    nics: Vec<FileNic>,
+}
+
+/// A `[[nics]]` entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNic {
+    tap: String,
+    mac: Option<String>,
+    network: Option<String>,
+}
+
+/// One virtio-net NIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicConfig {
+    /// Host tap device (attached to, or created if missing).
+    pub tap: String,
+    /// MAC address: the guest's network identity. Default: derived from the
+    /// VM id and the NIC's position (locally administered, stable).
+    pub mac: [u8; 6],
+    /// Logical network (port group) name; compared by migration pre-checks.
+    /// Default `default`.
+    pub network: String,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast addresses.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("`{s}` is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    for (m, p) in mac.iter_mut().zip(&parts) {
+        *m = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| format!("`{s}` is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("`{s}` is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// A stable locally administered MAC for NIC `index` of VM `id`.
+fn default_mac(id: &str, index: usize) -> [u8; 6] {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes().chain(std::iter::once(index as u8)) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    [0x52, 0x54, b[0], b[1], b[2], b[3]]
+}
+
+impl NicConfig {
+    fn parse(s: &str, id: &str, index: usize) -> Result<Self, String> {
+        let (mut tap, mut mac, mut network) = (None, None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", t)) if !t.is_empty() => tap = Some(t.to_string()),
+                Some(("mac", m)) => mac = Some(parse_mac(m)?),
+                Some(("network", n)) if !n.is_empty() => network = Some(n.to_string()),
+                _ => {
+                    return Err(format!(
+                        "`{part}` in `{s}`: expected tap=NAME, mac=MAC or network=NAME"
+                    ))
+                }
+            }
+        }
+        Ok(Self {
+            tap: tap.ok_or_else(|| format!("`{s}` has no tap=NAME"))?,
+            mac: mac.unwrap_or_else(|| default_mac(id, index)),
+            network: network.unwrap_or_else(|| "default".to_string()),
+        })
+    }
+}
+
+/// The `[vsock]` section as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVsock {
+    cid: u64,
+    socket: PathBuf,
+}
+
+/// The virtio-vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 or more).
+    pub cid: u64,
+    /// Host socket: host processes connect here (`CONNECT <port>`); guest
+    /// connections to port P go to `<socket>_P`.
+    pub socket: PathBuf,
+}
+
+impl VsockConfig {
+    /// Parses a `--vsock` value: `cid=N,socket=PATH`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut cid = None;
+        let mut socket = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", c)) => {
+                    cid = Some(
+                        c.parse::<u64>()
+                            .map_err(|_| format!("cid `{c}` is not a number"))?,
+                    )
+                }
+                Some(("socket", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
+                _ => return Err(format!("`{part}` in `{s}`: expected cid=N or socket=PATH")),
+            }
+        }
+        Ok(Self {
+            cid: cid.ok_or_else(|| format!("`{s}` has no cid=N"))?,
+            socket: socket.ok_or_else(|| format!("`{s}` has no socket=PATH"))?,
+        })
+    }
+}
+
+/// A `[[disks]]` entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDisk {
+    path: PathBuf,
+    #[serde(default)]
+    read_only: bool,
+    id: Option<String>,
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub read_only: bool,
+    /// What the guest reads with GET_ID (/sys/block/vdX/serial); at most 20
+    /// bytes. Default `vigil-diskN` (N = position in the list), which is
+    /// stable across boots as long as the list does not change.
+    pub id: String,
+}
+
+impl DiskConfig {
+    /// Parses a `--disk` value: `path=IMG[,ro][,id=NAME]`. The id defaults
+    /// to `vigil-disk<index>`.
+    pub fn parse(s: &str, index: usize) -> Result<Self, String> {
+        let mut path = None;
+        let mut read_only = false;
+        let mut id = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                Some(("id", i)) => id = Some(i.to_string()),
+                None if part == "ro" => read_only = true,
+                _ => {
+                    return Err(format!(
+                        "`{part}` in `{s}`: expected path=IMG, ro or id=NAME"
+                    ))
+                }
+            }
+        }
+        let path = path.ok_or_else(|| format!("`{s}` has no path=IMG"))?;
+        Ok(Self {
+            path,
+            read_only,
+            id: id.unwrap_or_else(|| default_disk_id(index)),
+        })
+    }
+}
+
+fn default_disk_id(index: usize) -> String {
+    format!("vigil-disk{index}")
+}
+
+fn validate_disk_id(id: &str) -> Result<(), ConfigError> {
+    if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "disks.id (--disk id=)",
+            format!("`{id}` must be 1 to 20 printable ASCII characters (virtio-blk serial)"),
+        ));
+    }
+    Ok(())
 }
 
 /// Values given on the command line; each `Some` replaces the file's value.
@@ -220,6 +407,14 @@ pub struct ConfigOverrides {
     pub console: Option<String>,
     /// `--on-reboot`.
     pub on_reboot: Option<OnReboot>,
+    /// `--disk`, unparsed, in order. When any is given they replace the
+    /// file's `[[disks]]`.
+    pub disks: Vec<String>,
+    /// `--vsock`, unparsed.
+    pub vsock: Option<String>,
+    /// `--net`, unparsed, in order. When any is given they replace the
+    /// file's `[[nics]]`.
+    pub nics: Vec<String>,
 }
 
 /// A complete, validated VM configuration.
@@ -245,6 +440,12 @@ pub struct VmConfig {
     pub console: ConsoleMode,
     /// Reboot policy.
     pub on_reboot: OnReboot,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// The virtio-vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+    /// virtio-net NICs, in the order the guest sees them (eth0, eth1, ...).
+    pub nics: Vec<NicConfig>,
 }
 
 /// Default guest memory when neither file nor flag says: 256 MiB.
@@ -357,6 +558,87 @@ impl VmConfig {
             (None, None) => ConsoleMode::Stdio,
         };
 
+        let disks = if ov.disks.is_empty() {
+            file.disks
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| DiskConfig {
+                    path: rel(d.path),
+                    read_only: d.read_only,
+                    id: d.id.unwrap_or_else(|| default_disk_id(i)),
+                })
+                .collect()
+        } else {
+            ov.disks
+                .iter()
+                .enumerate()
+                .map(|(i, s)| DiskConfig::parse(s, i).map_err(|r| invalid("disk (--disk)", r)))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for d in &disks {
+            validate_disk_id(&d.id)?;
+        }
+        if let Some(i) = (1..disks.len()).find(|&i| disks[..i].iter().any(|d| d.id == disks[i].id))
+        {
+            return Err(invalid(
+                "disks.id (--disk id=)",
+                format!("`{}` is used by two disks", disks[i].id),
+            ));
+        }
+
+        let vsock = match (ov.vsock, file.vsock) {
+            (Some(v), _) => {
+                Some(VsockConfig::parse(&v).map_err(|r| invalid("vsock (--vsock)", r))?)
+            }
+            (None, Some(v)) => Some(VsockConfig {
+                cid: v.cid,
+                socket: rel(v.socket),
+            }),
+            (None, None) => None,
+        };
+        if let Some(v) = &vsock {
+            if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+                return Err(invalid(
+                    "vsock.cid (--vsock cid=)",
+                    format!("{} is reserved or too large: use 3 to 4294967295", v.cid),
+                ));
+            }
+        }
+
+        let nics = if ov.nics.is_empty() {
+            file.nics
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    Ok(NicConfig {
+                        mac: match n.mac {
+                            Some(m) => parse_mac(&m).map_err(|r| invalid("nics.mac", r))?,
+                            None => default_mac(&id, i),
+                        },
+                        tap: n.tap,
+                        network: n.network.unwrap_or_else(|| "default".to_string()),
+                    })
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?
+        } else {
+            ov.nics
+                .iter()
+                .enumerate()
+                .map(|(i, s)| NicConfig::parse(s, &id, i).map_err(|r| invalid("net (--net)", r)))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for n in &nics {
+            if n.tap.is_empty() || n.tap.len() > 15 {
+                return Err(invalid(
+                    "nics.tap (--net tap=)",
+                    format!(
+                        "`{}` must be 1 to 15 characters (a Linux interface name)",
+                        n.tap
+                    ),
+                ));
+            }
+        }
+
         Ok(VmConfig {
             name,
             id,
@@ -368,6 +650,9 @@ impl VmConfig {
             cpu_template: ov.cpu_template.or(file.cpu_template).unwrap_or_default(),
             console,
             on_reboot: ov.on_reboot.or(file.on_reboot).unwrap_or_default(),
+            disks,
+            vsock,
+            nics,
         })
     }
 }
@@ -440,3 +725,7 @@ fn validate_cmdline(s: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 #[path = "config_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "config_devices_tests.rs"]
+mod devices_tests;

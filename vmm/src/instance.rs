@@ -31,6 +31,7 @@ use crate::cpu::state::StateCaps;
 use crate::cpu::vcpu::{vcpu_kick_signal, Vcpu, VcpuError, VcpuShared};
 use crate::cpu::{self, CpuError};
 use crate::devices::serial::{SerialArgs, SerialDevice, SerialError, COM1_IRQ};
+use crate::devices::virtio::attach::{self, AttachError};
 use crate::devices::PioBus;
 use crate::machine::Machine;
 use crate::memory::{self, MemoryError};
@@ -78,6 +79,9 @@ pub enum Error {
     /// Serial device restore problems.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// Virtio device problems.
+    #[error(transparent)]
+    Virtio(#[from] AttachError),
     /// Event loop problems.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
@@ -238,6 +242,9 @@ fn run_once(
     };
     let mem = memory::create_guest_memory(cfg.memory_bytes)?;
     let vm = Vm::new(kvm, &mem)?;
+    // Virtio devices come from the config (a restored VM has none: snapshots
+    // of VMs with virtio devices are refused until their state is saved).
+    let mut virtio = attach::attach_all(vm.fd(), &mem, cfg)?;
     // Restore order at VM level: RAM, then the VM-wide KVM state (clock,
     // PIT, PIC/IOAPIC) before any vCPU exists, then each vCPU's state as it
     // is created (see cpu::state::restore for the per-vCPU order).
@@ -249,7 +256,7 @@ fn run_once(
         }
         None => {
             // vcpus <= 254 was validated, so this fits.
-            let rsdp = acpi::write(&mem, cfg.vcpus as u8)?;
+            let rsdp = acpi::write(&mem, cfg.vcpus as u8, &virtio.acpi)?;
             Start::Boot(boot::load(cfg, &mem, rsdp)?.entry)
         }
     };
@@ -274,11 +281,15 @@ fn run_once(
     if cfg.console == ConsoleMode::Stdio {
         events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(serial.clone()))));
     }
+    for sub in std::mem::take(&mut virtio.subscribers) {
+        events.add_subscriber(sub);
+    }
 
     let gate = Arc::new(VcpuGate::new(cfg.vcpus));
     let caps = Arc::new(StateCaps::probe(kvm));
     let shared = || VcpuShared {
         bus: bus.clone(),
+        mmio: virtio.bus.clone(),
         exit: exit.clone(),
         gate: gate.clone(),
         caps: caps.clone(),
@@ -317,6 +328,7 @@ fn run_once(
         caps,
         restored_from,
     ));
+    crate::devices::virtio::hooks::register(&machine, &virtio);
 
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for (id, vcpu) in (0u32..).zip(vcpus) {

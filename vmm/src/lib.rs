@@ -10,7 +10,8 @@
 //! - [`boot`]: kernel/initrd/cmdline loading (PVH and Linux boot protocol).
 //! - [`acpi`]: ACPI tables (SMP and power off).
 //! - [`cpu`]: CPUID templates, register set-up, vCPU threads.
-//! - [`devices`]: UART and power-control ports.
+//! - [`devices`]: UART and power-control ports; the MMIO bus and the virtio
+//!   devices (`devices::virtio`: transport, block, net, vsock).
 //! - [`console`]: terminal, stdin and console output.
 //! - [`instance`]: putting one VM together and running it to its end.
 //! - [`control`]: exit reasons and the process exit statuses.
@@ -21,12 +22,14 @@
 //!   (`docs/SNAPSHOT.md`).
 //! - [`watchdog`]: stall detection for vCPU threads and the event loop.
 //!
+//! Virtio-mmio devices (block, net, vsock) live in one folder each under
+//! `devices/virtio/`; MMIO exits go to [`devices::mmio::MmioBus`], queue
+//! notifications are ioeventfds and interrupts irqfds, and each device is an
+//! `event_manager` subscriber on the loop in [`instance`].
+//! `devices::virtio::attach::VirtioDevices` holds what the rest of the VMM
+//! needs: counters, the tools-channel status, transports to quiesce/save.
+//!
 //! Where later work slots in:
-//! - virtio-mmio devices (block, net, vsock): one folder each under
-//!   `devices/virtio/`, MMIO exits routed next to [`devices::PioBus`], queue
-//!   notifications as ioeventfds and interrupts as irqfds, each device an
-//!   `event_manager` subscriber on the loop in [`instance`] (where the stdin
-//!   console input already lives).
 //! - devices join snapshot/restore by implementing [`persist::Persist`] and
 //!   adding their state to [`snapshot::DeviceStates`]; they join the API by
 //!   registering a [`machine::IoCounterSource`] (I/O counters) or, for the

@@ -4,11 +4,14 @@
 //! ACPI power-management ports and the i8042 reset line ([`legacy`]). Ports
 //! nobody claims read as 0xff and ignore writes (logged at trace level),
 //! which is what Linux expects from absent ISA hardware. Virtio-mmio devices
-//! will be added on the MMIO side with ioeventfd/irqfd and their own
-//! event-loop subscribers.
+//! ([`virtio`]) live on the MMIO side ([`mmio::MmioBus`]), with ioeventfds
+//! for queue notifications, irqfds for interrupts and one event-loop
+//! subscriber each.
 
 pub mod legacy;
+pub mod mmio;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::{Arc, Mutex};
 
