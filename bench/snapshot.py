@@ -164,15 +164,16 @@ def qemu_restore_once(work, state, memory_mib, cmdline):
     t0 = time.monotonic()
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    q = Qmp(qmp_path)
-    while q.cmd("query-status")["return"].get("status") != "running":
-        if time.monotonic() - t0 > 60:
-            raise SystemExit("qemu restore: not running after 60 s")
-        time.sleep(0.002)
-    t = time.monotonic() - t0
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return t
+    try:
+        q = Qmp(qmp_path)
+        while q.cmd("query-status")["return"].get("status") != "running":
+            if time.monotonic() - t0 > 60:
+                raise SystemExit("qemu restore: not running after 60 s")
+            time.sleep(0.002)
+        return time.monotonic() - t0
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def table(r):
