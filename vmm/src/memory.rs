@@ -12,7 +12,7 @@
 //! KVM's per-slot dirty log.
 
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion as _};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// The guest memory type used everywhere in the VMM.
 pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
@@ -169,30 +169,10 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
         // usize is 64-bit on the only target we build for (x86_64).
         .map(|(a, s)| (a, s as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
         mib: size >> 20,
         source,
-    })?;
-    for region in mem.iter() {
-        // Transparent huge pages: loading the kernel touches ~10 MiB, and
-        // host page faults are not cheap (a world switch each when the host
-        // is itself a VM); 2 MiB pages also mean fewer second-level
-        // translations for the guest. Only advice: the kernel may decline,
-        // and KVM still splits huge pages while dirty logging is on.
-        // SAFETY: the range is exactly the mapping vm-memory just created
-        // and owns for the lifetime of `mem`; madvise does not touch data.
-        let rc = unsafe {
-            libc::madvise(
-                region.as_ptr().cast::<libc::c_void>(),
-                region.len() as usize,
-                libc::MADV_HUGEPAGE,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_HUGEPAGE declined");
-        }
-    }
-    Ok(mem)
+    })
 }
 
 /// Host memory figures from /proc/meminfo, in KiB.
