@@ -63,10 +63,15 @@ def vigil_save(vigil, work, memory_mib, cmdline):
          "--memory", f"{memory_mib}M", "--cmdline", cmdline + WORKLOAD,
          "--console", "stdio", "--api-socket", api],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    wait_line(proc, b"VIGIL-COUNTER 2", 300)
-    subprocess.run([vigil, "snapshot", "--api-socket", api, "--to", snap, "--stop"],
-                   check=True, capture_output=True)
-    proc.wait(timeout=60)
+    try:
+        wait_line(proc, b"VIGIL-COUNTER 2", 300)
+        subprocess.run([vigil, "snapshot", "--api-socket", api, "--to", snap, "--stop"],
+                       check=True, capture_output=True)
+        proc.wait(timeout=60)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     return snap
 
 
@@ -143,6 +148,15 @@ def qemu_save(work, memory_mib, cmdline):
     proc = subprocess.Popen(qemu_args(memory_mib, cmdline, qmp_path),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return qemu_save_running(proc, qmp_path, state)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
+def qemu_save_running(proc, qmp_path, state):
     wait_line(proc, b"VIGIL-COUNTER 2", 300)
     q = Qmp(qmp_path)
     # No `stop` first: QEMU records the run state in the stream, and a guest
