@@ -14,22 +14,17 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-static GUEST_LOCK: Mutex<()> = Mutex::new(());
+mod common;
+
+use common::guest_lock;
+
 static BASE: OnceLock<PathBuf> = OnceLock::new();
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn guest_lock() -> MutexGuard<'static, ()> {
-    GUEST_LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
+const BOOT_TIMEOUT: Duration = common::GUEST_TIMEOUT;
+const STEP_TIMEOUT: Duration = common::QUICK_TIMEOUT;
 
 fn work_dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("vigil-api-e2e-{}", std::process::id()));
@@ -85,16 +80,9 @@ impl Vmm {
     }
 
     fn boot_counter() -> Self {
-        let cfg = repo().join("guest-images/default-vm.toml");
+        let cfg = common::guest_config();
         let vm = vmm::VmConfig::load(Some(&cfg), Default::default())
-            .unwrap_or_else(|e| panic!("{}: {e}: run `make guest-image` first", cfg.display()));
-        for f in std::iter::once(&vm.kernel).chain(vm.initrd.iter()) {
-            assert!(
-                f.exists(),
-                "guest image {} is missing: run `make guest-image` first",
-                f.display()
-            );
-        }
+            .unwrap_or_else(|e| panic!("{}: {e}", cfg.display()));
         let cmdline = format!(
             "{} vigil.tools=off vigil.run=counter:every=1 vigil.test=run",
             vm.cmdline

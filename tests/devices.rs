@@ -8,115 +8,15 @@
 //! (`guest-images/init/init.c`: disk-write, disk-read, disk-ro, vsock, net).
 //! The network test needs root (it creates a tap, 198.18.77.1/24, removed
 //! even when the test fails) and only sends to 198.18.77.2, the guest.
-//!
-//! The helpers are a copy of the few tests/boot.rs needs, kept here so the
-//! two files can change independently.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-static GUEST_LOCK: Mutex<()> = Mutex::new(());
+mod common;
 
-/// A real guest boot may take a few minutes on an emulated-KVM host.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
-const QUICK_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn guest_lock() -> MutexGuard<'static, ()> {
-    GUEST_LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn guest_config() -> PathBuf {
-    let cfg = repo().join("guest-images/default-vm.toml");
-    let vm = vmm::VmConfig::load(Some(&cfg), Default::default())
-        .unwrap_or_else(|e| panic!("{} is not a valid VM config: {e}", cfg.display()));
-    for f in std::iter::once(vm.kernel.clone()).chain(vm.initrd.clone()) {
-        assert!(
-            f.exists(),
-            "guest image {} is missing: run `make guest-image` first",
-            f.display()
-        );
-    }
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "/dev/kvm is missing: this test needs KVM"
-    );
-    cfg
-}
-
-struct Outcome {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-fn reader(mut r: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let b = buf.clone();
-    let t = std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = r.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            b.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    (buf, t)
-}
-
-/// Runs `vigil` with `args`; kills it and fails the test after `timeout`.
-fn vigil(args: &[&str], timeout: Duration) -> Outcome {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start the vigil binary");
-    let (out, t_out) = reader(child.stdout.take().unwrap());
-    let (err, t_err) = reader(child.stderr.take().unwrap());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = t_out.join();
-    let _ = t_err.join();
-    let o = Outcome {
-        code: status.and_then(|s| s.code()),
-        stdout: String::from_utf8_lossy(&out.lock().unwrap()).into_owned(),
-        stderr: String::from_utf8_lossy(&err.lock().unwrap()).into_owned(),
-    };
-    assert!(
-        status.is_some(),
-        "vigil {args:?} did not stop within {timeout:?}\n{o:?}"
-    );
-    o
-}
+use common::*;
 
 /// Boots the default guest running test mode `test` with `extra` flags.
 fn boot_guest(extra: &[&str], test: &str) -> Outcome {

@@ -16,12 +16,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+mod common;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+const BOOT_TIMEOUT: Duration = common::GUEST_TIMEOUT;
+const STEP_TIMEOUT: Duration = common::QUICK_TIMEOUT;
 
 struct Guest {
     child: Child,
@@ -33,18 +31,7 @@ struct Guest {
 
 impl Guest {
     fn boot() -> Self {
-        assert!(
-            std::path::Path::new("/dev/kvm").exists(),
-            "/dev/kvm is missing: this test needs KVM"
-        );
-        let cfg = repo().join("guest-images/default-vm.toml");
-        let vm = vmm::VmConfig::load(Some(&cfg), Default::default())
-            .unwrap_or_else(|e| panic!("{} is not a valid VM config: {e}", cfg.display()));
-        assert!(
-            vm.kernel.exists(),
-            "guest image {} is missing: run `make guest-image` first",
-            vm.kernel.display()
-        );
+        let cfg = common::guest_config();
         let dir = std::env::temp_dir().join(format!("vigil-tools-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -1,0 +1,148 @@
+//! Helpers shared by the end-to-end test binaries: where the guest image is,
+//! running the real `vigil` binary with a timeout, and the lock that keeps
+//! each binary to one guest at a time (two binaries may overlap, which keeps
+//! a 2-core machine at two guests at most).
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static GUEST_LOCK: Mutex<()> = Mutex::new(());
+
+/// A real guest boot may take a few minutes on an emulated-KVM host.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Tiny guests and bad-input runs end at once; this only catches hangs.
+pub const QUICK_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn guest_lock() -> MutexGuard<'static, ()> {
+    GUEST_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn require_kvm() {
+    let p = Path::new("/dev/kvm");
+    assert!(
+        p.exists(),
+        "/dev/kvm is missing: this test needs KVM (load the kvm module; check that the machine \
+         supports virtualisation)"
+    );
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(p) {
+        panic!("/dev/kvm cannot be opened ({e}): this test needs KVM access (group kvm or root)");
+    }
+}
+
+/// The guest's VM config: `guest-images/default-vm.toml`, or the file named
+/// by `VIGIL_TEST_GUEST_CONFIG` (to try another guest build). Fails, saying
+/// what to do, if KVM, the config or the images it names are missing.
+pub fn guest_config() -> PathBuf {
+    require_kvm();
+    let cfg = std::env::var_os("VIGIL_TEST_GUEST_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("guest-images/default-vm.toml"));
+    assert!(
+        cfg.exists(),
+        "{} is missing: run `make guest-image` first",
+        cfg.display()
+    );
+    let vm = vmm::VmConfig::load(Some(&cfg), Default::default())
+        .unwrap_or_else(|e| panic!("{} is not a valid VM config: {e}", cfg.display()));
+    let mut images = vec![vm.kernel.clone(), bzimage_for(&vm.kernel)];
+    images.extend(vm.initrd.clone());
+    for f in images {
+        assert!(
+            f.exists(),
+            "guest image {} is missing: run `make guest-image` first",
+            f.display()
+        );
+    }
+    cfg
+}
+
+/// The bzImage built next to the guest's vmlinux.
+pub fn bzimage_for(vmlinux: &Path) -> PathBuf {
+    vmlinux.with_file_name("bzImage")
+}
+
+/// The default guest's command line (from its config file) plus `extra`.
+pub fn guest_cmdline(extra: &str) -> String {
+    let cfg = vmm::VmConfig::load(Some(&guest_config()), Default::default())
+        .expect("guest-images/default-vm.toml must be a valid VM config");
+    format!("{} {extra}", cfg.cmdline)
+}
+
+/// How a `vigil` run ended.
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+pub fn reader(
+    mut r: impl Read + Send + 'static,
+) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let b = buf.clone();
+    let t = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            b.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    (buf, t)
+}
+
+/// Runs `vigil` with `args`; kills it and fails the test after `timeout`.
+pub fn vigil(args: &[&str], timeout: Duration) -> Outcome {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start the vigil binary");
+    let (out, t_out) = reader(child.stdout.take().unwrap());
+    let (err, t_err) = reader(child.stderr.take().unwrap());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = t_out.join();
+    let _ = t_err.join();
+    let o = Outcome {
+        code: status.and_then(|s| s.code()),
+        stdout: String::from_utf8_lossy(&out.lock().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&err.lock().unwrap()).into_owned(),
+    };
+    assert!(
+        status.is_some(),
+        "vigil {args:?} did not stop within {timeout:?} and was killed\n{o:?}"
+    );
+    o
+}
