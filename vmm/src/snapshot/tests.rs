@@ -139,3 +139,21 @@ fn load_from_dir() {
     assert!(load(&d).unwrap_err().to_string().contains("truncated"));
     fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn vms_with_virtio_devices_are_refused_by_name() {
+    let mut cfg = sample_state()
+        .config
+        .to_config(&RestoreOverrides::default());
+    assert!(check_devices(&cfg).is_ok(), "no devices: nothing to refuse");
+    cfg.disks.push(crate::config::DiskConfig {
+        path: "/srv/ds1/vm1.img".into(),
+        read_only: false,
+        id: "vm1".into(),
+    });
+    let e = check_devices(&cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("cannot snapshot VM t") && e.contains("disk /srv/ds1/vm1.img"),
+        "{e}"
+    );
+}
