@@ -59,7 +59,7 @@ build_kernel() {
     if [ -f "$dest/vmlinux" ] && [ -f "$dest/bzImage" ]; then
         log "kernel $key is cached in $dest"
     else
-        log "building kernel $key (cold build: about 10 minutes on 2 cores)"
+        log "building kernel $key (cold build: 4-8 minutes on 2 cores)"
         local start=$SECONDS
         local work=$cache/build-kernel-$key
         rm -rf "$work" && mkdir -p "$work"
