@@ -169,11 +169,22 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
     /// Restore the VM saved in DIR (by `vigil snapshot`) instead of booting.
-    /// Only --console, --name, --api-socket and logging flags apply.
+    /// Its disks, NICs and vsock device are reopened as saved; only
+    /// --console, --name, --api-socket, --tap, --vsock-socket and logging
+    /// flags apply.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "on_reboot", "cpu_template"
+        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "on_reboot", "cpu_template",
+        "disk", "vsock", "net"
     ])]
     pub restore: Option<PathBuf>,
+    /// With --restore: attach the restored VM's NICs to these taps instead of
+    /// the saved ones (repeatable, in NIC order; MAC and network stay).
+    #[arg(long, value_name = "NAME", requires = "restore")]
+    pub tap: Vec<String>,
+    /// With --restore: the vsock device's host socket path instead of the
+    /// saved one (the CID stays).
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    pub vsock_socket: Option<PathBuf>,
     /// Watchdog: a vCPU or the event loop without progress for this long is
     /// reported as stuck [default: 10].
     #[arg(long, value_name = "SECONDS")]

@@ -33,6 +33,8 @@ pub fn run(args: RunArgs) -> i32 {
         let ov = vmm::snapshot::RestoreOverrides {
             console,
             name: args.name.clone(),
+            taps: args.tap.clone(),
+            vsock_socket: args.vsock_socket.clone(),
         };
         return match vmm::snapshot::restore(dir, ov, &opts) {
             Ok(reason) => {

@@ -197,18 +197,45 @@ pub fn run_restored(
     opts: &RunOptions,
 ) -> Result<ExitReason, Error> {
     let state = snapshot::load(dir)?;
-    let cfg = state.config.to_config(&overrides);
+    run_from(state, RestoreMem::File(dir.to_path_buf()), overrides, opts)
+}
+
+/// Restores `state` into `mem`, which already holds the guest's RAM (a
+/// live migration's target filled it), and runs the VM until it stops.
+pub fn run_incoming(
+    state: VmState,
+    mem: memory::GuestMemory,
+    overrides: RestoreOverrides,
+    opts: &RunOptions,
+) -> Result<ExitReason, Error> {
+    run_from(state, RestoreMem::Filled(mem), overrides, opts)
+}
+
+fn run_from(
+    state: VmState,
+    mem: RestoreMem,
+    overrides: RestoreOverrides,
+    opts: &RunOptions,
+) -> Result<ExitReason, Error> {
+    let cfg = state.config.to_config(&overrides)?;
     let span = tracing::info_span!("vm", vm = %cfg.name);
     let _e = span.enter();
-    memory::check_host_memory_now(cfg.memory_bytes)?;
+    if let RestoreMem::File(_) = mem {
+        memory::check_host_memory_now(cfg.memory_bytes)?;
+    }
     let kvm = vm::open_kvm()?;
     install_kick_handler()?;
     let _terminal = match cfg.console {
         ConsoleMode::Stdio => TerminalGuard::enter()?,
         _ => None,
     };
-    tracing::info!(stage = "restore", dir = %dir.display(), "restoring guest");
-    let mut restore = Some((dir.to_path_buf(), state));
+    match &mem {
+        RestoreMem::File(dir) => {
+            tracing::info!(stage = "restore", dir = %dir.display(), "restoring guest")
+        }
+        RestoreMem::Filled(_) => tracing::info!(stage = "restore", "starting incoming guest"),
+    }
+    let mut restore = Some(Restore { state, mem });
     loop {
         let reason = run_once(&kvm, &cfg, opts, restore.take())?;
         match (&reason, cfg.on_reboot) {
@@ -219,6 +246,20 @@ pub fn run_restored(
             _ => return Ok(reason),
         }
     }
+}
+
+/// Where a restored VM's RAM comes from.
+enum RestoreMem {
+    /// A snapshot directory's memory file.
+    File(PathBuf),
+    /// Memory already filled (migration target).
+    Filled(memory::GuestMemory),
+}
+
+/// A VM to rebuild from saved state.
+struct Restore {
+    state: VmState,
+    mem: RestoreMem,
 }
 
 /// How a VM starts: a fresh boot at the kernel's entry, or from saved state.
@@ -232,7 +273,7 @@ fn run_once(
     kvm: &kvm_ioctls::Kvm,
     cfg: &VmConfig,
     opts: &RunOptions,
-    restore: Option<(PathBuf, VmState)>,
+    restore: Option<Restore>,
 ) -> Result<ExitReason, Error> {
     // Bind first: a socket in use is a user error worth failing on before
     // any memory is allocated.
@@ -240,17 +281,29 @@ fn run_once(
         Some(p) => Some(ApiServer::bind(p)?),
         None => None,
     };
-    let mem = memory::create_guest_memory(cfg.memory_bytes)?;
+    let (state, restored_from) = match restore {
+        Some(Restore { state, mem }) => (Some(state), Some(mem)),
+        None => (None, None),
+    };
+    let mem = match &restored_from {
+        Some(RestoreMem::Filled(m)) => m.clone(),
+        _ => memory::create_guest_memory(cfg.memory_bytes)?,
+    };
     let vm = Vm::new(kvm, &mem)?;
-    // Virtio devices come from the config (a restored VM has none: snapshots
-    // of VMs with virtio devices are refused until their state is saved).
-    let mut virtio = attach::attach_all(vm.fd(), &mem, cfg)?;
+    // Virtio devices come from the config; a restored VM's are rebuilt from
+    // their saved state on the backends the config names (queues are
+    // checked against guest memory's layout only, so RAM's contents may
+    // come later).
+    let saved_virtio = state.as_ref().map(|s| s.devices.virtio.as_slice());
+    let mut virtio = attach::attach_all(vm.fd(), &mem, cfg, saved_virtio)?;
     // Restore order at VM level: RAM, then the VM-wide KVM state (clock,
     // PIT, PIC/IOAPIC) before any vCPU exists, then each vCPU's state as it
     // is created (see cpu::state::restore for the per-vCPU order).
-    let start = match &restore {
-        Some((dir, state)) => {
-            snapshot::memory::restore(&mem, &state.memory, &dir.join(snapshot::MEMORY_FILE))?;
+    let start = match &state {
+        Some(state) => {
+            if let Some(RestoreMem::File(dir)) = &restored_from {
+                snapshot::memory::restore(&mem, &state.memory, &dir.join(snapshot::MEMORY_FILE))?;
+            }
             vm.restore_state(&state.vm)?;
             Start::Restore(state)
         }
@@ -317,7 +370,10 @@ fn run_once(
         .map(Arc::new)
         .collect();
 
-    let restored_from = restore.map(|(d, _)| d);
+    let restored_from = match restored_from {
+        Some(RestoreMem::File(dir)) => Some(dir),
+        _ => None,
+    };
     let machine = Arc::new(Machine::new(
         cfg.clone(),
         vm,

@@ -57,4 +57,4 @@ pub mod watchdog;
 
 pub use config::VmConfig;
 pub use control::ExitReason;
-pub use instance::{run, run_restored, run_with, Error, RunOptions};
+pub use instance::{run, run_incoming, run_restored, run_with, Error, RunOptions};

@@ -108,6 +108,8 @@ pub struct Machine {
     /// Devices to quiesce on pause (after the vCPUs park; resumed before
     /// the vCPUs run again).
     pub pause_hooks: Mutex<Vec<Arc<dyn PauseHook>>>,
+    /// Every virtio transport in attach order, for snapshots and migration.
+    pub virtio: Mutex<Vec<Arc<Mutex<crate::devices::virtio::transport::MmioTransport>>>>,
     /// Bumped by the event loop on every iteration (read by the watchdog).
     pub loop_progress: AtomicU64,
     /// The watchdog's latest findings.
@@ -141,6 +143,7 @@ impl Machine {
             guest_tools: Mutex::new(None),
             io_counters: Mutex::new(Vec::new()),
             pause_hooks: Mutex::new(Vec::new()),
+            virtio: Mutex::new(Vec::new()),
             loop_progress: AtomicU64::new(0),
             watchdog: Mutex::new(WatchdogReport::default()),
             control: Mutex::new(()),
@@ -174,18 +177,31 @@ impl Machine {
     /// [`Self::pause`] for callers that hold [`Self::control_lock`].
     pub fn pause_locked(&self) -> Result<(), GateError> {
         self.gate.pause(PAUSE_TIMEOUT)?;
-        for h in self.hooks() {
-            h.pause();
-        }
+        self.quiesce_devices();
         Ok(())
     }
 
     /// [`Self::resume`] for callers that hold [`Self::control_lock`].
     pub fn resume_locked(&self) {
+        self.resume_devices();
+        self.gate.resume();
+    }
+
+    /// Stops every device from touching guest memory (the second step of a
+    /// pause, after the vCPUs park; live migration calls it on its own).
+    /// Returns once no device is in the middle of a request. Idempotent.
+    pub fn quiesce_devices(&self) {
+        for h in self.hooks() {
+            h.pause();
+        }
+    }
+
+    /// Undoes [`Self::quiesce_devices`]; notifications that arrived
+    /// meanwhile are served. Idempotent.
+    pub fn resume_devices(&self) {
         for h in self.hooks() {
             h.resume();
         }
-        self.gate.resume();
     }
 
     /// "paused" or "running".
