@@ -8,6 +8,7 @@ mod counter;
 mod daemon;
 mod dirty;
 mod disk;
+mod diskseq;
 mod echo;
 mod rt;
 mod sys;
@@ -24,6 +25,7 @@ usage: vigil-tools COMMAND [OPTIONS]
   dirty [mib=64,rate=0,report=10,stall=500,passes=0]
   disk-write [dev=/dev/vda,rate=10,count=0,tag=TEXT,report=10]
   disk-verify [dev=/dev/vda]
+  disk-seq [dev=/dev/vda,mib=32,bs=1024]   sequential O_DIRECT write throughput
   echo [port=7777]
   counter [every=2]
 Workload options are one key=value,... argument, as in vigil.run= on the
@@ -48,6 +50,7 @@ pub fn main(args: Args) -> i32 {
         b"dirty" => dirty::run(opts),
         b"disk-write" => disk::write(opts),
         b"disk-verify" => disk::verify(opts),
+        b"disk-seq" => diskseq::run(opts),
         b"echo" => echo::run(opts),
         b"counter" => counter::run(opts),
         b"help" | b"--help" | b"-h" => {

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 
 use super::{
-    BlockError, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_ID_BLOCK,
+    BlockError, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_ID_BLOCK,
 };
 use crate::devices::virtio::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMemory;
@@ -159,7 +160,9 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut f = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_BLK_F_FLUSH)
+            | (1u64 << VIRTIO_BLK_F_SEG_MAX);
         if self.read_only {
             f |= 1u64 << VIRTIO_BLK_F_RO;
         }
@@ -167,9 +170,11 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // Only `capacity` (le64 at offset 0) is meaningful; the other fields
-        // belong to features we do not offer.
-        let cap = self.capacity_sectors().to_le_bytes();
+        // `capacity` (le64 at 0) and `seg_max` (le32 at 12); `size_max` (8)
+        // and the rest belong to features we do not offer.
+        let mut cap = [0u8; 16];
+        cap[..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
+        cap[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
             *b = offset
                 .checked_add(i as u64)

@@ -22,6 +22,9 @@ pub use device::{Block, BlockCounters, BlockCountersSnapshot};
 
 /// virtio device id of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// The config space's `seg_max` says how many data buffers one request
+/// may have.
+pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
 /// The disk is read-only.
 pub const VIRTIO_BLK_F_RO: u32 = 5;
 /// The device understands flush requests.
@@ -32,6 +35,11 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 /// Our one queue's maximum size.
 pub const QUEUE_SIZE: u16 = 256;
+/// Data buffers per request: a whole queue minus the header and status
+/// descriptors (no indirect descriptors are offered). Without it Linux
+/// sends one buffer (one page of a user buffer) per request, and every
+/// request costs the guest kernel the same.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 
 /// Errors setting up a block device.
 #[derive(Debug, thiserror::Error)]
