@@ -6,7 +6,10 @@
 //! The guest boots once (tens of seconds on an emulated-KVM host) and is
 //! snapshotted with `--stop` into a base snapshot; every case then starts
 //! from `vigil run --restore` of that base, which takes well under a
-//! second. Tests that run a guest hold [`GUEST_LOCK`] (two cores: one guest
+//! second. Two tests boot their own guest with devices: a disk, a tap and
+//! vsock snapshotted and restored onto another tap and socket (root), and
+//! the watchdog seeing the event loop blocked on a frozen filesystem (root,
+//! loop devices, fsfreeze). Tests that run a guest hold [`GUEST_LOCK`] (two cores: one guest
 //! at a time). If the guest image is missing they fail saying to run
 //! `make guest-image`.
 
@@ -770,4 +773,159 @@ fn snapshot_with_disk_tap_and_vsock_restores_on_other_backends() {
     );
     drop(taps);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A small ext4 filesystem on a loop device, mounted for one test, that can
+/// be frozen (`fsfreeze`): writes to it block until it is thawed, as on a
+/// datastore that stopped answering. Thawed, unmounted and removed on drop,
+/// also when the test fails.
+struct FreezableFs {
+    dir: PathBuf,
+    mnt: PathBuf,
+}
+
+fn run_ok(cmd: &str, args: &[&str]) {
+    let ok = Command::new(cmd).args(args).status().map(|s| s.success());
+    assert!(
+        matches!(ok, Ok(true)),
+        "{cmd} {args:?} failed (this test needs root, loop devices and fsfreeze)"
+    );
+}
+
+impl FreezableFs {
+    fn new(dir: PathBuf) -> Self {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("fs.img");
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        run_ok("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+        let fs = FreezableFs { dir, mnt };
+        run_ok(
+            "mount",
+            &[
+                "-o",
+                "loop",
+                img.to_str().unwrap(),
+                fs.mnt.to_str().unwrap(),
+            ],
+        );
+        fs
+    }
+
+    fn freeze(&self, on: bool) {
+        run_ok(
+            "fsfreeze",
+            &[if on { "-f" } else { "-u" }, self.mnt.to_str().unwrap()],
+        );
+    }
+}
+
+impl Drop for FreezableFs {
+    fn drop(&mut self) {
+        let m = self.mnt.to_str().unwrap();
+        let _ = Command::new("fsfreeze")
+            .args(["-u", m])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("umount").arg(m).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn disk_seqs(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("VIGIL-DISK seq="))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn watchdog_reports_an_event_loop_blocked_on_a_frozen_datastore() {
+    // A real stall, made from outside: the disk image lives on a
+    // filesystem that is frozen while the guest writes to it, so the event
+    // loop blocks in the image write. The watchdog must say so through the
+    // API (served by its own thread), and all must carry on once thawed
+    // with no disk write lost.
+    let _g = guest_lock();
+    let fs = FreezableFs::new(work_dir().join("frozen"));
+    let image = fs.mnt.join("disk.img");
+    std::fs::write(&image, vec![0u8; 8 << 20]).unwrap();
+    let cfg = common::guest_config();
+    let base = vmm::VmConfig::load(Some(&cfg), Default::default()).unwrap();
+    let cmdline = format!(
+        "{} vigil.tools=off vigil.run=counter:every=1+disk-write:rate=5,report=1 vigil.test=run",
+        base.cmdline
+    );
+    let disk = format!("path={}", image.display());
+    let vm = Vmm::start(
+        "frozen",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            &disk,
+            "--watchdog-threshold-s",
+            "2",
+        ],
+    );
+    vm.wait_for(BOOT_TIMEOUT, "the disk writer", |v| {
+        !disk_seqs(&v.console_text()).is_empty()
+    });
+    let wd = vm.json(&["vm", "watchdog"]);
+    assert_eq!(wd["healthy"], true, "{wd}");
+
+    fs.freeze(true);
+    let start = Instant::now();
+    let stuck = loop {
+        let wd = vm.json(&["vm", "watchdog"]);
+        if wd["event_loop"]["state"] == "stuck" {
+            break wd;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the watchdog never saw the blocked event loop: {wd}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(stuck["healthy"], false, "{stuck}");
+    assert!(stuck["incidents"].as_u64().unwrap() >= 1, "{stuck}");
+    assert!(
+        stuck["event_loop"]["ms_since_progress"].as_u64().unwrap() >= 2000,
+        "{stuck}"
+    );
+    let seq_frozen = disk_seqs(&vm.console_text()).last().copied().unwrap();
+
+    fs.freeze(false);
+    let start = Instant::now();
+    loop {
+        let wd = vm.json(&["vm", "watchdog"]);
+        if wd["healthy"] == true && wd["event_loop"]["state"] == "ok" {
+            break;
+        }
+        assert!(
+            start.elapsed() < STEP_TIMEOUT,
+            "the watchdog did not see the event loop recover: {wd}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    vm.wait_for(STEP_TIMEOUT, "disk records after the thaw", |v| {
+        disk_seqs(&v.console_text())
+            .last()
+            .is_some_and(|s| *s > seq_frozen + 5)
+    });
+    let c = vm.wait_counter_above(None, STEP_TIMEOUT);
+    vm.wait_counter_above(Some(c), STEP_TIMEOUT);
+    vm.power_off();
+    let verdict = verify_disk(&work_dir(), &image);
+    assert!(verdict.starts_with("VIGIL-DISK-VERIFY ok"), "{verdict}");
+    assert_eq!(field(&verdict, "gaps"), 0, "{verdict}");
+    assert!(field(&verdict, "last_seq") > seq_frozen + 5, "{verdict}");
 }
