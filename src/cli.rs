@@ -179,11 +179,11 @@ pub struct RunArgs {
     pub restore: Option<PathBuf>,
     /// With --restore: attach the restored VM's NICs to these taps instead of
     /// the saved ones (repeatable, in NIC order; MAC and network stay).
-    #[arg(long, value_name = "NAME", requires = "restore")]
+    #[arg(long, value_name = "NAME")]
     pub tap: Vec<String>,
     /// With --restore: the vsock device's host socket path instead of the
     /// saved one (the CID stays).
-    #[arg(long, value_name = "PATH", requires = "restore")]
+    #[arg(long, value_name = "PATH")]
     pub vsock_socket: Option<PathBuf>,
     /// Watchdog: a vCPU or the event loop without progress for this long is
     /// reported as stuck [default: 10].

@@ -7,8 +7,26 @@ use vmm::control::{ExitReason, EXIT_ERROR};
 use crate::cli::{CpuTemplateArg, OnRebootArg, RunArgs};
 use crate::logging;
 
+/// Flags that only mean something with `--restore`. (clap's `requires`
+/// is not enough: it is waived when `--restore` conflicts with another flag
+/// given, e.g. `--config`.)
+fn check_restore_only(args: &RunArgs) -> Result<(), String> {
+    if args.restore.is_none() && (!args.tap.is_empty() || args.vsock_socket.is_some()) {
+        return Err(
+            "--tap and --vsock-socket only apply with --restore DIR; to boot a VM use --net \
+             tap=NAME and --vsock cid=N,socket=PATH"
+                .to_string(),
+        );
+    }
+    Ok(())
+}
+
 /// Runs `vigil run` and returns the process exit status.
 pub fn run(args: RunArgs) -> i32 {
+    if let Err(e) = check_restore_only(&args) {
+        eprintln!("vigil: {e}");
+        return vmm::control::EXIT_USAGE;
+    }
     if let Err(e) = logging::init(args.log_level.as_deref(), args.log_file.as_deref()) {
         eprintln!("vigil: {}", chain(&e));
         return EXIT_ERROR;
@@ -132,6 +150,39 @@ fn report(reason: &ExitReason, logs_to_file: bool) {
                 tracing::error!(error = %msg, "VMM error while running");
             }
             eprintln!("vigil: {msg}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::check_restore_only;
+    use crate::cli::{Cli, Command};
+
+    fn run_args(args: &[&str]) -> crate::cli::RunArgs {
+        let mut all = vec!["vigil", "run"];
+        all.extend(args);
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Run(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn restore_overrides_need_restore() {
+        for extra in [["--tap", "vds0"], ["--vsock-socket", "/tmp/v.sock"]] {
+            let mut args = vec!["--config", "vm.toml"];
+            args.extend(extra);
+            let e = check_restore_only(&run_args(&args)).unwrap_err();
+            assert!(
+                e.starts_with("--tap and --vsock-socket only apply with --restore"),
+                "{e}"
+            );
+            let mut args = vec!["--restore", "/tmp/snap"];
+            args.extend(extra);
+            check_restore_only(&run_args(&args)).unwrap();
         }
     }
 }
