@@ -771,6 +771,29 @@ fn snapshot_with_disk_tap_and_vsock_restores_on_other_backends() {
         field(&verdict, "last_seq") > seq_at_snapshot + 5,
         "{verdict}"
     );
+
+    // A datastore that lost the image: one precise error, nothing started.
+    let moved = work.join("disk.img.moved");
+    std::fs::rename(&image, &moved).unwrap();
+    let out = Command::new(bin())
+        .args([
+            "run",
+            "--restore",
+            snap.to_str().unwrap(),
+            "--console",
+            "none",
+        ])
+        .args(["--tap", &tap_b, "--vsock-socket", vsock2.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot restore disk {}", image.display()))
+            && err.contains("No such file"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one message: {err}");
     drop(taps);
     let _ = std::fs::remove_dir_all(&work);
 }
