@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 bench/boot.py "$@"
 python3 bench/snapshot.py
+python3 bench/snapshot.py --with-disk --out bench/results/snapshot-disk.json
 python3 bench/blk.py

@@ -12,7 +12,11 @@ and measures from spawning the restoring process to the guest running again:
 - QEMU (`-incoming exec:cat FILE`): QMP `query-status` polled every 2 ms
   until it says `running`.
 
-Writes bench/results/snapshot.json and snapshot.md.
+With --with-disk both VMs also get a virtio-blk disk (a sparse 64 MiB raw
+image; QEMU: `-device virtio-blk-device` on the microvm's virtio-mmio), so
+the restore reopens it and restores the device's queue state too.
+
+Writes bench/results/snapshot.json and snapshot.md (or --out).
 """
 import argparse
 import json
@@ -32,6 +36,8 @@ import boot  # noqa: E402  (shares the guest and marker helpers)
 
 ROOT = boot.ROOT
 WORKLOAD = " vigil.tools=off vigil.run=counter:every=1 vigil.test=run"
+# Set by --with-disk: the image both hypervisors attach.
+DISK = None
 
 
 def wait_line(proc, needle, timeout):
@@ -61,7 +67,8 @@ def vigil_save(vigil, work, memory_mib, cmdline):
     proc = subprocess.Popen(
         [vigil, "run", "--config", os.path.join(ROOT, "guest-images", "default-vm.toml"),
          "--memory", f"{memory_mib}M", "--cmdline", cmdline + WORKLOAD,
-         "--console", "stdio", "--api-socket", api],
+         "--console", "stdio", "--api-socket", api]
+        + (["--disk", f"path={DISK}"] if DISK else []),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         wait_line(proc, b"VIGIL-COUNTER 2", 300)
@@ -139,7 +146,9 @@ def qemu_args(memory_mib, cmdline, qmp):
             "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
             "-kernel", os.path.join(boot.GUEST, "vmlinux"),
             "-initrd", os.path.join(boot.GUEST, "initramfs.cpio"),
-            "-append", cmdline + WORKLOAD, "-qmp", f"unix:{qmp},server,nowait"]
+            "-append", cmdline + WORKLOAD, "-qmp", f"unix:{qmp},server,nowait"] + (
+                ["-drive", f"file={DISK},if=none,id=d0,format=raw",
+                 "-device", "virtio-blk-device,drive=d0"] if DISK else [])
 
 
 def qemu_save(work, memory_mib, cmdline):
@@ -192,7 +201,8 @@ def qemu_restore_once(work, state, memory_mib, cmdline):
 
 def table(r):
     return (
-        f"Snapshot restore, {r['guest_memory_mib']} MiB guest, {r['qemu']}\n\n"
+        f"Snapshot restore, {r['guest_memory_mib']} MiB guest"
+        f"{', with a virtio-blk disk' if r.get('with_disk') else ''}, {r['qemu']}\n\n"
         "| metric | vigil | qemu | ratio |\n|---|---|---|---|\n"
         f"| restore to guest running, median of {r['runs']} (ms) | "
         f"{r['vigil_restore_median_ms']} | {r['qemu_restore_median_ms']} | {r['ratio']} |\n"
@@ -214,9 +224,15 @@ def main():
     ap.add_argument("--memory-mib", type=int, default=256)
     ap.add_argument("--vigil", default=os.path.join(ROOT, "target", "release", "vigil"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "snapshot.json"))
+    ap.add_argument("--with-disk", action="store_true")
     a = ap.parse_args()
     cmdline = boot.default_cmdline()
     work = tempfile.mkdtemp(prefix="vigil-bench-snap-")
+    global DISK
+    if a.with_disk:
+        DISK = os.path.join(work, "disk.img")
+        with open(DISK, "wb") as f:
+            f.truncate(64 << 20)
     try:
         snap = vigil_save(a.vigil, work, a.memory_mib, cmdline)
         state = qemu_save(work, a.memory_mib, cmdline)
@@ -228,6 +244,7 @@ def main():
                   flush=True)
         r = {
             "guest_memory_mib": a.memory_mib,
+            "with_disk": a.with_disk,
             "runs": a.runs,
             "vigil_restore_median_ms": round(statistics.median(v) * 1e3, 1),
             "qemu_restore_median_ms": round(statistics.median(q) * 1e3, 1),
