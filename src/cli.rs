@@ -26,6 +26,37 @@ pub enum Command {
     Vm(VmArgs),
     /// Snapshot a running VM to a directory (restore with `vigil run --restore DIR`).
     Snapshot(SnapshotArgs),
+    /// Live-migrate a running VM to a host where `vigil run --incoming` waits.
+    Migrate(MigrateArgs),
+}
+
+/// `vigil migrate --api-socket PATH --to ADDR:PORT [...]` or `--cancel`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The VM's control API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Target ADDR:PORT (where `vigil run --incoming tcp:ADDR:PORT` listens).
+    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "cancel")]
+    pub to: Option<String>,
+    /// Longest acceptable guest pause, ms [default: 100].
+    #[arg(long, value_name = "N")]
+    pub downtime_ms: Option<u64>,
+    /// Bandwidth cap, MB/s (10^6 bytes) [default: unlimited].
+    #[arg(long, value_name = "MBPS")]
+    pub bandwidth: Option<u64>,
+    /// Give up (the VM keeps running here) after this many seconds [default: 100].
+    #[arg(long, value_name = "SECONDS")]
+    pub max_duration_s: Option<u64>,
+    /// Verify every page end to end (the target recomputes each checksum).
+    #[arg(long)]
+    pub checksum: bool,
+    /// Progress and summary as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Cancel the running migration; the VM keeps running here.
+    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "max_duration_s", "checksum"])]
+    pub cancel: bool,
 }
 
 /// `vigil vm ACTION --api-socket PATH [--json]`.
@@ -84,7 +115,7 @@ pub struct SnapshotArgs {
 /// Text shown after `vigil run --help`.
 pub const RUN_EXIT_STATUS_HELP: &str = "\
 Exit status:
-  0  the guest powered off
+  0  the guest powered off (or, on a migration source, it moved to the target)
   1  VMM error or bad input (one message on stderr)
   2  command-line usage error
   3  the guest asked for a reboot (with --on-reboot exit, the default)
@@ -174,6 +205,14 @@ pub struct RunArgs {
         "config", "kernel", "initrd", "cmdline", "cpus", "memory", "on_reboot", "cpu_template"
     ])]
     pub restore: Option<PathBuf>,
+    /// Wait for a VM migrated from another host (`vigil migrate --to`)
+    /// on tcp:ADDR:PORT and run it. The VM's config arrives with it; only
+    /// --console, --name, --api-socket and logging flags apply.
+    #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = [
+        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "on_reboot", "cpu_template",
+        "restore"
+    ])]
+    pub incoming: Option<String>,
     /// Watchdog: a vCPU or the event loop without progress for this long is
     /// reported as stuck [default: 10].
     #[arg(long, value_name = "SECONDS")]

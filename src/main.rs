@@ -1,12 +1,14 @@
 //! `vigil`: the command-line entry point.
 //!
-//! Subcommands live one per module (`run`; `vm` and `snapshot` in `vm_cmd`;
-//! `migrate`, `agent` and `cluster` will join as their own modules and
-//! variants of [`cli::Command`]). Each returns the process exit status; this
+//! Subcommands live one per module (`run`, with `--incoming`; `vm` and
+//! `snapshot` in `vm_cmd`; `migrate` in `migrate_cmd`; `agent` and
+//! `cluster` will join as their own modules and variants of
+//! [`cli::Command`]). Each returns the process exit status; this
 //! file only parses, sets up logging, and exits.
 
 mod cli;
 mod logging;
+mod migrate_cmd;
 mod run;
 mod signals;
 mod vm_cmd;
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Vm(args) => vm_cmd::vm(args),
         cli::Command::Snapshot(args) => vm_cmd::snapshot(args),
+        cli::Command::Migrate(args) => migrate_cmd::migrate(args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -14,14 +14,18 @@ pub fn run(args: RunArgs) -> i32 {
         return EXIT_ERROR;
     }
     let logs_to_file = args.log_file.is_some();
+    let host = hostname();
     let mut opts = vmm::RunOptions {
         api_socket: args.api_socket.clone(),
+        migration: Some(vmm::migration_hook::HookRef(std::sync::Arc::new(
+            migration::machine::Outgoing::new(&host),
+        ))),
         ..Default::default()
     };
     if let Some(t) = args.watchdog_threshold_s {
         opts.watchdog_threshold = std::time::Duration::from_secs(t.max(1));
     }
-    if let Some(dir) = &args.restore {
+    if args.restore.is_some() || args.incoming.is_some() {
         let console = match args.console.as_deref().map(vmm::config::ConsoleMode::parse) {
             None => None,
             Some(Ok(c)) => Some(c),
@@ -33,6 +37,12 @@ pub fn run(args: RunArgs) -> i32 {
         let ov = vmm::snapshot::RestoreOverrides {
             console,
             name: args.name.clone(),
+        };
+        if let Some(spec) = &args.incoming {
+            return incoming(spec, &host, ov, opts, logs_to_file);
+        }
+        let Some(dir) = &args.restore else {
+            return EXIT_ERROR;
         };
         return match vmm::snapshot::restore(dir, ov, &opts) {
             Ok(reason) => {
@@ -76,6 +86,55 @@ pub fn run(args: RunArgs) -> i32 {
     }
 }
 
+/// This host's name, for migration messages.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+/// `vigil run --incoming tcp:ADDR:PORT`: wait for one migrated VM, run it.
+fn incoming(
+    spec: &str,
+    host: &str,
+    overrides: vmm::snapshot::RestoreOverrides,
+    run: vmm::RunOptions,
+    logs_to_file: bool,
+) -> i32 {
+    let Some(listen) = spec.strip_prefix("tcp:") else {
+        eprintln!("vigil: --incoming `{spec}` must be tcp:ADDR:PORT, e.g. tcp:0.0.0.0:5253");
+        return EXIT_ERROR;
+    };
+    let opts = migration::machine::IncomingOptions {
+        listen: listen.to_string(),
+        target: migration::TargetOptions {
+            host: host.to_string(),
+            ..Default::default()
+        },
+        overrides,
+        run,
+        networks: Default::default(),
+    };
+    let result = migration::machine::run_incoming(opts, |addr| {
+        // Scripts and tests wait for this line before starting the source.
+        eprintln!("vigil: waiting for an incoming migration on tcp:{addr}");
+    });
+    match result {
+        Ok(reason) => {
+            report(&reason, logs_to_file);
+            reason.exit_code()
+        }
+        Err(e) => {
+            let msg = chain(&e);
+            if logs_to_file {
+                tracing::error!(error = %msg, "incoming migration failed");
+            }
+            eprintln!("vigil: {msg}");
+            EXIT_ERROR
+        }
+    }
+}
+
 /// The error and its causes on one line: "a: b: c".
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -115,6 +174,7 @@ fn report(reason: &ExitReason, logs_to_file: bool) {
         ExitReason::Reboot => tracing::info!("guest requested reboot"),
         ExitReason::HostPowerOff => tracing::info!("powered off through the control API"),
         ExitReason::Snapshotted => tracing::info!("stopped after a snapshot"),
+        ExitReason::Migrated => tracing::info!("migrated to another host; stopped here"),
         ExitReason::Crash {
             vcpu,
             reason,

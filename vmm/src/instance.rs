@@ -34,7 +34,7 @@ use crate::devices::serial::{SerialArgs, SerialDevice, SerialError, COM1_IRQ};
 use crate::devices::virtio::attach::{self, AttachError};
 use crate::devices::PioBus;
 use crate::machine::Machine;
-use crate::memory::{self, MemoryError};
+use crate::memory::{self, GuestMemory, MemoryError};
 use crate::persist::Persist;
 use crate::snapshot::{self, RestoreOverrides, SnapshotError, VmState};
 use crate::vm::{self, Vm, VmError};
@@ -178,6 +178,11 @@ pub struct RunOptions {
     pub api_socket: Option<PathBuf>,
     /// Watchdog stall threshold.
     pub watchdog_threshold: Duration,
+    /// Live migration for the API's `/vm/migrate` routes.
+    pub migration: Option<crate::migration_hook::HookRef>,
+    /// Told once the vCPU threads run (an incoming migration acknowledges
+    /// the source only then).
+    pub on_running: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Default for RunOptions {
@@ -185,6 +190,8 @@ impl Default for RunOptions {
         Self {
             api_socket: None,
             watchdog_threshold: watchdog::DEFAULT_THRESHOLD,
+            migration: None,
+            on_running: None,
         }
     }
 }
@@ -208,7 +215,7 @@ pub fn run_restored(
         _ => None,
     };
     tracing::info!(stage = "restore", dir = %dir.display(), "restoring guest");
-    let mut restore = Some((dir.to_path_buf(), state));
+    let mut restore = Some(Restore::Dir(dir.to_path_buf(), state));
     loop {
         let reason = run_once(&kvm, &cfg, opts, restore.take())?;
         match (&reason, cfg.on_reboot) {
@@ -219,6 +226,46 @@ pub fn run_restored(
             _ => return Ok(reason),
         }
     }
+}
+
+/// Runs a VM received by live migration: `mem` already holds its RAM,
+/// `state` the rest. Like [`run_restored`] otherwise (a later reboot with
+/// `on_reboot = restart` boots the kernel afresh).
+pub fn run_incoming(
+    mem: GuestMemory,
+    state: VmState,
+    overrides: RestoreOverrides,
+    opts: &RunOptions,
+) -> Result<ExitReason, Error> {
+    let cfg = state.config.to_config(&overrides);
+    let span = tracing::info_span!("vm", vm = %cfg.name);
+    let _e = span.enter();
+    let kvm = vm::open_kvm()?;
+    install_kick_handler()?;
+    let _terminal = match cfg.console {
+        ConsoleMode::Stdio => TerminalGuard::enter()?,
+        _ => None,
+    };
+    tracing::info!(stage = "incoming", "starting the migrated guest");
+    let mut restore = Some(Restore::Memory(mem, state));
+    loop {
+        let reason = run_once(&kvm, &cfg, opts, restore.take())?;
+        match (&reason, cfg.on_reboot) {
+            (ExitReason::Reboot, OnReboot::Restart) => {
+                preflight(&cfg)?;
+                tracing::info!(stage = "reboot", "guest rebooted; booting it afresh");
+            }
+            _ => return Ok(reason),
+        }
+    }
+}
+
+/// Where a restored VM's state comes from.
+enum Restore {
+    /// A snapshot directory (memory read from its memory file).
+    Dir(PathBuf, VmState),
+    /// Live migration: memory already filled.
+    Memory(GuestMemory, VmState),
 }
 
 /// How a VM starts: a fresh boot at the kernel's entry, or from saved state.
@@ -232,7 +279,7 @@ fn run_once(
     kvm: &kvm_ioctls::Kvm,
     cfg: &VmConfig,
     opts: &RunOptions,
-    restore: Option<(PathBuf, VmState)>,
+    restore: Option<Restore>,
 ) -> Result<ExitReason, Error> {
     // Bind first: a socket in use is a user error worth failing on before
     // any memory is allocated.
@@ -240,7 +287,14 @@ fn run_once(
         Some(p) => Some(ApiServer::bind(p)?),
         None => None,
     };
-    let mem = memory::create_guest_memory(cfg.memory_bytes)?;
+    let (mem, restore) = match restore {
+        Some(Restore::Memory(mem, state)) => (mem, Some((None, state))),
+        Some(Restore::Dir(dir, state)) => (
+            memory::create_guest_memory(cfg.memory_bytes)?,
+            Some((Some(dir), state)),
+        ),
+        None => (memory::create_guest_memory(cfg.memory_bytes)?, None),
+    };
     let vm = Vm::new(kvm, &mem)?;
     // Virtio devices come from the config (a restored VM has none: snapshots
     // of VMs with virtio devices are refused until their state is saved).
@@ -250,7 +304,9 @@ fn run_once(
     // is created (see cpu::state::restore for the per-vCPU order).
     let start = match &restore {
         Some((dir, state)) => {
-            snapshot::memory::restore(&mem, &state.memory, &dir.join(snapshot::MEMORY_FILE))?;
+            if let Some(dir) = dir {
+                snapshot::memory::restore(&mem, &state.memory, &dir.join(snapshot::MEMORY_FILE))?;
+            }
             vm.restore_state(&state.vm)?;
             Start::Restore(state)
         }
@@ -317,8 +373,8 @@ fn run_once(
         .map(Arc::new)
         .collect();
 
-    let restored_from = restore.map(|(d, _)| d);
-    let machine = Arc::new(Machine::new(
+    let restored_from = restore.and_then(|(d, _)| d);
+    let mut machine = Machine::new(
         cfg.clone(),
         vm,
         mem,
@@ -327,7 +383,9 @@ fn run_once(
         exit.clone(),
         caps,
         restored_from,
-    ));
+    );
+    machine.migration = opts.migration.clone();
+    let machine = Arc::new(machine);
     crate::devices::virtio::hooks::register(&machine, &virtio);
 
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -347,6 +405,9 @@ fn run_once(
     }
     gate.set_threads(threads);
     tracing::info!(stage = "running", vcpus = cfg.vcpus, "guest running");
+    if let Some(tx) = &opts.on_running {
+        let _ = tx.send(());
+    }
 
     let api_stop = Arc::new(AtomicBool::new(false));
     let api_thread = match api {

@@ -112,6 +112,8 @@ pub struct Machine {
     pub loop_progress: AtomicU64,
     /// The watchdog's latest findings.
     pub watchdog: Mutex<WatchdogReport>,
+    /// Live migration, when the binary installed it.
+    pub migration: Option<crate::migration_hook::HookRef>,
     control: Mutex<()>,
 }
 
@@ -143,6 +145,7 @@ impl Machine {
             pause_hooks: Mutex::new(Vec::new()),
             loop_progress: AtomicU64::new(0),
             watchdog: Mutex::new(WatchdogReport::default()),
+            migration: None,
             control: Mutex::new(()),
         }
     }
@@ -150,6 +153,22 @@ impl Machine {
     /// Serialises pause/resume/snapshot.
     pub fn control_lock(&self) -> MutexGuard<'_, ()> {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pauses the devices only (after the vCPUs are parked): in-flight
+    /// requests complete and nothing writes guest memory until
+    /// [`Self::resume_devices`]. Live migration's quiesce step.
+    pub fn pause_devices(&self) {
+        for h in self.hooks() {
+            h.pause();
+        }
+    }
+
+    /// Undoes [`Self::pause_devices`].
+    pub fn resume_devices(&self) {
+        for h in self.hooks() {
+            h.resume();
+        }
     }
 
     /// Pauses all vCPUs (returns when they are parked), then the devices.

@@ -1,0 +1,646 @@
+//! End-to-end live migration: the real `vigil` binary, real KVM, a real
+//! guest, source and target VMM processes on this host over loopback TCP.
+//!
+//! The guest runs two workloads (see README.md): `dirty` rewrites a word in
+//! every page of a 32 MiB buffer pass after pass, flat out, and checks that
+//! each page still holds the previous pass's stamp (a page the migration
+//! lost shows as `VIGIL-DIRTY-MISMATCH`); it also reports the longest gap
+//! its loop saw (the guest-side downtime meter). `counter` prints
+//! `VIGIL-COUNTER n uptime_ms=` every second (continuity, and kvmclock: the
+//! guest's uptime must not go backwards or jump).
+//!
+//! The guest boots once into a base snapshot (`--stop`); every case restores
+//! it as the source (well under a second), starts a target with
+//! `vigil run --incoming`, and migrates. Failure cases go through a small
+//! TCP relay in this file that can cut, truncate or corrupt the stream, and
+//! each checks that the guest keeps running on the source with its memory
+//! intact and that the target exits without ever running it. Tests hold the
+//! guest lock (one guest at a time) and use ports 47200-47299.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::guest_lock;
+
+static BASE: OnceLock<PathBuf> = OnceLock::new();
+
+const BOOT_TIMEOUT: Duration = common::GUEST_TIMEOUT;
+const STEP_TIMEOUT: Duration = common::QUICK_TIMEOUT;
+/// A migration of the 128 MiB test guest takes well under a second at full
+/// speed; bandwidth-capped cases take tens of seconds.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(200);
+
+fn work_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmg-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vigil")
+}
+
+/// A `vigil` process (source VMM, target VMM) with its console in a file;
+/// killed on drop.
+struct Vmm {
+    child: Child,
+    console: PathBuf,
+    socket: PathBuf,
+    name: String,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Vmm {
+    fn spawn(name: &str, args: &[&str]) -> Self {
+        let dir = work_dir();
+        let console = dir.join(format!("{name}.console"));
+        let socket = dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&console);
+        let mut all: Vec<String> = vec![
+            "run".into(),
+            "--console".into(),
+            format!("file:{}", console.display()),
+            "--api-socket".into(),
+            socket.display().to_string(),
+            "--log-level".into(),
+            "info".into(),
+            "--log-file".into(),
+            dir.join(format!("{name}.log")).display().to_string(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let mut child = Command::new(bin())
+            .args(&all)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start vigil");
+        let (stderr, _) = common::reader(child.stderr.take().unwrap());
+        Self {
+            child,
+            console,
+            socket,
+            name: name.to_string(),
+            stderr,
+        }
+    }
+
+    fn boot() -> Self {
+        let cmdline = common::guest_cmdline(
+            "vigil.tools=off vigil.run=dirty:mib=32,rate=0,report=1+counter:every=1",
+        );
+        let cfg = common::guest_config();
+        let v = Self::spawn(
+            "boot",
+            &["--config", cfg.to_str().unwrap(), "--cmdline", &cmdline],
+        );
+        v.wait_for(BOOT_TIMEOUT, "the dirtier's first report", |v| {
+            dirty_reports(&v.console_text()).len() >= 2 && v.last_counter().is_some()
+        });
+        v
+    }
+
+    /// The base snapshot restored as a source VM, running (its dirtier has
+    /// reported since the restore).
+    fn source(name: &str) -> Self {
+        let v = Self::spawn(name, &["--restore", base_snapshot().to_str().unwrap()]);
+        v.wait_for(STEP_TIMEOUT, "the restored dirtier's report", |v| {
+            !dirty_reports(&v.console_text()).is_empty()
+        });
+        v
+    }
+
+    /// A target listening on `port`.
+    fn target(name: &str, port: u16) -> Self {
+        let listen = format!("tcp:127.0.0.1:{port}");
+        let v = Self::spawn(name, &["--incoming", &listen]);
+        v.wait_for(STEP_TIMEOUT, "the target to listen", |v| {
+            v.stderr_text()
+                .contains("waiting for an incoming migration")
+        });
+        v
+    }
+
+    fn console_text(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    fn last_counter(&self) -> Option<(u64, u64)> {
+        counters(&self.console_text()).last().copied()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn wait_for(&self, timeout: Duration, what: &str, mut ok: impl FnMut(&Self) -> bool) {
+        let start = Instant::now();
+        while !ok(self) {
+            assert!(
+                start.elapsed() < timeout,
+                "{}: timed out after {timeout:?} waiting for {what}; stderr:\n{}\nconsole:\n{}",
+                self.name,
+                self.stderr_text(),
+                self.console_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin())
+            .args(args)
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+
+    /// Starts `vigil migrate --json` against this VM in the background.
+    fn migrate_bg(&self, port: u16, extra: &[&str]) -> Child {
+        Command::new(bin())
+            .args(["migrate", "--json", "--to", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits for the process to end; its exit status.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `vigil migrate` run to its end: status, JSON lines, stderr.
+struct MigrateRun {
+    code: Option<i32>,
+    lines: Vec<serde_json::Value>,
+    stderr: String,
+}
+
+impl std::fmt::Debug for MigrateRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {:?}\nstderr: {}\n", self.code, self.stderr)?;
+        for l in &self.lines {
+            writeln!(f, "{l}")?;
+        }
+        Ok(())
+    }
+}
+
+impl MigrateRun {
+    fn last(&self) -> &serde_json::Value {
+        self.lines.last().expect("vigil migrate printed no JSON")
+    }
+}
+
+fn finish(child: Child, timeout: Duration) -> MigrateRun {
+    let mut child = child;
+    let (out, t_out) = common::reader(child.stdout.take().unwrap());
+    let (err, t_err) = common::reader(child.stderr.take().unwrap());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = t_out.join();
+    let _ = t_err.join();
+    let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&err.lock().unwrap()).into_owned();
+    MigrateRun {
+        code: status.and_then(|s| s.code()),
+        lines: text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+        stderr,
+    }
+}
+
+/// `(pass, max_gap_ms, mismatches)` of every `VIGIL-DIRTY` report
+/// (`max_gap_ms`: the longest the loop did not run since the previous
+/// report).
+fn dirty_reports(console: &str) -> Vec<(u64, f64, u64)> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("VIGIL-DIRTY pass="))
+        .filter_map(|r| {
+            let mut it = r.split_whitespace();
+            let pass = it.next()?.parse().ok()?;
+            let gap = it.next()?.strip_prefix("max_gap_ms=")?.parse().ok()?;
+            let _total = it.next()?;
+            let mm = it.next()?.strip_prefix("mismatches=")?.parse().ok()?;
+            Some((pass, gap, mm))
+        })
+        .collect()
+}
+
+/// `(n, uptime_ms)` of every complete `VIGIL-COUNTER` line.
+fn counters(console: &str) -> Vec<(u64, u64)> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("VIGIL-COUNTER "))
+        .filter_map(|r| {
+            let (n, up) = r.split_once(" uptime_ms=")?;
+            Some((n.parse().ok()?, up.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The guest's memory is intact on this console: no mismatch reported.
+fn assert_no_lost_pages(who: &str, console: &str) {
+    assert!(
+        !console.contains("VIGIL-DIRTY-MISMATCH"),
+        "{who}: the dirtier found stale pages (a lost dirty page):\n{console}"
+    );
+    for (pass, _, mm) in dirty_reports(console) {
+        assert_eq!(mm, 0, "{who}: mismatches at pass {pass}:\n{console}");
+    }
+}
+
+/// The base snapshot: the guest booted once with both workloads running,
+/// stopped by `vigil snapshot --stop`. Call with the guest lock held.
+fn base_snapshot() -> PathBuf {
+    if let Some(p) = BASE.get() {
+        return p.clone();
+    }
+    let vm = Vmm::boot();
+    let dir = work_dir().join("base");
+    let (code, out, err) = vm.cli(&["snapshot", "--to", dir.to_str().unwrap(), "--stop"]);
+    assert_eq!(code, 0, "snapshot failed: {out}{err}");
+    let mut vm = vm;
+    assert_eq!(vm.wait_exit(STEP_TIMEOUT), Some(0), "{}", vm.stderr_text());
+    BASE.get_or_init(|| dir).clone()
+}
+
+/// After a failed migration: the source VMM still runs the guest (new
+/// dirtier reports and counters after `since`, memory intact), and the
+/// target exited with status 1 without ever running it (empty console).
+fn assert_source_survived(src: &mut Vmm, tgt: Option<&mut Vmm>) {
+    let before = dirty_reports(&src.console_text()).len();
+    let counter = src.last_counter().map(|c| c.0);
+    src.wait_for(STEP_TIMEOUT, "the source guest to go on", |v| {
+        dirty_reports(&v.console_text()).len() >= before + 2
+            && v.last_counter().map(|c| c.0) > counter
+    });
+    assert!(src.running(), "the source VMM exited");
+    assert_no_lost_pages("source", &src.console_text());
+    assert_consecutive(&src.console_text());
+    if let Some(t) = tgt {
+        assert_eq!(
+            t.wait_exit(STEP_TIMEOUT),
+            Some(1),
+            "target should exit with status 1; stderr:\n{}",
+            t.stderr_text()
+        );
+        assert!(
+            t.console_text().is_empty(),
+            "the target ran the guest:\n{}",
+            t.console_text()
+        );
+    }
+}
+
+fn assert_consecutive(console: &str) {
+    let c: Vec<u64> = counters(console).iter().map(|c| c.0).collect();
+    for w in c.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "counter sequence {c:?} broken:\n{console}");
+    }
+}
+
+/// Migrates a source restored from the base snapshot to a new target on
+/// `port` with `extra` flags, checks everything a successful migration
+/// promises, and returns the summary.
+fn migrate_and_verify(name: &str, port: u16, extra: &[&str]) -> serde_json::Value {
+    let mut src = Vmm::source(&format!("{name}-src"));
+    let mut tgt = Vmm::target(&format!("{name}-tgt"), port);
+    let run = finish(src.migrate_bg(port, extra), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(0), "vigil migrate failed: {run:?}");
+    let last = run.last();
+    assert_eq!(last["state"], "succeeded", "{run:?}");
+    assert!(
+        run.lines.iter().any(|l| l["state"] == "running"),
+        "no progress line: {run:?}"
+    );
+    let summary = last["summary"].clone();
+    for k in [
+        "total_s",
+        "downtime_ms",
+        "bytes_sent",
+        "rounds",
+        "max_throttle",
+    ] {
+        assert!(summary.get(k).is_some(), "summary lacks {k}: {summary}");
+    }
+
+    // The source stops once the target acknowledged.
+    assert_eq!(
+        src.wait_exit(STEP_TIMEOUT),
+        Some(0),
+        "source VMM after migrating: {}",
+        src.stderr_text()
+    );
+    let src_console = src.console_text();
+    assert_no_lost_pages("source", &src_console);
+
+    // The target runs the same guest: its dirtier goes on verifying every
+    // page each pass, and reports twice more with no mismatch.
+    tgt.wait_for(STEP_TIMEOUT, "two dirtier reports on the target", |v| {
+        dirty_reports(&v.console_text()).len() >= 2 && v.last_counter().is_some()
+    });
+    assert!(tgt.running(), "target VMM exited: {}", tgt.stderr_text());
+    let tgt_console = tgt.console_text();
+    assert_no_lost_pages("target", &tgt_console);
+    let src_passes = dirty_reports(&src_console).last().map_or(0, |r| r.0);
+    let tgt_first = dirty_reports(&tgt_console)[0].0;
+    assert!(
+        tgt_first > src_passes,
+        "the dirtier restarted on the target (pass {tgt_first} after {src_passes})"
+    );
+
+    // The counter continues (not restarted), and the guest's clock neither
+    // goes backwards nor jumps: a 1 s counter's next line comes about 1 s
+    // of guest uptime later.
+    let (sn, sup) = *counters(&src_console).last().expect("source counter");
+    let (tn, tup) = counters(&tgt_console)[0];
+    assert!(
+        tn == sn + 1 || tn == sn + 2,
+        "counter went from {sn} on the source to {tn} on the target"
+    );
+    let step = tup as i64 - sup as i64;
+    let expect = 1000 * (tn - sn) as i64;
+    assert!(
+        (expect - 500..=expect + 1500).contains(&step),
+        "guest uptime moved by {step} ms over {} counter steps (kvmclock)",
+        tn - sn
+    );
+    assert_consecutive(&tgt_console);
+    // The guest-side downtime meter: the longest gap the dirtier's loop saw
+    // in the report interval that spans the switchover.
+    let meter = dirty_reports(&tgt_console)[0].1;
+    eprintln!(
+        "{name}: total {:.3} s, downtime {:.1} ms at the source, guest stall meter {meter} ms, \
+         {} bytes, {} rounds, max throttle {}%",
+        summary["total_s"].as_f64().unwrap_or(0.0),
+        summary["downtime_ms"].as_f64().unwrap_or(0.0),
+        summary["bytes_sent"],
+        summary["rounds"],
+        summary["max_throttle"]
+    );
+    summary
+}
+
+#[test]
+fn dirtying_guest_migrates_with_every_page_intact() {
+    let _g = guest_lock();
+    let s = migrate_and_verify("full", 47201, &["--checksum"]);
+    assert_eq!(s["max_throttle"], 0, "unlimited link: no throttle needed");
+}
+
+#[test]
+fn dirty_rate_above_the_link_converges_by_throttling() {
+    let _g = guest_lock();
+    // 32 MiB rewritten flat out, over a 40 MB/s link: the dirty set never
+    // fits 100 ms without slowing the guest.
+    let s = migrate_and_verify("throttled", 47202, &["--bandwidth", "40"]);
+    assert!(
+        s["max_throttle"].as_u64().unwrap_or(0) > 0,
+        "auto-converge never throttled: {s}"
+    );
+}
+
+/// A TCP relay between the source and the target that can cut, truncate
+/// or corrupt the source's stream after `after` bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    /// Close both directions (a cut connection / truncated stream).
+    Cut,
+    /// Flip one bit of the byte at that offset, then carry on.
+    Corrupt,
+}
+
+struct Relay {
+    forwarded: Arc<AtomicU64>,
+    done: Arc<AtomicBool>,
+}
+
+impl Relay {
+    /// Listens on `listen`, relays one connection to `to`.
+    fn start(listen: u16, to: u16, fault: Fault, after: u64) -> Self {
+        let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let (fw, dn) = (forwarded.clone(), done.clone());
+        std::thread::spawn(move || {
+            let Ok((a, _)) = l.accept() else { return };
+            let b = TcpStream::connect(("127.0.0.1", to)).unwrap();
+            let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            // Target to source: plain copy.
+            std::thread::spawn(move || pump(b2, a2));
+            let (mut a, mut b) = (a, b);
+            let mut buf = vec![0u8; 64 << 10];
+            let mut total = 0u64;
+            let mut faulted = false;
+            loop {
+                let n = match a.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let chunk = &mut buf[..n];
+                if !faulted && total + n as u64 > after {
+                    let at = (after - total) as usize;
+                    faulted = true;
+                    match fault {
+                        Fault::Cut => {
+                            let _ = b.write_all(&chunk[..at]);
+                            let _ = a.shutdown(Shutdown::Both);
+                            let _ = b.shutdown(Shutdown::Both);
+                            break;
+                        }
+                        Fault::Corrupt => chunk[at] ^= 0x10,
+                    }
+                }
+                if b.write_all(chunk).is_err() {
+                    break;
+                }
+                total += n as u64;
+                fw.store(total, Ordering::SeqCst);
+            }
+            let _ = b.shutdown(Shutdown::Write);
+            dn.store(true, Ordering::SeqCst);
+        });
+        Self { forwarded, done }
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Runs a migration through a faulty relay and checks it fails with
+/// `expect` in the error while the guest stays on the source.
+fn fault_case(name: &str, port: u16, fault: Fault, after: u64, expect: &str) {
+    let _g = guest_lock();
+    let mut src = Vmm::source(&format!("{name}-src"));
+    let mut tgt = Vmm::target(&format!("{name}-tgt"), port);
+    let relay = Relay::start(port + 50, port, fault, after);
+    let run = finish(src.migrate_bg(port + 50, &[]), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(1), "the migration should fail: {run:?}");
+    assert!(
+        run.stderr.contains(expect),
+        "error should mention `{expect}`: {run:?}"
+    );
+    assert!(
+        run.stderr.contains("the VM keeps running on this host"),
+        "{run:?}"
+    );
+    assert!(relay.forwarded.load(Ordering::SeqCst) > 0 || relay.done.load(Ordering::SeqCst));
+    assert_source_survived(&mut src, Some(&mut tgt));
+}
+
+#[test]
+fn connection_cut_during_precopy_leaves_the_guest_on_the_source() {
+    // 4 MiB into the stream: in the full copy.
+    fault_case(
+        "cut",
+        47203,
+        Fault::Cut,
+        4 << 20,
+        "migration failed at precopy",
+    );
+}
+
+#[test]
+fn corrupted_stream_is_detected_and_the_guest_stays() {
+    fault_case(
+        "corrupt",
+        47204,
+        Fault::Corrupt,
+        2 << 20,
+        "migration failed",
+    );
+}
+
+#[test]
+fn truncated_handshake_fails_cleanly() {
+    // Cut inside the first frames (hello / pre-checks).
+    fault_case("trunc", 47205, Fault::Cut, 40, "migration failed at");
+}
+
+/// A slow migration (capped link) to cancel or break while it copies.
+fn slow_migration(name: &str, port: u16) -> (Vmm, Vmm, Child) {
+    let src = Vmm::source(&format!("{name}-src"));
+    let tgt = Vmm::target(&format!("{name}-tgt"), port);
+    let child = src.migrate_bg(port, &["--bandwidth", "5"]);
+    // Wait until memory is moving.
+    tgt.wait_for(STEP_TIMEOUT, "pre-copy to start", |_| {
+        std::fs::read_to_string(work_dir().join(format!("{name}-tgt.log")))
+            .unwrap_or_default()
+            .contains("receiving memory")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    (src, tgt, child)
+}
+
+#[test]
+fn cancel_during_precopy_keeps_the_guest_on_the_source() {
+    let _g = guest_lock();
+    let (mut src, mut tgt, child) = slow_migration("cancel", 47206);
+    let (code, out, err) = src.cli(&["migrate", "--cancel"]);
+    assert_eq!(code, 0, "cancel: {out}{err}");
+    let run = finish(child, MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.last()["state"], "cancelled", "{run:?}");
+    assert!(run.stderr.contains("cancelled"), "{run:?}");
+    assert_source_survived(&mut src, Some(&mut tgt));
+    // Nothing left to cancel.
+    let (code, _, err) = src.cli(&["migrate", "--cancel"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no migration is running"), "{err}");
+}
+
+#[test]
+fn target_killed_during_precopy_keeps_the_guest_on_the_source() {
+    let _g = guest_lock();
+    let (mut src, mut tgt, child) = slow_migration("kill", 47207);
+    let _ = tgt.child.kill();
+    let _ = tgt.child.wait();
+    let run = finish(child, MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.last()["state"], "failed", "{run:?}");
+    assert!(
+        run.stderr.contains("migration failed at precopy"),
+        "{run:?}"
+    );
+    assert_source_survived(&mut src, None);
+}
+
+#[test]
+fn no_target_listening_is_one_clear_error() {
+    let _g = guest_lock();
+    let mut src = Vmm::source("refused-src");
+    let run = finish(src.migrate_bg(47208, &[]), STEP_TIMEOUT);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("cannot connect to the target 127.0.0.1:47208"),
+        "{run:?}"
+    );
+    assert_source_survived(&mut src, None);
+}
+
+#[test]
+fn incoming_flag_is_validated() {
+    let o = common::vigil(&["run", "--incoming", "127.0.0.1:47209"], STEP_TIMEOUT);
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(o.stderr.contains("must be tcp:ADDR:PORT"), "{o:?}");
+}
