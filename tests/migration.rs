@@ -576,6 +576,136 @@ fn truncated_handshake_fails_cleanly() {
     fault_case("trunc", 47205, Fault::Cut, 40, "migration failed at");
 }
 
+/// Reads one whole frame (header + payload) as raw bytes, or None at EOF.
+fn read_frame(r: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut f = vec![0u8; migration::protocol::HEADER_LEN];
+    r.read_exact(&mut f).ok()?;
+    let len = u32::from_le_bytes(f[8..12].try_into().unwrap()) as usize;
+    f.resize(migration::protocol::HEADER_LEN + len, 0);
+    r.read_exact(&mut f[migration::protocol::HEADER_LEN..])
+        .ok()?;
+    Some(f)
+}
+
+fn frame_type(f: &[u8]) -> u16 {
+    u16::from_le_bytes([f[4], f[5]])
+}
+
+/// What a frame relay does with one frame: pass it on (possibly
+/// rewritten), or cut both directions.
+type FrameHook = Box<dyn FnMut(Vec<u8>) -> Option<Vec<u8>> + Send>;
+
+/// A relay that forwards whole frames, giving each to a hook per direction
+/// (the wire layout is documented in `migration::protocol`).
+fn frame_relay(listen: u16, to: u16, mut src_hook: FrameHook, mut tgt_hook: FrameHook) {
+    let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+    std::thread::spawn(move || {
+        let Ok((a, _)) = l.accept() else { return };
+        let b = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            while let Some(f) = read_frame(&mut b2) {
+                match tgt_hook(f) {
+                    Some(f) if a2.write_all(&f).is_ok() => {}
+                    _ => break,
+                }
+            }
+            let _ = a2.shutdown(Shutdown::Both);
+            let _ = b2.shutdown(Shutdown::Both);
+        });
+        let (mut a, mut b) = (a, b);
+        while let Some(f) = read_frame(&mut a) {
+            match src_hook(f) {
+                Some(f) if b.write_all(&f).is_ok() => {}
+                _ => break,
+            }
+        }
+        let _ = a.shutdown(Shutdown::Both);
+        let _ = b.shutdown(Shutdown::Both);
+    });
+}
+
+#[test]
+fn target_killed_during_switchover_keeps_the_guest_on_the_source() {
+    let _g = guest_lock();
+    let mut src = Vmm::source("killsw-src");
+    let mut tgt = Vmm::target("killsw-tgt", 47210);
+    let pid = tgt.child.id();
+    let killed = Arc::new(AtomicBool::new(false));
+    let k = killed.clone();
+    // The source's State frame goes out while the guest is paused on the
+    // source (stun done, switchover): kill the target right then.
+    let on_src: FrameHook = Box::new(move |f| {
+        if frame_type(&f) == migration::protocol::MessageType::State as u16 {
+            // SAFETY: kill(2) on the target VMM's pid, a child of this
+            // process that has not been reaped (it is waited on below).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            k.store(true, Ordering::SeqCst);
+            return None;
+        }
+        Some(f)
+    });
+    frame_relay(47260, 47210, on_src, Box::new(Some));
+    let run = finish(src.migrate_bg(47260, &[]), MIGRATE_TIMEOUT);
+    assert!(
+        killed.load(Ordering::SeqCst),
+        "never reached switchover: {run:?}"
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("migration failed at switchover"),
+        "{run:?}"
+    );
+    assert!(
+        tgt.wait_exit(STEP_TIMEOUT).is_none(),
+        "the target was killed"
+    );
+    assert!(tgt.console_text().is_empty(), "the target ran the guest");
+    assert_source_survived(&mut src, None);
+}
+
+#[test]
+fn version_mismatch_names_both_sides_and_the_guest_stays() {
+    let _g = guest_lock();
+    let mut src = Vmm::source("version-src");
+    let mut tgt = Vmm::target("version-tgt", 47211);
+    // The target's Hello rewritten as a newer vigil's would be: it speaks
+    // only a protocol version this source does not know.
+    let newer = migration::protocol::VERSION_MAX + 1;
+    let mut enc = migration::protocol::Encoder::new();
+    let on_tgt: FrameHook = Box::new(move |f| {
+        let mut dec = migration::protocol::Decoder::new();
+        dec.push(&f);
+        let m = dec.next_message().ok()??;
+        let m = match m {
+            migration::protocol::Message::Hello(mut h) => {
+                h.version_min = newer;
+                h.version_max = newer;
+                migration::protocol::Message::Hello(h)
+            }
+            other => other,
+        };
+        let mut out = Vec::new();
+        enc.send(&mut out, &m).ok()?;
+        Some(out)
+    });
+    frame_relay(47261, 47211, Box::new(Some), on_tgt);
+    let run = finish(src.migrate_bg(47261, &[]), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("migration failed at connect"),
+        "{run:?}"
+    );
+    let v = migration::protocol::VERSION_MAX;
+    for want in [format!("{newer}"), format!("{v}")] {
+        assert!(
+            run.stderr.contains(&want),
+            "error should name version {want}: {run:?}"
+        );
+    }
+    assert_source_survived(&mut src, Some(&mut tgt));
+}
+
 /// A slow migration (capped link) to cancel or break while it copies.
 fn slow_migration(name: &str, port: u16) -> (Vmm, Vmm, Child) {
     let src = Vmm::source(&format!("{name}-src"));
