@@ -200,19 +200,37 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
     /// Restore the VM saved in DIR (by `vigil snapshot`) instead of booting.
-    /// Only --console, --name, --api-socket and logging flags apply.
+    /// Its disks, NICs and vsock device are reopened as saved; only
+    /// --console, --name, --api-socket, --tap, --vsock-socket and logging
+    /// flags apply.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "on_reboot", "cpu_template"
+        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "on_reboot", "cpu_template",
+        "disk", "vsock", "net"
     ])]
     pub restore: Option<PathBuf>,
     /// Wait for a VM migrated from another host (`vigil migrate --to`)
     /// on tcp:ADDR:PORT and run it. The VM's config arrives with it; only
-    /// --console, --name, --api-socket and logging flags apply.
+    /// --console, --name, --api-socket, --tap, --vsock-socket, --network
+    /// and logging flags apply.
     #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = [
         "config", "kernel", "initrd", "cmdline", "cpus", "memory", "on_reboot", "cpu_template",
-        "restore"
+        "restore", "disk", "vsock", "net"
     ])]
     pub incoming: Option<String>,
+    /// With --incoming: a network (port group) this host offers, as NICs
+    /// name it with `network=` (repeatable; case-sensitive). A VM whose
+    /// NICs use a network not listed is refused by the pre-checks.
+    #[arg(long, value_name = "NAME", requires = "incoming")]
+    pub network: Vec<String>,
+    /// With --restore or --incoming: attach the VM's NICs to these taps
+    /// instead of the saved (source's) ones (repeatable, in NIC order; MAC
+    /// and network stay).
+    #[arg(long, value_name = "NAME")]
+    pub tap: Vec<String>,
+    /// With --restore or --incoming: the vsock device's host socket path
+    /// instead of the saved (source's) one (the CID stays).
+    #[arg(long, value_name = "PATH")]
+    pub vsock_socket: Option<PathBuf>,
     /// Watchdog: a vCPU or the event loop without progress for this long is
     /// reported as stuck [default: 10].
     #[arg(long, value_name = "SECONDS")]

@@ -25,6 +25,13 @@ pub fn run(args: RunArgs) -> i32 {
     if let Some(t) = args.watchdog_threshold_s {
         opts.watchdog_threshold = std::time::Duration::from_secs(t.max(1));
     }
+    if args.restore.is_none()
+        && args.incoming.is_none()
+        && (!args.tap.is_empty() || args.vsock_socket.is_some())
+    {
+        eprintln!("vigil: --tap and --vsock-socket apply only with --restore or --incoming");
+        return vmm::control::EXIT_USAGE;
+    }
     if args.restore.is_some() || args.incoming.is_some() {
         let console = match args.console.as_deref().map(vmm::config::ConsoleMode::parse) {
             None => None,
@@ -37,9 +44,11 @@ pub fn run(args: RunArgs) -> i32 {
         let ov = vmm::snapshot::RestoreOverrides {
             console,
             name: args.name.clone(),
+            taps: args.tap.clone(),
+            vsock_socket: args.vsock_socket.clone(),
         };
         if let Some(spec) = &args.incoming {
-            return incoming(spec, &host, ov, opts, logs_to_file);
+            return incoming(spec, &host, ov, &args.network, opts, logs_to_file);
         }
         let Some(dir) = &args.restore else {
             return EXIT_ERROR;
@@ -98,6 +107,7 @@ fn incoming(
     spec: &str,
     host: &str,
     overrides: vmm::snapshot::RestoreOverrides,
+    networks: &[String],
     run: vmm::RunOptions,
     logs_to_file: bool,
 ) -> i32 {
@@ -113,7 +123,12 @@ fn incoming(
         },
         overrides,
         run,
-        networks: Default::default(),
+        // Without --network this host offers only the default network.
+        networks: if networks.is_empty() {
+            ["default".to_string()].into()
+        } else {
+            networks.iter().cloned().collect()
+        },
     };
     let result = migration::machine::run_incoming(opts, |addr| {
         // Scripts and tests wait for this line before starting the source.

@@ -309,7 +309,7 @@ fn snapshot_of_another_format_version_is_refused() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("state.json"),
-        br#"{"format_version":2,"vcpus":[]}"#,
+        br#"{"format_version":3,"vcpus":[]}"#,
     )
     .unwrap();
     let out = Command::new(bin())
@@ -326,8 +326,8 @@ fn snapshot_of_another_format_version_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains(
-            "snapshot format 2 was written by a newer vigil; this vigil reads format 1: upgrade \
-             vigil or take a new snapshot"
+            "snapshot format 3 was written by a newer vigil; this vigil reads formats 1 to 2: \
+             upgrade vigil or take a new snapshot"
         ),
         "{err}"
     );
@@ -500,4 +500,274 @@ fn watchdog_does_not_flag_an_idle_guest() {
     assert!(table.contains("healthy: true"), "{table}");
     vm.wait_counter_above(Some(c), STEP_TIMEOUT);
     vm.power_off();
+}
+
+/// Extracts `name` from an uncompressed newc cpio archive (the guest's
+/// initramfs), so the host can run the guest's `vigil-tools`.
+fn cpio_file(archive: &[u8], name: &str) -> Option<Vec<u8>> {
+    let hex = |b: &[u8]| usize::from_str_radix(std::str::from_utf8(b).ok()?, 16).ok();
+    let align = |n: usize| (n + 3) & !3;
+    let mut at = 0;
+    while archive.get(at..at + 6)? == b"070701" {
+        let h = archive.get(at..at + 110)?;
+        let size = hex(&h[54..62])?;
+        let namesize = hex(&h[94..102])?;
+        let n = archive.get(at + 110..at + 110 + namesize - 1)?;
+        let data = align(at + 110 + namesize);
+        if n == name.as_bytes() {
+            return archive.get(data..data + size).map(<[u8]>::to_vec);
+        }
+        if n == b"TRAILER!!!" {
+            return None;
+        }
+        at = align(data + size);
+    }
+    None
+}
+
+/// Runs the guest's `vigil-tools disk-verify` on a disk image on the host
+/// and returns its verdict line.
+fn verify_disk(work: &Path, image: &Path) -> String {
+    let tools = work.join("vigil-tools");
+    if !tools.exists() {
+        let initrd = common::repo().join("guest-images/out/initramfs.cpio");
+        let cpio = std::fs::read(&initrd).unwrap();
+        let bin = cpio_file(&cpio, "bin/vigil-tools").expect("vigil-tools in the initramfs");
+        std::fs::write(&tools, bin).unwrap();
+        let mut p = std::fs::metadata(&tools).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
+        std::fs::set_permissions(&tools, p).unwrap();
+    }
+    let out = Command::new(&tools)
+        .arg("disk-verify")
+        .arg(format!("dev={}", image.display()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("VIGIL-DISK-VERIFY"))
+        .unwrap_or_else(|| panic!("no verdict from disk-verify: {text}"))
+        .to_string()
+}
+
+/// `key=value` from a marker line.
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+/// Host taps for the device snapshot test, removed on drop (also when the
+/// test fails). Both get the same MAC so that the guest's ARP entry for the
+/// host stays right when the restored VM is attached to the second one.
+struct Taps(Vec<String>);
+
+const TAP_MAC: &str = "02:76:64:73:00:01";
+const HOST_IP: &str = "198.18.71.1/24";
+const GUEST_IP: [u8; 4] = [198, 18, 71, 2];
+
+fn ip(args: &[&str]) {
+    let ok = Command::new("ip").args(args).status().map(|s| s.success());
+    assert!(
+        matches!(ok, Ok(true)),
+        "ip {args:?} failed (this test needs root)"
+    );
+}
+
+impl Taps {
+    fn add(&mut self, name: &str) {
+        let _ = Command::new("ip")
+            .args(["link", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        self.0.push(name.to_string());
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+        ip(&["link", "set", "dev", name, "address", TAP_MAC]);
+        ip(&["addr", "add", HOST_IP, "dev", name]);
+        ip(&["link", "set", name, "up"]);
+    }
+
+    fn remove(&mut self, name: &str) {
+        ip(&["link", "del", name]);
+        self.0.retain(|t| t != name);
+    }
+}
+
+impl Drop for Taps {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            let _ = Command::new("ip").args(["link", "del", t]).status();
+        }
+    }
+}
+
+/// A TCP round trip with the guest's echo workload over the tap.
+fn echo(msg: &str) -> Result<String, String> {
+    use std::net::{SocketAddr, TcpStream};
+    let addr = SocketAddr::from((GUEST_IP, 7777));
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(20)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(msg.as_bytes()).map_err(|e| e.to_string())?;
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&got).into_owned())
+}
+
+fn echo_retrying(msg: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        match echo(msg) {
+            Ok(got) => {
+                assert_eq!(got, msg);
+                return;
+            }
+            Err(e) if start.elapsed() > timeout => panic!("echo over the tap failed: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+fn wait_tools(vm: &Vmm, timeout: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let hb = vm.json(&["vm", "heartbeat"]);
+        if hb["connected"] == true
+            && hb["ms_since_tools_heartbeat"]
+                .as_u64()
+                .is_some_and(|ms| ms < 5000)
+        {
+            return hb;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "guest tools did not (re)connect: {hb}\n{}",
+            vm.console_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn block_counter(vm: &Vmm, name: &str) -> u64 {
+    let c = vm.json(&["vm", "counters"]);
+    c["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["kind"] == "block"))
+        .and_then(|d| d["counters"][name].as_u64())
+        .unwrap_or_else(|| panic!("no block counter {name}: {c}"))
+}
+
+#[test]
+fn snapshot_with_disk_tap_and_vsock_restores_on_other_backends() {
+    let _g = guest_lock();
+    let work = work_dir().join("devices");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let image = work.join("disk.img");
+    std::fs::write(&image, vec![0u8; 8 << 20]).unwrap();
+    let id = std::process::id() % 10_000;
+    let (tap_a, tap_b) = (format!("vdsa{id}"), format!("vdsb{id}"));
+    let mut taps = Taps(Vec::new());
+    taps.add(&tap_a);
+
+    let cfg = common::guest_config();
+    let base = vmm::VmConfig::load(Some(&cfg), Default::default()).unwrap();
+    let cmdline = format!(
+        "{} ip=198.18.71.2::198.18.71.1:255.255.255.0::eth0:off \
+         vigil.run=counter:every=1+disk-write:rate=5,report=1+echo vigil.test=run",
+        base.cmdline
+    );
+    let disk = format!("path={},id=vds-disk", image.display());
+    let net = format!("tap={tap_a},mac=52:54:00:71:00:02,network=lab");
+    let vsock = format!("cid=3,socket={}", work.join("v.sock").display());
+    let vm = Vmm::start(
+        "devices",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            &disk,
+            "--net",
+            &net,
+            "--vsock",
+            &vsock,
+        ],
+    );
+    vm.wait_counter_above(Some(1), BOOT_TIMEOUT);
+    vm.wait_for(BOOT_TIMEOUT, "the echo server and the disk writer", |v| {
+        let c = v.console_text();
+        c.contains("VIGIL-ECHO-READY") && c.contains("VIGIL-DISK seq=")
+    });
+    wait_tools(&vm, BOOT_TIMEOUT);
+    echo_retrying("vds-before\n", STEP_TIMEOUT);
+    let writes_before = block_counter(&vm, "write_ops");
+    assert!(writes_before > 0);
+
+    let snap = work.join("snap");
+    let r = vm.json(&["snapshot", "--to", snap.to_str().unwrap(), "--stop"]);
+    assert_eq!(r["state"], "stopped", "{r}");
+    let before_console = vm.console_text();
+    let (status, err) = vm.wait_exit(STEP_TIMEOUT);
+    assert_eq!(status, Some(0), "{err}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("state.json")).unwrap()).unwrap();
+    let kinds: Vec<&str> = state["devices"]["virtio"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["block", "net", "vsock"], "{}", state["devices"]);
+    // Every write the guest saw completed is in the image now.
+    let verdict = verify_disk(&work, &image);
+    assert!(verdict.starts_with("VIGIL-DISK-VERIFY ok"), "{verdict}");
+    let seq_at_snapshot = field(&verdict, "last_seq");
+
+    // Restore on another tap and another vsock socket path.
+    taps.remove(&tap_a);
+    taps.add(&tap_b);
+    let vsock2 = work.join("v2.sock");
+    let again = Vmm::start(
+        "devices-restored",
+        &[
+            "--restore",
+            snap.to_str().unwrap(),
+            "--tap",
+            &tap_b,
+            "--vsock-socket",
+            vsock2.to_str().unwrap(),
+        ],
+    );
+    let last = counters(&before_console).last().copied().unwrap();
+    again.wait_counter_above(Some(last + 1), STEP_TIMEOUT);
+    assert_consecutive(&format!("{before_console}{}", again.console_text()));
+    // The tools daemon's connection was reset; it reconnects.
+    wait_tools(&again, STEP_TIMEOUT);
+    assert!(vsock2.exists(), "the vsock socket moved");
+    echo_retrying("vds-after\n", STEP_TIMEOUT);
+    // The disk writer carries on past the snapshot; counters continue.
+    again.wait_for(STEP_TIMEOUT, "disk records after the restore", |v| {
+        v.console_text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("VIGIL-DISK seq="))
+            .filter_map(|s| s.trim().parse::<u64>().ok())
+            .any(|s| s > seq_at_snapshot + 5)
+    });
+    assert!(block_counter(&again, "write_ops") > writes_before);
+    again.power_off();
+
+    let verdict = verify_disk(&work, &image);
+    assert!(verdict.starts_with("VIGIL-DISK-VERIFY ok"), "{verdict}");
+    assert_eq!(field(&verdict, "writers"), 1, "{verdict}");
+    assert_eq!(field(&verdict, "gaps"), 0, "{verdict}");
+    assert_eq!(field(&verdict, "dups"), 0, "{verdict}");
+    assert!(
+        field(&verdict, "last_seq") > seq_at_snapshot + 5,
+        "{verdict}"
+    );
+    drop(taps);
+    let _ = std::fs::remove_dir_all(&work);
 }

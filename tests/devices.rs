@@ -7,7 +7,8 @@
 //! of each test is a test mode of the guest's /init
 //! (`guest-images/init/init.c`: disk-write, disk-read, disk-ro, vsock, net).
 //! The network test needs root (it creates a tap, 198.18.77.1/24, removed
-//! even when the test fails) and only sends to 198.18.77.2, the guest.
+//! even when the test fails) and only sends to 198.18.77.2, the guest: ICMP
+//! echo both ways, then a TCP round trip with the guest's `echo` workload.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -20,9 +21,14 @@ use common::*;
 
 /// Boots the default guest running test mode `test` with `extra` flags.
 fn boot_guest(extra: &[&str], test: &str) -> Outcome {
+    boot_guest_with(extra, test, "")
+}
+
+/// [`boot_guest`] with more kernel command-line keys (e.g. workloads).
+fn boot_guest_with(extra: &[&str], test: &str, keys: &str) -> Outcome {
     let cfg = guest_config();
     let base = vmm::VmConfig::load(Some(&cfg), Default::default()).unwrap();
-    let cmdline = format!("{} vigil.test={test}", base.cmdline);
+    let cmdline = format!("{} vigil.test={test} {keys}", base.cmdline);
     let _g = guest_lock();
     let mut args = vec![
         "run",
@@ -322,8 +328,23 @@ fn icmp_ping(dst: [u8; 4], timeout: Duration) -> bool {
     answered
 }
 
+/// A TCP round trip with the guest's echo workload (198.18.x.x only).
+fn tcp_echo(dst: [u8; 4], msg: &[u8]) -> Result<Vec<u8>, String> {
+    use std::io::Write;
+    use std::net::{SocketAddr, TcpStream};
+    assert_eq!(dst[..2], [198, 18], "tests only send to 198.18.0.0/15");
+    let addr = SocketAddr::from((dst, 7777));
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(msg).map_err(|e| e.to_string())?;
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).map_err(|e| e.to_string())?;
+    Ok(got)
+}
+
 #[test]
-fn linux_guest_network_both_directions() {
+fn linux_guest_network_ping_both_ways_and_tcp_echo() {
     guest_config();
     let tap = TestTap::new(&format!("vgt{}", std::process::id() % 100_000));
     let dir = std::env::temp_dir().join(format!("vigil-net-e2e-{}", std::process::id()));
@@ -331,25 +352,40 @@ fn linux_guest_network_both_directions() {
     let console = dir.join("console.log");
     std::fs::write(&console, b"").unwrap();
     let console2 = console.clone();
-    let host = std::thread::spawn(move || {
+    let host = std::thread::spawn(move || -> (bool, Result<Vec<u8>, String>) {
         let start = Instant::now();
-        while !std::fs::read_to_string(&console2)
-            .unwrap_or_default()
-            .contains("VIGIL-NET-READY")
-        {
+        let ready = |m: &str| {
+            std::fs::read_to_string(&console2)
+                .unwrap_or_default()
+                .contains(m)
+        };
+        while !(ready("VIGIL-NET-READY") && ready("VIGIL-ECHO-READY")) {
             if start.elapsed() > GUEST_TIMEOUT {
-                return false;
+                return (false, Err("the guest never got ready".into()));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        icmp_ping([198, 18, 77, 2], Duration::from_secs(20))
+        let pinged = icmp_ping([198, 18, 77, 2], Duration::from_secs(10));
+        // The guest powers off 25 s after READY: a few tries fit.
+        let mut echoed = Err("not tried".to_string());
+        for _ in 0..3 {
+            echoed = tcp_echo([198, 18, 77, 2], b"vigil-echo-over-tap\n");
+            if echoed.is_ok() {
+                break;
+            }
+        }
+        (pinged, echoed)
     });
     let net = format!("tap={},mac=52:54:00:12:34:56,network=lab", tap.0);
     let con = format!("file:{}", console.display());
-    let o = boot_guest(&["--net", &net, "--console", &con], "net");
+    let o = boot_guest_with(
+        &["--net", &net, "--console", &con],
+        "net",
+        "vigil.run=echo:port=7777",
+    );
     let out = std::fs::read_to_string(&console).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
-    let host_reached_guest = host.join().unwrap();
+    let (host_reached_guest, echoed) = host.join().unwrap();
     assert!(
         out.contains("VIGIL-NET-PING-OK"),
         "guest could not ping the host\n{out}\n{o:?}"
@@ -357,6 +393,11 @@ fn linux_guest_network_both_directions() {
     assert!(
         host_reached_guest,
         "host could not ping the guest\n{out}\n{o:?}"
+    );
+    assert_eq!(
+        echoed.as_deref(),
+        Ok(&b"vigil-echo-over-tap\n"[..]),
+        "the guest's echo server did not answer over the tap\n{out}\n{o:?}"
     );
     assert_eq!(o.code, Some(0), "{out}\n{o:?}");
 }

@@ -34,7 +34,7 @@ use crate::devices::serial::{SerialArgs, SerialDevice, SerialError, COM1_IRQ};
 use crate::devices::virtio::attach::{self, AttachError};
 use crate::devices::PioBus;
 use crate::machine::Machine;
-use crate::memory::{self, GuestMemory, MemoryError};
+use crate::memory::{self, MemoryError};
 use crate::persist::Persist;
 use crate::snapshot::{self, RestoreOverrides, SnapshotError, VmState};
 use crate::vm::{self, Vm, VmError};
@@ -204,50 +204,45 @@ pub fn run_restored(
     opts: &RunOptions,
 ) -> Result<ExitReason, Error> {
     let state = snapshot::load(dir)?;
-    let cfg = state.config.to_config(&overrides);
-    let span = tracing::info_span!("vm", vm = %cfg.name);
-    let _e = span.enter();
-    memory::check_host_memory_now(cfg.memory_bytes)?;
-    let kvm = vm::open_kvm()?;
-    install_kick_handler()?;
-    let _terminal = match cfg.console {
-        ConsoleMode::Stdio => TerminalGuard::enter()?,
-        _ => None,
-    };
-    tracing::info!(stage = "restore", dir = %dir.display(), "restoring guest");
-    let mut restore = Some(Restore::Dir(dir.to_path_buf(), state));
-    loop {
-        let reason = run_once(&kvm, &cfg, opts, restore.take())?;
-        match (&reason, cfg.on_reboot) {
-            (ExitReason::Reboot, OnReboot::Restart) => {
-                preflight(&cfg)?;
-                tracing::info!(stage = "reboot", "guest rebooted; booting it afresh");
-            }
-            _ => return Ok(reason),
-        }
-    }
+    run_from(state, RestoreMem::File(dir.to_path_buf()), overrides, opts)
 }
 
-/// Runs a VM received by live migration: `mem` already holds its RAM,
-/// `state` the rest. Like [`run_restored`] otherwise (a later reboot with
-/// `on_reboot = restart` boots the kernel afresh).
+/// Restores `state` into `mem`, which already holds the guest's RAM (a
+/// live migration's target filled it), and runs the VM until it stops.
 pub fn run_incoming(
-    mem: GuestMemory,
     state: VmState,
+    mem: memory::GuestMemory,
     overrides: RestoreOverrides,
     opts: &RunOptions,
 ) -> Result<ExitReason, Error> {
-    let cfg = state.config.to_config(&overrides);
+    run_from(state, RestoreMem::Filled(mem), overrides, opts)
+}
+
+fn run_from(
+    state: VmState,
+    mem: RestoreMem,
+    overrides: RestoreOverrides,
+    opts: &RunOptions,
+) -> Result<ExitReason, Error> {
+    let cfg = state.config.to_config(&overrides)?;
     let span = tracing::info_span!("vm", vm = %cfg.name);
     let _e = span.enter();
+    if let RestoreMem::File(_) = mem {
+        memory::check_host_memory_now(cfg.memory_bytes)?;
+    }
     let kvm = vm::open_kvm()?;
     install_kick_handler()?;
     let _terminal = match cfg.console {
         ConsoleMode::Stdio => TerminalGuard::enter()?,
         _ => None,
     };
-    tracing::info!(stage = "incoming", "starting the migrated guest");
-    let mut restore = Some(Restore::Memory(mem, state));
+    match &mem {
+        RestoreMem::File(dir) => {
+            tracing::info!(stage = "restore", dir = %dir.display(), "restoring guest")
+        }
+        RestoreMem::Filled(_) => tracing::info!(stage = "restore", "starting incoming guest"),
+    }
+    let mut restore = Some(Restore { state, mem });
     loop {
         let reason = run_once(&kvm, &cfg, opts, restore.take())?;
         match (&reason, cfg.on_reboot) {
@@ -260,12 +255,18 @@ pub fn run_incoming(
     }
 }
 
-/// Where a restored VM's state comes from.
-enum Restore {
-    /// A snapshot directory (memory read from its memory file).
-    Dir(PathBuf, VmState),
-    /// Live migration: memory already filled.
-    Memory(GuestMemory, VmState),
+/// Where a restored VM's RAM comes from.
+enum RestoreMem {
+    /// A snapshot directory's memory file.
+    File(PathBuf),
+    /// Memory already filled (migration target).
+    Filled(memory::GuestMemory),
+}
+
+/// A VM to rebuild from saved state.
+struct Restore {
+    state: VmState,
+    mem: RestoreMem,
 }
 
 /// How a VM starts: a fresh boot at the kernel's entry, or from saved state.
@@ -287,24 +288,27 @@ fn run_once(
         Some(p) => Some(ApiServer::bind(p)?),
         None => None,
     };
-    let (mem, restore) = match restore {
-        Some(Restore::Memory(mem, state)) => (mem, Some((None, state))),
-        Some(Restore::Dir(dir, state)) => (
-            memory::create_guest_memory(cfg.memory_bytes)?,
-            Some((Some(dir), state)),
-        ),
-        None => (memory::create_guest_memory(cfg.memory_bytes)?, None),
+    let (state, restored_from) = match restore {
+        Some(Restore { state, mem }) => (Some(state), Some(mem)),
+        None => (None, None),
+    };
+    let mem = match &restored_from {
+        Some(RestoreMem::Filled(m)) => m.clone(),
+        _ => memory::create_guest_memory(cfg.memory_bytes)?,
     };
     let vm = Vm::new(kvm, &mem)?;
-    // Virtio devices come from the config (a restored VM has none: snapshots
-    // of VMs with virtio devices are refused until their state is saved).
-    let mut virtio = attach::attach_all(vm.fd(), &mem, cfg)?;
+    // Virtio devices come from the config; a restored VM's are rebuilt from
+    // their saved state on the backends the config names (queues are
+    // checked against guest memory's layout only, so RAM's contents may
+    // come later).
+    let saved_virtio = state.as_ref().map(|s| s.devices.virtio.as_slice());
+    let mut virtio = attach::attach_all(vm.fd(), &mem, cfg, saved_virtio)?;
     // Restore order at VM level: RAM, then the VM-wide KVM state (clock,
     // PIT, PIC/IOAPIC) before any vCPU exists, then each vCPU's state as it
     // is created (see cpu::state::restore for the per-vCPU order).
-    let start = match &restore {
-        Some((dir, state)) => {
-            if let Some(dir) = dir {
+    let start = match &state {
+        Some(state) => {
+            if let Some(RestoreMem::File(dir)) = &restored_from {
                 snapshot::memory::restore(&mem, &state.memory, &dir.join(snapshot::MEMORY_FILE))?;
             }
             vm.restore_state(&state.vm)?;
@@ -373,7 +377,10 @@ fn run_once(
         .map(Arc::new)
         .collect();
 
-    let restored_from = restore.and_then(|(d, _)| d);
+    let restored_from = match restored_from {
+        Some(RestoreMem::File(dir)) => Some(dir),
+        _ => None,
+    };
     let mut machine = Machine::new(
         cfg.clone(),
         vm,

@@ -108,6 +108,8 @@ pub struct Machine {
     /// Devices to quiesce on pause (after the vCPUs park; resumed before
     /// the vCPUs run again).
     pub pause_hooks: Mutex<Vec<Arc<dyn PauseHook>>>,
+    /// Every virtio transport in attach order, for snapshots and migration.
+    pub virtio: Mutex<Vec<Arc<Mutex<crate::devices::virtio::transport::MmioTransport>>>>,
     /// Bumped by the event loop on every iteration (read by the watchdog).
     pub loop_progress: AtomicU64,
     /// The watchdog's latest findings.
@@ -143,6 +145,7 @@ impl Machine {
             guest_tools: Mutex::new(None),
             io_counters: Mutex::new(Vec::new()),
             pause_hooks: Mutex::new(Vec::new()),
+            virtio: Mutex::new(Vec::new()),
             loop_progress: AtomicU64::new(0),
             watchdog: Mutex::new(WatchdogReport::default()),
             migration: None,
@@ -153,22 +156,6 @@ impl Machine {
     /// Serialises pause/resume/snapshot.
     pub fn control_lock(&self) -> MutexGuard<'_, ()> {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Pauses the devices only (after the vCPUs are parked): in-flight
-    /// requests complete and nothing writes guest memory until
-    /// [`Self::resume_devices`]. Live migration's quiesce step.
-    pub fn pause_devices(&self) {
-        for h in self.hooks() {
-            h.pause();
-        }
-    }
-
-    /// Undoes [`Self::pause_devices`].
-    pub fn resume_devices(&self) {
-        for h in self.hooks() {
-            h.resume();
-        }
     }
 
     /// Pauses all vCPUs (returns when they are parked), then the devices.
@@ -193,18 +180,31 @@ impl Machine {
     /// [`Self::pause`] for callers that hold [`Self::control_lock`].
     pub fn pause_locked(&self) -> Result<(), GateError> {
         self.gate.pause(PAUSE_TIMEOUT)?;
-        for h in self.hooks() {
-            h.pause();
-        }
+        self.quiesce_devices();
         Ok(())
     }
 
     /// [`Self::resume`] for callers that hold [`Self::control_lock`].
     pub fn resume_locked(&self) {
+        self.resume_devices();
+        self.gate.resume();
+    }
+
+    /// Stops every device from touching guest memory (the second step of a
+    /// pause, after the vCPUs park; live migration calls it on its own).
+    /// Returns once no device is in the middle of a request. Idempotent.
+    pub fn quiesce_devices(&self) {
+        for h in self.hooks() {
+            h.pause();
+        }
+    }
+
+    /// Undoes [`Self::quiesce_devices`]; notifications that arrived
+    /// meanwhile are served. Idempotent.
+    pub fn resume_devices(&self) {
         for h in self.hooks() {
             h.resume();
         }
-        self.gate.resume();
     }
 
     /// "paused" or "running".

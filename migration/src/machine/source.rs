@@ -131,15 +131,12 @@ impl MigratableVm for SourceVm {
     }
 
     fn quiesce_devices(&mut self) -> Result<(), VmError> {
-        self.m.pause_devices();
+        self.m.quiesce_devices();
         Ok(())
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
-        let state = vmm::snapshot::capture(&self.m)?;
-        let mut out = Vec::new();
-        state.to_writer(&mut out)?;
-        Ok(out)
+        Ok(vmm::snapshot::capture_bytes(&self.m)?)
     }
 
     fn resume(&mut self) -> Result<(), VmError> {

@@ -198,7 +198,7 @@ impl IncomingVm for IncomingShell {
         let overrides = self.overrides.clone();
         let t = std::thread::Builder::new()
             .name("incoming-vm".into())
-            .spawn(move || vmm::run_incoming(mem, state, overrides, &run))?;
+            .spawn(move || vmm::snapshot::run_incoming(state, mem, overrides, &run))?;
         // Wait until the vCPUs run (or the VMM gives up building the VM).
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(()) => {

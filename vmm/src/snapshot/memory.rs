@@ -94,6 +94,22 @@ pub fn save(mem: &GuestMemory, path: &Path) -> Result<u64, SnapshotError> {
     Ok(written)
 }
 
+/// Refuses `mem` unless its regions are those of `table`.
+pub fn check_layout(mem: &GuestMemory, table: &[RegionInfo]) -> Result<(), SnapshotError> {
+    let have = regions(mem);
+    if have.len() != table.len()
+        || have
+            .iter()
+            .zip(table)
+            .any(|(a, b)| a.guest_addr != b.guest_addr || a.size != b.size)
+    {
+        return Err(SnapshotError::Layout(format!(
+            "snapshot has memory regions {table:?}, the new VM has {have:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// Loads `path` into `mem`, whose regions must match `table`. A file
 /// shorter than the table says is refused as truncated.
 pub fn restore(mem: &GuestMemory, table: &[RegionInfo], path: &Path) -> Result<(), SnapshotError> {
@@ -107,17 +123,7 @@ pub fn restore(mem: &GuestMemory, table: &[RegionInfo], path: &Path) -> Result<(
             want,
         });
     }
-    let have = regions(mem);
-    if have.len() != table.len()
-        || have
-            .iter()
-            .zip(table)
-            .any(|(a, b)| a.guest_addr != b.guest_addr || a.size != b.size)
-    {
-        return Err(SnapshotError::Layout(format!(
-            "snapshot has memory regions {table:?}, the new VM has {have:?}"
-        )));
-    }
+    check_layout(mem, table)?;
     let mut buf = vec![0u8; CHUNK];
     for (region, info) in mem.iter().zip(table) {
         // Only the file's data extents are read: holes are zero pages, and

@@ -24,7 +24,16 @@
 //! cpuid, mp_state, regs, sregs, xsave or fpu, xcrs, lapic, MSRs,
 //! vcpu_events, TSC kHz); the VM-wide KVM state
 //! ([`crate::vm::VmKvmState`]: PIC master/slave, IOAPIC, PIT, clock); each
-//! device's state ([`DeviceStates`]); the memory region table.
+//! device's state ([`DeviceStates`]: COM1, and every virtio device's
+//! transport registers, queues and model); the memory region table.
+//!
+//! # For live migration
+//!
+//! Source: [`Machine::pause`] (vCPUs park, then devices quiesce) or the two
+//! steps apart ([`crate::cpu::gate::VcpuGate::pause`],
+//! [`Machine::quiesce_devices`]) -> [`capture_bytes`] -> on failure
+//! [`Machine::resume`]. Target: [`VmState::from_slice`] -> [`guest_memory`]
+//! (the same layout), filled with the source's pages -> [`run_incoming`].
 //!
 //! # Changing the format
 //!
@@ -43,16 +52,22 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConsoleMode, CpuTemplateName, OnReboot, VmConfig};
+use crate::config::{DiskConfig, NicConfig, VsockConfig};
 use crate::cpu::gate::GateError;
 use crate::cpu::state::VcpuState;
 use crate::devices::serial::SerialDeviceState;
+use crate::devices::virtio::persist::{SaveError, VirtioDeviceState};
 use crate::machine::Machine;
+use crate::memory::GuestMemory;
 use crate::persist::Persist;
 use crate::vm::{VmError, VmKvmState};
 pub use memory::RegionInfo;
 
-/// The snapshot format this vigil writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The snapshot format this vigil writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this vigil reads (format 1 is format 2 without
+/// virtio devices: its VMs had none).
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// The state file's name inside a snapshot directory.
 pub const STATE_FILE: &str = "state.json";
 /// The memory file's name inside a snapshot directory.
@@ -63,17 +78,12 @@ const MAX_STATE_BYTES: u64 = 64 << 20;
 /// Errors taking, reading or restoring a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    /// The VM has devices whose state snapshots do not carry yet.
-    #[error(
-        "cannot snapshot VM {vm}: it has virtio devices ({devices}), whose state snapshots do \
-         not carry yet; snapshot a VM without --disk/--net/--vsock"
-    )]
-    DevicesNotSaved {
-        /// The VM's name.
-        vm: String,
-        /// Which devices.
-        devices: String,
-    },
+    /// A device's state could not be captured.
+    #[error(transparent)]
+    Device(#[from] SaveError),
+    /// A restore override does not fit the snapshot.
+    #[error("{0}")]
+    Override(String),
     /// A file operation failed.
     #[error("cannot {what} {path}: {source}")]
     Io {
@@ -98,8 +108,8 @@ pub enum SnapshotError {
     },
     /// Written by a newer vigil.
     #[error(
-        "snapshot format {found} was written by a newer vigil; this vigil reads format \
-         {FORMAT_VERSION}: upgrade vigil or take a new snapshot"
+        "snapshot format {found} was written by a newer vigil; this vigil reads formats \
+         {MIN_FORMAT_VERSION} to {FORMAT_VERSION}: upgrade vigil or take a new snapshot"
     )]
     Newer {
         /// The snapshot's format.
@@ -107,9 +117,9 @@ pub enum SnapshotError {
     },
     /// Written by an older vigil.
     #[error(
-        "snapshot format {found} was written by an older vigil; this vigil reads format \
-         {FORMAT_VERSION} only: restore it with the vigil that took it (or one that reads \
-         format {found}) or take a new snapshot"
+        "snapshot format {found} was written by an older vigil; this vigil reads formats \
+         {MIN_FORMAT_VERSION} to {FORMAT_VERSION} only: restore it with the vigil that took it \
+         (or one that reads format {found}) or take a new snapshot"
     )]
     Older {
         /// The snapshot's format.
@@ -154,6 +164,37 @@ pub enum SnapshotError {
     Encode(#[source] serde_json::Error),
 }
 
+/// A disk as saved in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDisk {
+    /// Image path (absolute).
+    pub path: PathBuf,
+    /// Read-only.
+    pub read_only: bool,
+    /// GET_ID value.
+    pub id: String,
+}
+
+/// A NIC as saved in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedNic {
+    /// Host tap name (a restore may name another).
+    pub tap: String,
+    /// MAC address.
+    pub mac: [u8; 6],
+    /// Logical network name.
+    pub network: String,
+}
+
+/// The vsock device as saved in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedVsock {
+    /// Guest CID.
+    pub cid: u64,
+    /// Host socket path (a restore may name another).
+    pub socket: PathBuf,
+}
+
 /// The VM config as saved: everything but the console (host-specific, given
 /// again at restore).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +218,19 @@ pub struct SavedConfig {
     pub cpu_template: CpuTemplateName,
     /// Reboot policy.
     pub on_reboot: OnReboot,
+    /// Disks, in attach order (format 2).
+    #[serde(default)]
+    pub disks: Vec<SavedDisk>,
+    /// NICs, in attach order (format 2).
+    #[serde(default)]
+    pub nics: Vec<SavedNic>,
+    /// The vsock device (format 2).
+    #[serde(default)]
+    pub vsock: Option<SavedVsock>,
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 impl SavedConfig {
@@ -197,12 +251,47 @@ impl SavedConfig {
             cmdline: c.cmdline.clone(),
             cpu_template: c.cpu_template,
             on_reboot: c.on_reboot,
+            disks: c
+                .disks
+                .iter()
+                .map(|d| SavedDisk {
+                    path: absolute(&d.path),
+                    read_only: d.read_only,
+                    id: d.id.clone(),
+                })
+                .collect(),
+            nics: c
+                .nics
+                .iter()
+                .map(|n| SavedNic {
+                    tap: n.tap.clone(),
+                    mac: n.mac,
+                    network: n.network.clone(),
+                })
+                .collect(),
+            vsock: c.vsock.as_ref().map(|v| SavedVsock {
+                cid: v.cid,
+                socket: absolute(&v.socket),
+            }),
         }
     }
 
-    /// Back to a runnable config, with the restoring side's overrides.
-    pub fn to_config(&self, ov: &RestoreOverrides) -> VmConfig {
-        VmConfig {
+    /// Back to a runnable config, with the restoring side's overrides
+    /// (refused when they name devices the VM does not have).
+    pub fn to_config(&self, ov: &RestoreOverrides) -> Result<VmConfig, SnapshotError> {
+        if ov.taps.len() > self.nics.len() {
+            return Err(SnapshotError::Override(format!(
+                "{} tap name(s) given but the snapshot's VM has {} NIC(s)",
+                ov.taps.len(),
+                self.nics.len()
+            )));
+        }
+        if ov.vsock_socket.is_some() && self.vsock.is_none() {
+            return Err(SnapshotError::Override(
+                "a vsock socket path was given but the snapshot's VM has no vsock device".into(),
+            ));
+        }
+        Ok(VmConfig {
             name: ov.name.clone().unwrap_or_else(|| self.name.clone()),
             id: self.id.clone(),
             vcpus: self.vcpus,
@@ -213,12 +302,30 @@ impl SavedConfig {
             cpu_template: self.cpu_template,
             console: ov.console.clone().unwrap_or(ConsoleMode::Stdio),
             on_reboot: self.on_reboot,
-            // Snapshots of VMs with virtio devices are refused (see
-            // `check_devices`), so a restored VM has none.
-            disks: Vec::new(),
-            nics: Vec::new(),
-            vsock: None,
-        }
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskConfig {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    id: d.id.clone(),
+                })
+                .collect(),
+            nics: self
+                .nics
+                .iter()
+                .enumerate()
+                .map(|(i, n)| NicConfig {
+                    tap: ov.taps.get(i).cloned().unwrap_or_else(|| n.tap.clone()),
+                    mac: n.mac,
+                    network: n.network.clone(),
+                })
+                .collect(),
+            vsock: self.vsock.as_ref().map(|v| VsockConfig {
+                cid: v.cid,
+                socket: ov.vsock_socket.clone().unwrap_or_else(|| v.socket.clone()),
+            }),
+        })
     }
 }
 
@@ -229,6 +336,11 @@ pub struct RestoreOverrides {
     pub console: Option<ConsoleMode>,
     /// Name in logs (default: the saved name).
     pub name: Option<String>,
+    /// Tap names for the NICs, in order (default: the saved ones; fewer
+    /// names than NICs keep the rest).
+    pub taps: Vec<String>,
+    /// The vsock device's host socket path (default: the saved one).
+    pub vsock_socket: Option<PathBuf>,
 }
 
 /// Every device's state. Devices join by adding a field here holding their
@@ -238,6 +350,10 @@ pub struct RestoreOverrides {
 pub struct DeviceStates {
     /// COM1.
     pub serial: SerialDeviceState,
+    /// Every virtio device in attach order (disks, NICs, vsock), which is
+    /// also the order of their MMIO windows (format 2).
+    #[serde(default)]
+    pub virtio: Vec<VirtioDeviceState>,
 }
 
 /// The whole VM's state except RAM contents.
@@ -279,18 +395,15 @@ impl VmState {
             source,
         };
         let h: Header = serde_json::from_slice(bytes).map_err(corrupt)?;
-        match h.format_version.cmp(&FORMAT_VERSION) {
-            std::cmp::Ordering::Greater => {
-                return Err(SnapshotError::Newer {
-                    found: h.format_version,
-                })
-            }
-            std::cmp::Ordering::Less => {
-                return Err(SnapshotError::Older {
-                    found: h.format_version,
-                })
-            }
-            std::cmp::Ordering::Equal => {}
+        if h.format_version > FORMAT_VERSION {
+            return Err(SnapshotError::Newer {
+                found: h.format_version,
+            });
+        }
+        if h.format_version < MIN_FORMAT_VERSION {
+            return Err(SnapshotError::Older {
+                found: h.format_version,
+            });
         }
         let s: VmState = serde_json::from_slice(bytes).map_err(corrupt)?;
         s.check()?;
@@ -313,6 +426,19 @@ impl VmState {
                     v.id
                 )));
             }
+        }
+        let saved = &self.devices.virtio;
+        let count = |k| saved.iter().filter(|d| d.kind() == k).count();
+        let c = &self.config;
+        let (b, n, v) = (count("block"), count("net"), count("vsock"));
+        if (b, n, v) != (c.disks.len(), c.nics.len(), usize::from(c.vsock.is_some())) {
+            return Err(SnapshotError::Layout(format!(
+                "config lists {} disk(s), {} NIC(s), {} vsock but device states are saved for \
+                 {b}, {n}, {v}",
+                c.disks.len(),
+                c.nics.len(),
+                usize::from(c.vsock.is_some())
+            )));
         }
         let total: u64 = self.memory.iter().map(|r| r.size).sum();
         if total != self.config.memory_bytes {
@@ -338,39 +464,53 @@ pub struct SaveReport {
     pub paused_ms: u64,
 }
 
-/// Captures the state of `m` (which must be paused: use
-/// [`Machine::pause`] first) without touching the disk.
+/// Captures the state of `m` (whose vCPUs must be paused: use
+/// [`Machine::pause`] first) without touching the disk. Quiesces the
+/// devices if they are not yet (idempotent) and makes the disks' completed
+/// writes durable before their state is taken.
 pub fn capture(m: &Machine) -> Result<VmState, SnapshotError> {
-    check_devices(&m.config)?;
     let vcpus = m.gate.collect_states(crate::cpu::gate::PAUSE_TIMEOUT)?;
+    m.quiesce_devices();
     let vm = m.vm.save_state()?;
     let serial = m.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+    let transports = m.virtio.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let virtio = crate::devices::virtio::persist::save_all(&transports)?;
     Ok(VmState {
         format_version: FORMAT_VERSION,
         vigil_version: env!("CARGO_PKG_VERSION").to_string(),
         config: SavedConfig::from_config(&m.config),
         vcpus,
         vm,
-        devices: DeviceStates { serial },
+        devices: DeviceStates { serial, virtio },
         memory: memory::regions(&m.mem),
     })
 }
 
-/// Refuses VMs with virtio devices: the devices implement `Persist`, but
-/// their state is not in [`DeviceStates`] yet, and a guest restored without
-/// its devices' queue state would find them broken.
-fn check_devices(c: &VmConfig) -> Result<(), SnapshotError> {
-    let mut devices = Vec::new();
-    devices.extend(c.disks.iter().map(|d| format!("disk {}", d.path.display())));
-    devices.extend(c.nics.iter().map(|n| format!("nic {}", n.tap)));
-    devices.extend(c.vsock.iter().map(|v| format!("vsock cid {}", v.cid)));
-    if devices.is_empty() {
-        return Ok(());
-    }
-    Err(SnapshotError::DevicesNotSaved {
-        vm: c.name.clone(),
-        devices: devices.join(", "),
-    })
+/// [`capture`] encoded as the bytes a migration sends (the same JSON as
+/// `state.json`).
+pub fn capture_bytes(m: &Machine) -> Result<Vec<u8>, SnapshotError> {
+    let mut out = Vec::new();
+    capture(m)?.to_writer(&mut out)?;
+    Ok(out)
+}
+
+/// Guest memory with the layout `state` was saved from, for a migration
+/// target to fill before [`run_incoming`].
+pub fn guest_memory(state: &VmState) -> Result<GuestMemory, crate::Error> {
+    let mem = crate::memory::create_guest_memory(state.config.memory_bytes)?;
+    memory::check_layout(&mem, &state.memory)?;
+    Ok(mem)
+}
+
+/// Restores `state` into `mem` (already holding the guest's RAM, from
+/// [`guest_memory`]) and runs the VM until it stops, like [`restore`].
+pub fn run_incoming(
+    state: VmState,
+    mem: GuestMemory,
+    overrides: RestoreOverrides,
+    opts: &crate::instance::RunOptions,
+) -> Result<crate::ExitReason, crate::Error> {
+    crate::instance::run_incoming(state, mem, overrides, opts)
 }
 
 /// Writes a snapshot of `m` to `dir` (created if missing). Pauses the VM
@@ -378,7 +518,6 @@ fn check_devices(c: &VmConfig) -> Result<(), SnapshotError> {
 /// and leaves it paused: the caller resumes or stops it. The caller holds
 /// [`Machine::control_lock`].
 pub fn save(m: &Machine, dir: &Path) -> Result<SaveReport, SnapshotError> {
-    check_devices(&m.config)?;
     let t0 = Instant::now();
     m.pause_locked()?;
     fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {

@@ -17,6 +17,9 @@ fn sample_state() -> VmState {
             cmdline: "console=ttyS0".into(),
             cpu_template: CpuTemplateName::Baseline,
             on_reboot: OnReboot::Exit,
+            disks: Vec::new(),
+            nics: Vec::new(),
+            vsock: None,
         },
         vcpus: vec![{
             let mut v = crate::cpu::state::tests::sample();
@@ -59,7 +62,7 @@ fn tmpdir(name: &str) -> PathBuf {
 fn round_trip() {
     let s = sample_state();
     let bytes = encode(&s);
-    assert!(bytes.starts_with(b"{\"format_version\":1,"));
+    assert!(bytes.starts_with(b"{\"format_version\":2,"));
     let back = VmState::from_slice(&bytes, Path::new("x")).unwrap();
     assert_eq!(back.config, s.config);
     assert_eq!(back.vm.clock.clock, 123_456);
@@ -76,8 +79,8 @@ fn newer_version_refused_naming_both() {
         .to_string();
     assert_eq!(
         e,
-        "snapshot format 2 was written by a newer vigil; this vigil reads format 1: upgrade vigil \
-         or take a new snapshot"
+        "snapshot format 3 was written by a newer vigil; this vigil reads formats 1 to 2: upgrade \
+         vigil or take a new snapshot"
     );
 }
 
@@ -89,7 +92,7 @@ fn older_version_refused_naming_both() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("format 0") && e.contains("reads format 1"),
+        e.contains("format 0") && e.contains("reads formats 1 to 2 only"),
         "{e}"
     );
 }
@@ -141,19 +144,90 @@ fn load_from_dir() {
 }
 
 #[test]
-fn vms_with_virtio_devices_are_refused_by_name() {
+fn format_1_snapshots_still_load_without_devices() {
+    // Format 1 had no device fields: they default to none.
+    let mut v: serde_json::Value = serde_json::from_slice(&encode(&sample_state())).unwrap();
+    v["format_version"] = 1.into();
+    for k in ["disks", "nics", "vsock"] {
+        v["config"].as_object_mut().unwrap().remove(k);
+    }
+    v["devices"].as_object_mut().unwrap().remove("virtio");
+    let s = VmState::from_slice(v.to_string().as_bytes(), Path::new("x")).unwrap();
+    assert!(s.devices.virtio.is_empty() && s.config.disks.is_empty());
+    let cfg = s.config.to_config(&RestoreOverrides::default()).unwrap();
+    assert!(cfg.disks.is_empty() && cfg.nics.is_empty() && cfg.vsock.is_none());
+}
+
+fn config_with_devices() -> VmConfig {
     let mut cfg = sample_state()
         .config
-        .to_config(&RestoreOverrides::default());
-    assert!(check_devices(&cfg).is_ok(), "no devices: nothing to refuse");
+        .to_config(&RestoreOverrides::default())
+        .unwrap();
     cfg.disks.push(crate::config::DiskConfig {
         path: "/srv/ds1/vm1.img".into(),
-        read_only: false,
+        read_only: true,
         id: "vm1".into(),
     });
-    let e = check_devices(&cfg).unwrap_err().to_string();
+    cfg.nics.push(crate::config::NicConfig {
+        tap: "vdstap0".into(),
+        mac: [0x52, 0x54, 0, 1, 2, 3],
+        network: "lab".into(),
+    });
+    cfg.vsock = Some(crate::config::VsockConfig {
+        cid: 7,
+        socket: "/run/vm1.vsock".into(),
+    });
+    cfg
+}
+
+#[test]
+fn saved_config_keeps_the_devices_and_applies_overrides() {
+    let cfg = config_with_devices();
+    let saved = SavedConfig::from_config(&cfg);
+    let back = saved.to_config(&RestoreOverrides::default()).unwrap();
+    assert_eq!(back.disks, cfg.disks);
+    assert_eq!(back.nics, cfg.nics);
+    assert_eq!(back.vsock, cfg.vsock);
+    let ov = RestoreOverrides {
+        taps: vec!["vdstap9".into()],
+        vsock_socket: Some("/run/elsewhere.vsock".into()),
+        ..Default::default()
+    };
+    let moved = saved.to_config(&ov).unwrap();
+    assert_eq!(moved.nics[0].tap, "vdstap9");
+    assert_eq!(moved.nics[0].mac, cfg.nics[0].mac, "the MAC is the guest's");
+    assert_eq!(
+        moved.vsock.unwrap().socket,
+        PathBuf::from("/run/elsewhere.vsock")
+    );
+    let too_many = RestoreOverrides {
+        taps: vec!["a".into(), "b".into()],
+        ..Default::default()
+    };
+    let e = saved.to_config(&too_many).unwrap_err().to_string();
+    assert_eq!(e, "2 tap name(s) given but the snapshot's VM has 1 NIC(s)");
+    let none = sample_state().config;
+    let e = none
+        .to_config(&RestoreOverrides {
+            vsock_socket: Some("/x".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has no vsock device"), "{e}");
+}
+
+#[test]
+fn device_states_must_match_the_saved_config() {
+    let mut s = sample_state();
+    s.config = SavedConfig::from_config(&config_with_devices());
+    let e = VmState::from_slice(&encode(&s), Path::new("x"))
+        .unwrap_err()
+        .to_string();
     assert!(
-        e.contains("cannot snapshot VM t") && e.contains("disk /srv/ds1/vm1.img"),
+        e.contains(
+            "config lists 1 disk(s), 1 NIC(s), 1 vsock but device states are saved for 0, 0, 0"
+        ),
         "{e}"
     );
 }

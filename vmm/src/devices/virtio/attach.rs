@@ -12,13 +12,19 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use event_manager::MutEventSubscriber;
 
+use super::block::persist::{BlockPersistError, BlockState};
 use super::block::{Block, BlockCounters, BlockError};
 use super::event_handler::QueueEvents;
 use super::net::event_handler::NetEvents;
+use super::net::persist::{NetArgs, NetState};
 use super::net::tap::Tap;
 use super::net::{Net, NetCounters, NetError};
+use super::persist::{
+    MmioTransportArgs, MmioTransportState, TransportPersistError, VirtioDeviceState,
+};
 use super::transport::{reg, MmioTransport};
 use super::vsock::event_handler::VsockEvents;
+use super::vsock::persist::VsockState;
 use super::vsock::{ToolsStatus, Vsock, VsockError};
 use super::VirtioDevice;
 use crate::acpi::VirtioMmioInfo;
@@ -27,6 +33,7 @@ use crate::devices::mmio::{
     MmioBus, VIRTIO_FIRST_IRQ, VIRTIO_LAST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::GuestMemory;
+use crate::persist::Persist;
 
 /// Errors attaching virtio devices.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +68,27 @@ pub enum AttachError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A saved disk cannot be reopened as it was.
+    #[error("cannot restore disk {path}: {source}")]
+    BlockRestore {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: BlockPersistError,
+    },
+    /// A saved transport does not fit the rebuilt device.
+    #[error("cannot restore the {kind} device's virtio-mmio state: {source}")]
+    TransportRestore {
+        /// "block", "net" or "vsock".
+        kind: &'static str,
+        /// Why.
+        #[source]
+        source: TransportPersistError,
+    },
+    /// The saved devices do not match the saved config.
+    #[error("the saved virtio devices do not match the saved config: {0}")]
+    Mismatch(String),
     /// More devices than interrupt lines.
     #[error("too many virtio devices: at most {} fit", VIRTIO_LAST_IRQ - VIRTIO_FIRST_IRQ + 1)]
     TooMany,
@@ -144,6 +172,7 @@ impl VirtioDevices {
         vm: &VmFd,
         mem: &GuestMemory,
         dev: Box<dyn VirtioDevice>,
+        saved: Option<(&'static str, &MmioTransportState)>,
     ) -> Result<(Arc<Mutex<MmioTransport>>, Vec<EventFd>), AttachError> {
         let n = self.transports.len() as u32;
         let irq = VIRTIO_FIRST_IRQ + n;
@@ -165,7 +194,26 @@ impl VirtioDevices {
                 })?;
             evts.push(e);
         }
-        let t = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), irq_evt)));
+        let t = match saved {
+            None => MmioTransport::new(dev, mem.clone(), irq_evt),
+            Some((kind, state)) => {
+                let args = MmioTransportArgs {
+                    device: dev,
+                    mem: mem.clone(),
+                    irq: irq_evt,
+                };
+                let t = MmioTransport::restore(args, state)
+                    .map_err(|source| AttachError::TransportRestore { kind, source })?;
+                // Requests the guest queued before the snapshot and the
+                // device had not taken yet are served as if just notified
+                // (the notification itself was not saved).
+                for e in &evts {
+                    let _ = e.write(1);
+                }
+                t
+            }
+        };
+        let t = Arc::new(Mutex::new(t));
         bus.insert(base, VIRTIO_MMIO_SIZE, t.clone());
         self.transports.push(t.clone());
         self.acpi.push(VirtioMmioInfo {
@@ -179,18 +227,99 @@ impl VirtioDevices {
     }
 }
 
-/// Creates and attaches every virtio device `cfg` asks for.
+/// The saved devices sorted by kind, checked against the config that will
+/// rebuild them.
+#[derive(Default)]
+struct Saved<'a> {
+    blocks: Vec<(&'a MmioTransportState, &'a BlockState)>,
+    nets: Vec<(&'a MmioTransportState, &'a NetState)>,
+    vsock: Option<(&'a MmioTransportState, &'a VsockState)>,
+}
+
+impl<'a> Saved<'a> {
+    fn sort(states: &'a [VirtioDeviceState], cfg: &VmConfig) -> Result<Self, AttachError> {
+        let mut s = Saved::default();
+        let mut rank = 0;
+        for st in states {
+            // The MMIO windows follow attach order; any other order would
+            // move a device under the guest's driver.
+            let r = match st {
+                VirtioDeviceState::Block { transport, device } => {
+                    s.blocks.push((transport, device));
+                    0
+                }
+                VirtioDeviceState::Net { transport, device } => {
+                    s.nets.push((transport, device));
+                    1
+                }
+                VirtioDeviceState::Vsock { transport, device } => {
+                    if s.vsock.replace((transport, device)).is_some() {
+                        return Err(AttachError::Mismatch("two vsock devices".into()));
+                    }
+                    2
+                }
+            };
+            if r < rank {
+                return Err(AttachError::Mismatch(format!(
+                    "a {} device comes after a device attached later",
+                    st.kind()
+                )));
+            }
+            rank = r;
+        }
+        let (b, n, v) = (s.blocks.len(), s.nets.len(), usize::from(s.vsock.is_some()));
+        let want = (
+            cfg.disks.len(),
+            cfg.nics.len(),
+            usize::from(cfg.vsock.is_some()),
+        );
+        if (b, n, v) != want {
+            return Err(AttachError::Mismatch(format!(
+                "{b} disk(s), {n} NIC(s), {v} vsock saved; the config has {}, {}, {}",
+                want.0, want.1, want.2
+            )));
+        }
+        Ok(s)
+    }
+}
+
+/// Creates and attaches every virtio device `cfg` asks for. With `saved`
+/// (a restore or an incoming migration), each device is rebuilt from its
+/// saved state on the backends `cfg` names (which may differ from the saved
+/// ones: another tap, another vsock socket path), and every queue is served
+/// once when the event loop starts.
 pub fn attach_all(
     vm: &VmFd,
     mem: &GuestMemory,
     cfg: &VmConfig,
+    saved: Option<&[VirtioDeviceState]>,
 ) -> Result<VirtioDevices, AttachError> {
+    let saved = match saved {
+        Some(s) => Some(Saved::sort(s, cfg)?),
+        None => None,
+    };
     let mut devs = VirtioDevices::default();
     let mut bus = MmioBus::new();
-    for d in &cfg.disks {
-        let b = Block::new(&d.path, d.read_only, d.id.clone())?;
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let st = saved.as_ref().and_then(|s| s.blocks.get(i));
+        let b = match st {
+            None => Block::new(&d.path, d.read_only, d.id.clone())?,
+            Some((_, bs)) => {
+                let bs = BlockState {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    id: d.id.clone(),
+                    ..(*bs).clone()
+                };
+                Block::restore((), &bs).map_err(|source| AttachError::BlockRestore {
+                    path: d.path.clone(),
+                    source,
+                })?
+            }
+        };
         let counters = b.counters();
-        let (transport, evts) = devs.attach(&mut bus, vm, mem, Box::new(b))?;
+        let ts = st.map(|(t, _)| ("block", *t));
+        let (transport, evts) = devs.attach(&mut bus, vm, mem, Box::new(b), ts)?;
         devs.subscribers.push(Arc::new(Mutex::new(QueueEvents::new(
             transport.clone(),
             evts,
@@ -201,12 +330,30 @@ pub fn attach_all(
             transport,
         });
     }
-    for n in &cfg.nics {
+    for (i, n) in cfg.nics.iter().enumerate() {
+        let st = saved.as_ref().and_then(|s| s.nets.get(i));
         let tap = Tap::open(&n.tap)?;
         let fd = std::os::unix::io::AsRawFd::as_raw_fd(&tap);
-        let dev = Net::new(n.mac, n.network.clone(), n.tap.clone(), Box::new(tap));
+        let dev = match st {
+            None => Net::new(n.mac, n.network.clone(), n.tap.clone(), Box::new(tap)),
+            Some((_, ns)) => {
+                let ns = NetState {
+                    mac: n.mac,
+                    network: n.network.clone(),
+                    tap: n.tap.clone(),
+                    ..(*ns).clone()
+                };
+                Net::restore(
+                    NetArgs {
+                        tap: Some(Box::new(tap)),
+                    },
+                    &ns,
+                )?
+            }
+        };
         let counters = dev.counters();
-        let (transport, evts) = devs.attach(&mut bus, vm, mem, Box::new(dev))?;
+        let ts = st.map(|(t, _)| ("net", *t));
+        let (transport, evts) = devs.attach(&mut bus, vm, mem, Box::new(dev), ts)?;
         devs.subscribers.push(Arc::new(Mutex::new(NetEvents::new(
             transport.clone(),
             evts,
@@ -221,11 +368,23 @@ pub fn attach_all(
         });
     }
     if let Some(v) = &cfg.vsock {
-        let dev = Vsock::new(v.cid, &v.socket)?;
+        let st = saved.as_ref().and_then(|s| s.vsock);
+        let dev = match st {
+            None => Vsock::new(v.cid, &v.socket)?,
+            Some((_, vs)) => {
+                let vs = VsockState {
+                    cid: v.cid,
+                    uds_path: v.socket.clone(),
+                    ..vs.clone()
+                };
+                Vsock::restore((), &vs)?
+            }
+        };
         let tools = dev.tools();
         let listener = dev.listener_fd();
         let wake = std::os::unix::io::AsRawFd::as_raw_fd(tools.wake_fd());
-        let (transport, evts) = devs.attach(&mut bus, vm, mem, Box::new(dev))?;
+        let ts = st.map(|(t, _)| ("vsock", t));
+        let (transport, evts) = devs.attach(&mut bus, vm, mem, Box::new(dev), ts)?;
         devs.subscribers.push(Arc::new(Mutex::new(VsockEvents::new(
             transport.clone(),
             evts,

@@ -44,6 +44,7 @@ pub fn register(machine: &Machine, virtio: &VirtioDevices) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(Arc::new(Transports(virtio.transports.clone())));
+    *machine.virtio.lock().unwrap_or_else(|p| p.into_inner()) = virtio.transports.clone();
 }
 
 /// Counter structs are plain serde data: their fields become the map.

@@ -95,6 +95,12 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, DeviceError>;
     /// Forgets per-activation state (the driver wrote 0 to Status).
     fn reset(&mut self) {}
+    /// Makes every request the guest has seen completed durable (a disk's
+    /// `fdatasync`). Called with the device quiesced, before its state is
+    /// captured for a snapshot or a migration.
+    fn sync(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Requests taken from a queue and not yet completed. Devices that finish
     /// each request before `process_queue` returns always report 0.
     fn in_flight(&self) -> usize {

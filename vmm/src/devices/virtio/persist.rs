@@ -1,12 +1,30 @@
 //! Saved state of the virtio-mmio transport: device status, features, the
 //! queues' layout and positions, interrupt status, config generation. The
-//! device model's own state is saved by the device's `persist.rs`.
+//! device model's own state is saved by the device's `persist.rs`;
+//! [`VirtioDeviceState`] pairs the two for one device, and [`save_all`]
+//! captures every device of a VM.
+//!
+//! What a saved queue means for in-flight I/O: devices complete every
+//! request they take from a ring before releasing the transport's lock, so
+//! once quiesced, `next_avail` separates requests that are done (their
+//! used-ring entries are in guest memory, their data on disk after
+//! [`VirtioDevice::sync`]) from requests the device has not looked at (still
+//! in the available ring, served after restore). None is lost or done
+//! twice.
+
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::block::persist::BlockState;
+use super::block::Block;
+use super::net::persist::NetState;
+use super::net::Net;
 use super::transport::MmioTransport;
+use super::vsock::persist::VsockState;
+use super::vsock::Vsock;
 use super::VirtioDevice;
 use crate::memory::GuestMemory;
 use crate::persist::Persist;
@@ -53,6 +71,125 @@ pub struct MmioTransportState {
     pub config_generation: u32,
     /// The queues, in index order.
     pub queues: Vec<QueueState>,
+    /// The device had given up on a corrupt queue (it stays so until the
+    /// driver resets it).
+    #[serde(default)]
+    pub broken: bool,
+}
+
+/// One virtio device as saved: its transport and its model, in attach order
+/// (disks, then NICs, then vsock: the order of the MMIO windows).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum VirtioDeviceState {
+    /// A virtio-blk disk.
+    Block {
+        /// Registers and queues.
+        transport: MmioTransportState,
+        /// The disk.
+        device: BlockState,
+    },
+    /// A virtio-net NIC.
+    Net {
+        /// Registers and queues.
+        transport: MmioTransportState,
+        /// The NIC.
+        device: NetState,
+    },
+    /// The virtio-vsock device.
+    Vsock {
+        /// Registers and queues.
+        transport: MmioTransportState,
+        /// The device.
+        device: VsockState,
+    },
+}
+
+impl VirtioDeviceState {
+    /// The transport part.
+    pub fn transport(&self) -> &MmioTransportState {
+        match self {
+            Self::Block { transport, .. }
+            | Self::Net { transport, .. }
+            | Self::Vsock { transport, .. } => transport,
+        }
+    }
+
+    /// "block", "net" or "vsock".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Block { .. } => "block",
+            Self::Net { .. } => "net",
+            Self::Vsock { .. } => "vsock",
+        }
+    }
+}
+
+/// Capturing a device's state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// Completed writes could not be made durable.
+    #[error("cannot flush disk {id} ({path}) before saving its state: {source}")]
+    Sync {
+        /// The disk's id.
+        id: String,
+        /// Its image.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A transport holds a device model this code does not know.
+    #[error("virtio device {0} has no saved-state form")]
+    Unknown(usize),
+}
+
+/// Saves one quiesced device: makes its completed writes durable, then
+/// captures its transport and model.
+pub fn save_device(idx: usize, t: &mut MmioTransport) -> Result<VirtioDeviceState, SaveError> {
+    let transport = t.save();
+    let dev = t.device_mut();
+    if let Err(source) = dev.sync() {
+        let (id, path) = dev
+            .as_any()
+            .downcast_ref::<Block>()
+            .map(|b| (b.id().to_string(), b.path().to_path_buf()))
+            .unwrap_or_default();
+        return Err(SaveError::Sync { id, path, source });
+    }
+    let any = t.device().as_any();
+    if let Some(b) = any.downcast_ref::<Block>() {
+        return Ok(VirtioDeviceState::Block {
+            transport,
+            device: b.save(),
+        });
+    }
+    if let Some(n) = any.downcast_ref::<Net>() {
+        return Ok(VirtioDeviceState::Net {
+            transport,
+            device: n.save(),
+        });
+    }
+    if let Some(v) = any.downcast_ref::<Vsock>() {
+        return Ok(VirtioDeviceState::Vsock {
+            transport,
+            device: v.save(),
+        });
+    }
+    Err(SaveError::Unknown(idx))
+}
+
+/// Saves every device, in attach order. The caller has quiesced them (see
+/// [`MmioTransport::quiesce`]); each transport's lock is held while it is
+/// saved, so the event loop cannot be half-way through a request.
+pub fn save_all(
+    transports: &[Arc<Mutex<MmioTransport>>],
+) -> Result<Vec<VirtioDeviceState>, SaveError> {
+    transports
+        .iter()
+        .enumerate()
+        .map(|(i, t)| save_device(i, &mut t.lock().unwrap_or_else(|p| p.into_inner())))
+        .collect()
 }
 
 /// What restoring a transport needs besides its state.
@@ -121,6 +258,7 @@ impl Persist for MmioTransport {
             interrupt_status: self.interrupt_status,
             config_generation: self.config_generation,
             queues: self.queues.iter().map(save_queue).collect(),
+            broken: self.is_broken(),
         }
     }
 
@@ -145,7 +283,9 @@ impl Persist for MmioTransport {
         t.queue_select = s.queue_select;
         t.interrupt_status = s.interrupt_status;
         t.config_generation = s.config_generation;
-        if t.device_status & super::status::DRIVER_OK != 0 {
+        if s.broken {
+            t.set_broken();
+        } else if t.device_status & super::status::DRIVER_OK != 0 {
             t.device.activate(t.acked_features);
         }
         Ok(t)

@@ -169,6 +169,12 @@ impl MmioTransport {
         self.broken
     }
 
+    /// Restores the "gave up" flag without telling the guest again (it was
+    /// told before the snapshot; the status register says so).
+    pub(super) fn set_broken(&mut self) {
+        self.broken = true;
+    }
+
     /// Stops serving queues (snapshot, migration switchover). Notifications
     /// that arrive meanwhile are remembered and served on [`Self::resume`].
     /// Requests are completed synchronously, so once this returns and the

@@ -191,6 +191,13 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

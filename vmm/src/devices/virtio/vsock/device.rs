@@ -15,7 +15,10 @@ use vmm_sys_util::epoll::EventSet;
 use super::connection::{Backend, ConnState, Connection, OUR_BUF_ALLOC};
 use super::packet::{op, Header, HDR_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::tools::{ToolsStatus, MAX_LINE};
-use super::{VsockError, EVT, HOST_CID, QUEUE_SIZE, RX, TOOLS_PORT, TX, VIRTIO_ID_VSOCK};
+use super::{
+    VsockError, EVT, HOST_CID, QUEUE_SIZE, RX, TOOLS_PORT, TX, VIRTIO_ID_VSOCK,
+    VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+};
 use crate::devices::virtio::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMemory;
 
@@ -68,6 +71,10 @@ pub struct Vsock {
     /// Closed streams kept until the event loop has unregistered them, so
     /// their fd numbers cannot be reused in between.
     graveyard: Vec<UnixStream>,
+    /// A VIRTIO_VSOCK_EVENT_TRANSPORT_RESET waits for an event-queue
+    /// buffer (set on restore: the guest must drop its connections, whose
+    /// host ends did not survive).
+    pub(super) transport_reset_pending: bool,
     queue_sizes: [u16; 3],
 }
 
@@ -103,6 +110,7 @@ impl Vsock {
             tools: Arc::new(ToolsStatus::new().map_err(VsockError::EventFd)?),
             fd_changes: Vec::new(),
             graveyard: Vec::new(),
+            transport_reset_pending: false,
             queue_sizes: [QUEUE_SIZE; 3],
         })
     }
@@ -486,6 +494,51 @@ impl Vsock {
         Some((h, data))
     }
 
+    /// Whether a transport reset event still waits for an event buffer.
+    pub fn transport_reset_pending(&self) -> bool {
+        self.transport_reset_pending
+    }
+
+    /// Delivers a pending transport reset event (virtio 1.2, 5.10.6.4: an
+    /// event buffer holds one le32 id; 0 = TRANSPORT_RESET). The guest then
+    /// resets every connection and re-reads its CID. Without an event buffer
+    /// it stays pending until the guest posts one.
+    fn process_evt(&mut self, q: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
+        let mut used = false;
+        while self.transport_reset_pending {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let written = match chain.writer(mem) {
+                Ok(mut w) if w.available_bytes() >= 4 => {
+                    if w.write_all(&VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes())
+                        .is_ok()
+                    {
+                        self.transport_reset_pending = false;
+                        4
+                    } else {
+                        0
+                    }
+                }
+                _ => {
+                    tracing::debug!("vsock event buffer too small or outside memory; skipped");
+                    0
+                }
+            };
+            q.add_used(mem, head, written)
+                .map_err(|e| DeviceError::BrokenQueue {
+                    queue: EVT,
+                    reason: format!("cannot write the used ring: {e}"),
+                })?;
+            used = true;
+        }
+        if used && !self.transport_reset_pending {
+            tracing::info!(cid = self.cid, "vsock transport reset sent to the guest");
+        }
+        Ok(used)
+    }
+
     fn process_rx(&mut self, q: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
         let mut used = false;
         while self.has_rx_work() {
@@ -637,14 +690,6 @@ impl Vsock {
             }
         }
     }
-
-    /// Drops every connection with RST (restore, device reset).
-    pub(super) fn reset_all(&mut self) {
-        let keys: Vec<Key> = self.conns.keys().copied().collect();
-        for k in keys {
-            self.reset(k);
-        }
-    }
 }
 
 impl VirtioDevice for Vsock {
@@ -679,6 +724,11 @@ impl VirtioDevice for Vsock {
         mem: &GuestMemory,
     ) -> Result<bool, DeviceError> {
         let mut used = false;
+        // The reset goes first: packets of connections from before a
+        // restore must meet a guest that has already dropped them.
+        if let Some(q) = queues.get_mut(EVT) {
+            used |= self.process_evt(q, mem)?;
+        }
         if idx == TX {
             if let Some(q) = queues.get_mut(TX) {
                 used |= self.process_tx(q, mem)?;
@@ -689,7 +739,6 @@ impl VirtioDevice for Vsock {
                 used |= self.process_rx(q, mem)?;
             }
         }
-        let _ = EVT;
         Ok(used)
     }
 

@@ -43,8 +43,10 @@ pub const TOOLS_PORT: u32 = 5252;
 pub const RX: usize = 0;
 /// Transmit queue.
 pub const TX: usize = 1;
-/// Event queue (transport reset events; unused until migration needs it).
+/// Event queue (transport reset events after a restore or migration).
 pub const EVT: usize = 2;
+/// The event id telling the guest its transport was reset.
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
 

@@ -2,9 +2,10 @@
 //!
 //! Connections do not survive a snapshot or a migration: their host ends
 //! are sockets of this process. What is saved is the CID, the socket path
-//! and the list of open connections; on restore each of them is reset
-//! (RST queued to the guest, sent as soon as the guest has rx buffers), so
-//! guest applications see a reset connection and reconnect, as the tools
+//! and the list of open connections (for the log); on restore the device
+//! sends the guest a VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue
+//! (as soon as the guest has an event buffer there), so the guest resets
+//! every connection at once and its applications reconnect, as the tools
 //! daemon does. Keeping connections would need the host ends to reconnect
 //! through the VMM and the byte counters to be carried over: not done.
 
@@ -12,7 +13,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::connection::{Backend, ConnState, Connection};
 use super::device::Vsock;
 use super::VsockError;
 use crate::persist::Persist;
@@ -24,7 +24,8 @@ pub struct VsockState {
     pub cid: u64,
     /// The host socket path.
     pub uds_path: PathBuf,
-    /// Open connections as (host port, guest port): reset on restore.
+    /// Open connections as (host port, guest port): the guest is told to
+    /// drop them on restore.
     pub connections: Vec<(u32, u32)>,
 }
 
@@ -45,20 +46,14 @@ impl Persist for Vsock {
 
     fn restore(_: (), s: &VsockState) -> Result<Self, VsockError> {
         let mut v = Vsock::new(s.cid, &s.uds_path)?;
-        for &(host_port, guest_port) in &s.connections {
-            // A placeholder so reset() has something to reset.
-            let c = Connection::new(
-                guest_port,
-                host_port,
-                Backend::Tools,
-                ConnState::Established,
-                0,
-            );
-            v.conns.insert((host_port, guest_port), c);
-        }
-        v.reset_all();
-        // The placeholders were not real tools connections.
-        v.tools().set_connected(false);
+        tracing::info!(
+            cid = s.cid,
+            connections = s.connections.len(),
+            "vsock restored; the guest will be told to reset its connections"
+        );
+        // Also with no connection open: a guest socket may be half-way
+        // through connecting, and the guest must re-read its CID anyway.
+        v.transport_reset_pending = true;
         Ok(v)
     }
 }

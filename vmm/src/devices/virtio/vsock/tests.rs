@@ -8,12 +8,21 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
+
+use crate::devices::virtio::VirtioDevice;
 
 use super::device::{Vsock, LISTENER_TOKEN, TOOLS_TOKEN};
 use super::packet::{op, Header, TYPE_STREAM};
-use super::{HOST_CID, TOOLS_PORT};
+use super::{EVT, HOST_CID, TOOLS_PORT, TX, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET};
 use crate::persist::Persist;
+
+/// virtq_desc flag: the device writes this buffer.
+const VRING_DESC_F_WRITE: u16 = 2;
 
 fn sock_path() -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -186,24 +195,53 @@ fn tools_channel_heartbeats_and_shutdown() {
 }
 
 #[test]
-fn save_restore_resets_connections() {
+fn save_restore_sends_a_transport_reset_event() {
+    use vm_memory::{Bytes, GuestAddress};
+
     let path = sock_path();
     let mut v = Vsock::new(3, &path).unwrap();
     v.handle_packet(&from_guest(50, TOOLS_PORT, op::REQUEST, 0), &[]);
     ctrl_ops(&mut v);
+    assert!(v.tools().snapshot().connected);
     let state = v.save();
     assert_eq!(state.connections, vec![(TOOLS_PORT, 50)]);
     drop(v);
     let json = serde_json::to_string(&state).unwrap();
     let back = serde_json::from_str(&json).unwrap();
     let mut r = Vsock::restore((), &back).unwrap();
-    let rst = r.ctrl.pop_front().unwrap();
-    assert_eq!(
-        (rst.op, rst.src_port, rst.dst_port),
-        (op::RST, TOOLS_PORT, 50)
-    );
     assert_eq!(r.connection_count(), 0);
+    assert!(r.ctrl.is_empty(), "no per-connection RST: one reset event");
     assert!(!r.tools().snapshot().connected);
+    assert!(r.transport_reset_pending());
+
+    // Three queues; only the event queue has a buffer (4 bytes at 0x8_0000,
+    // pre-filled with garbage).
+    let mem = crate::devices::virtio::block::tests::memory();
+    let mqs: Vec<_> = (0..3u64)
+        .map(|i| MockSplitQueue::create(&mem, GuestAddress(i * 0x1_0000), 16))
+        .collect();
+    let mut queues: Vec<Queue> = mqs.iter().map(|m| m.create_queue().unwrap()).collect();
+    // Before the guest posts an event buffer, the reset waits.
+    assert!(!r.process_queue(TX, &mut queues, &mem).unwrap());
+    assert!(r.transport_reset_pending());
+    mem.write_obj(0xdead_beef_u32, GuestAddress(0x8_0000))
+        .unwrap();
+    let d = RawDescriptor::from(SplitDescriptor::new(0x8_0000, 4, VRING_DESC_F_WRITE, 0));
+    mqs[EVT].add_desc_chains(&[d], 0).unwrap();
+    let mut queues: Vec<Queue> = mqs.iter().map(|m| m.create_queue().unwrap()).collect();
+    assert!(r.process_queue(EVT, &mut queues, &mem).unwrap());
+    assert!(!r.transport_reset_pending());
+    assert_eq!(mqs[EVT].used().idx().load(), 1);
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(0x8_0000)).unwrap(),
+        VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+    );
+    // Once only.
+    assert!(!r.process_queue(EVT, &mut queues, &mem).unwrap());
+    // The daemon reconnects on the restored device.
+    r.handle_packet(&from_guest(51, TOOLS_PORT, op::REQUEST, 0), &[]);
+    assert_eq!(ctrl_ops(&mut r), vec![op::RESPONSE]);
+    assert!(r.tools().snapshot().connected);
 }
 
 trait EndsWith {
