@@ -119,8 +119,15 @@ impl Vmm {
 
     /// A target listening on `port`.
     fn target(name: &str, port: u16) -> Self {
+        Self::target_with(name, port, &[])
+    }
+
+    /// A target listening on `port` with more `vigil run` flags.
+    fn target_with(name: &str, port: u16, extra: &[&str]) -> Self {
         let listen = format!("tcp:127.0.0.1:{port}");
-        let v = Self::spawn(name, &["--incoming", &listen]);
+        let mut args = vec!["--incoming", listen.as_str()];
+        args.extend_from_slice(extra);
+        let v = Self::spawn(name, &args);
         v.wait_for(STEP_TIMEOUT, "the target to listen", |v| {
             v.stderr_text()
                 .contains("waiting for an incoming migration")
@@ -773,4 +780,254 @@ fn incoming_flag_is_validated() {
     let o = common::vigil(&["run", "--incoming", "127.0.0.1:47209"], STEP_TIMEOUT);
     assert_eq!(o.code, Some(1), "{o:?}");
     assert!(o.stderr.contains("must be tcp:ADDR:PORT"), "{o:?}");
+}
+
+/// A bridge with two taps (the source's and the target's ports, as two
+/// hosts' uplinks to one switch would be) and 198.18.147.1/24 on the
+/// bridge; removed on drop, also when the test fails.
+struct TestNet {
+    bridge: String,
+    taps: [String; 2],
+}
+
+impl TestNet {
+    fn new() -> Self {
+        let n = std::process::id() % 10_000;
+        let net = TestNet {
+            bridge: format!("vmgbr{n}"),
+            taps: [format!("vmgs{n}"), format!("vmgt{n}")],
+        };
+        net.cleanup();
+        let ip = |args: &[&str]| {
+            let ok = Command::new("ip").args(args).status().map(|s| s.success());
+            assert!(
+                matches!(ok, Ok(true)),
+                "ip {args:?} failed (this test needs root)"
+            );
+        };
+        ip(&["link", "add", &net.bridge, "type", "bridge"]);
+        ip(&["addr", "add", "198.18.147.1/24", "dev", &net.bridge]);
+        ip(&["link", "set", &net.bridge, "up"]);
+        for t in &net.taps {
+            ip(&["tuntap", "add", "dev", t, "mode", "tap"]);
+            ip(&["link", "set", t, "master", &net.bridge]);
+            ip(&["link", "set", t, "up"]);
+        }
+        net
+    }
+
+    fn cleanup(&self) {
+        for dev in self.taps.iter().chain([&self.bridge]) {
+            let _ = Command::new("ip")
+                .args(["link", "del", dev])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Sends `msg` on the echo connection and reads the echo back.
+fn echo(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(msg)?;
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got)?;
+    Ok(got)
+}
+
+/// The disk writer's journal on the host side (layout in
+/// guest-tools/src/journal.rs): the sequence numbers of the records, in
+/// disk order, each with a valid checksum.
+fn journal_seqs(img: &std::path::Path) -> Vec<u64> {
+    let data = std::fs::read(img).unwrap();
+    let mut seqs = Vec::new();
+    for rec in data.chunks(512) {
+        if &rec[..8] != b"VIGILJ01" {
+            break;
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in &rec[..504] {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let sum = u64::from_le_bytes(rec[504..512].try_into().unwrap());
+        if sum != h {
+            break; // a torn last record
+        }
+        seqs.push(u64::from_le_bytes(rec[24..32].try_into().unwrap()));
+    }
+    seqs
+}
+
+fn disk_seqs(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("VIGIL-DISK seq="))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn vm_with_disk_nic_and_vsock_migrates_keeping_disk_connection_and_identity() {
+    let _g = guest_lock();
+    let net = TestNet::new();
+    let dir = work_dir();
+    // A shared datastore (here: one directory both "hosts" see).
+    let ds = dir.join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    std::fs::write(
+        ds.join(migration::precheck::DATASTORE_ID_FILE),
+        format!("vmg-ds-{}\n", std::process::id()),
+    )
+    .unwrap();
+    let img = ds.join("disk.img");
+    std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
+
+    let cmdline = common::guest_cmdline(
+        "ip=198.18.147.2::198.18.147.1:255.255.255.0::eth0:off \
+         vigil.run=disk-write:rate=20,report=1+echo+counter:every=1+dirty:mib=16,report=1",
+    );
+    let cfg = common::guest_config();
+    let mac = "52:54:00:47:20:01";
+    let mut src = Vmm::spawn(
+        "dev-src",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            &format!("path={}", img.display()),
+            "--net",
+            &format!("tap={},mac={mac},network=lab", net.taps[0]),
+            "--vsock",
+            &format!("cid=3,socket={}", dir.join("dev-src.vsock").display()),
+        ],
+    );
+    src.wait_for(BOOT_TIMEOUT, "the workloads", |v| {
+        let c = v.console_text();
+        c.contains("VIGIL-ECHO-READY") && disk_seqs(&c).len() >= 2 && !dirty_reports(&c).is_empty()
+    });
+    // One TCP connection to the guest's echo server, kept across the move.
+    let mut conn = {
+        let start = Instant::now();
+        loop {
+            match TcpStream::connect_timeout(
+                &"198.18.147.2:7777".parse().unwrap(),
+                Duration::from_secs(5),
+            ) {
+                Ok(c) => break c,
+                Err(e) if start.elapsed() > STEP_TIMEOUT => panic!("cannot reach the guest: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(echo(&mut conn, b"before\n").unwrap(), b"before\n");
+
+    // Pre-checks: the target names the network `Lab`, the VM uses `lab`.
+    let tap_t = net.taps[1].as_str();
+    let mut bad = Vmm::target_with("dev-bad", 47212, &["--network", "Lab", "--tap", tap_t]);
+    let run = finish(src.migrate_bg(47212, &[]), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("migration failed at precheck"),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr.contains("network") && run.stderr.contains("lab") && run.stderr.contains("Lab"),
+        "the error should name the check and both values: {run:?}"
+    );
+    assert_eq!(
+        bad.wait_exit(STEP_TIMEOUT),
+        Some(1),
+        "{}",
+        bad.stderr_text()
+    );
+    assert!(bad.console_text().is_empty());
+    assert!(src.running());
+    assert_eq!(echo(&mut conn, b"still\n").unwrap(), b"still\n");
+
+    // The real move.
+    let vsock_t = dir.join("dev-tgt.vsock");
+    let mut tgt = Vmm::target_with(
+        "dev-tgt",
+        47213,
+        &[
+            "--network",
+            "lab",
+            "--tap",
+            tap_t,
+            "--vsock-socket",
+            vsock_t.to_str().unwrap(),
+        ],
+    );
+    let run = finish(src.migrate_bg(47213, &[]), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        src.wait_exit(STEP_TIMEOUT),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+
+    // The same connection answers from the target (the RARP announcement
+    // moved the guest's MAC to the target's bridge port).
+    assert_eq!(
+        echo(&mut conn, b"after\n").unwrap_or_else(|e| panic!(
+            "the echo connection broke after migrating: {e}\ntarget:\n{}",
+            tgt.console_text()
+        )),
+        b"after\n"
+    );
+
+    // Disk writer, counter and memory go on.
+    let src_console = src.console_text();
+    tgt.wait_for(STEP_TIMEOUT, "the workloads on the target", |v| {
+        let c = v.console_text();
+        disk_seqs(&c).len() >= 3 && dirty_reports(&c).len() >= 2 && v.last_counter().is_some()
+    });
+    let tgt_console = tgt.console_text();
+    for c in [&src_console, &tgt_console] {
+        assert!(!c.contains("VIGIL-DISK-ERROR"), "{c}");
+        assert_no_lost_pages("guest", c);
+    }
+    let (s_last, t_first) = (
+        *disk_seqs(&src_console).last().unwrap(),
+        disk_seqs(&tgt_console)[0],
+    );
+    assert!(
+        t_first > s_last,
+        "disk writer went from {s_last} to {t_first}"
+    );
+    let (sn, _) = *counters(&src_console).last().unwrap();
+    let (tn, _) = counters(&tgt_console)[0];
+    assert!(tn == sn + 1 || tn == sn + 2, "counter {sn} -> {tn}");
+    // The tools daemon talks to the target's VMM over the migrated vsock
+    // device.
+    tgt.wait_for(STEP_TIMEOUT, "guest tools heartbeats on the target", |v| {
+        let (code, out, _) = v.cli(&["vm", "heartbeat", "--json"]);
+        code == 0
+            && serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|h| h["connected"] == true)
+    });
+
+    // Stop the target; every record on the disk is there once, in order.
+    let _ = tgt.child.kill();
+    let _ = tgt.child.wait();
+    let seqs = journal_seqs(&img);
+    assert!(seqs.len() as u64 >= *disk_seqs(&tgt_console).last().unwrap());
+    for (i, s) in seqs.iter().enumerate() {
+        assert_eq!(
+            *s,
+            i as u64 + 1,
+            "journal has a gap or a duplicate at record {i}"
+        );
+    }
+    drop(net);
 }

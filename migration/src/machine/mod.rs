@@ -23,6 +23,7 @@
 //! snapshot module's `VmState` (`vmm::snapshot::capture`), so a migration
 //! carries exactly what a snapshot saves.
 
+pub mod announce;
 pub mod source;
 pub mod target;
 

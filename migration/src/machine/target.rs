@@ -192,6 +192,12 @@ impl IncomingVm for IncomingShell {
         let (Some(mem), Some(state)) = (self.mem.take(), self.state.take()) else {
             return Err("start before memory and state arrived".into());
         };
+        // The NICs as the target attaches them (its --tap names), for the
+        // announcement once the guest runs.
+        let nics: Vec<(String, [u8; 6])> = match state.config.to_config(&self.overrides) {
+            Ok(c) => c.nics.iter().map(|n| (n.tap.clone(), n.mac)).collect(),
+            Err(e) => return Err(Box::new(e)),
+        };
         let (tx, rx) = mpsc::channel();
         let mut run = self.run.clone();
         run.on_running = Some(tx);
@@ -203,6 +209,11 @@ impl IncomingVm for IncomingShell {
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(()) => {
                 self.thread = Some(t);
+                if !nics.is_empty() {
+                    let _ = std::thread::Builder::new()
+                        .name("announce".into())
+                        .spawn(move || super::announce::announce(&nics));
+                }
                 Ok(())
             }
             Err(_) => match t.join() {
