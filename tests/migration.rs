@@ -1031,3 +1031,35 @@ fn vm_with_disk_nic_and_vsock_migrates_keeping_disk_connection_and_identity() {
     }
     drop(net);
 }
+
+#[test]
+fn two_vms_migrate_at_once_each_on_its_own_connection() {
+    let _g = guest_lock();
+    let mut srcs = [Vmm::source("two-a-src"), Vmm::source("two-b-src")];
+    let mut tgts = [
+        Vmm::target("two-a-tgt", 47214),
+        Vmm::target("two-b-tgt", 47215),
+    ];
+    let runs: Vec<Child> = srcs
+        .iter()
+        .zip([47214, 47215])
+        .map(|(s, port)| s.migrate_bg(port, &["--checksum"]))
+        .collect();
+    let runs: Vec<MigrateRun> = runs
+        .into_iter()
+        .map(|c| finish(c, MIGRATE_TIMEOUT))
+        .collect();
+    for (i, run) in runs.iter().enumerate() {
+        assert_eq!(run.code, Some(0), "VM {i}: {run:?}");
+        assert_eq!(run.last()["state"], "succeeded", "VM {i}: {run:?}");
+    }
+    for (s, t) in srcs.iter_mut().zip(tgts.iter_mut()) {
+        assert_eq!(s.wait_exit(STEP_TIMEOUT), Some(0), "{}", s.stderr_text());
+        t.wait_for(STEP_TIMEOUT, "two dirtier reports on the target", |v| {
+            dirty_reports(&v.console_text()).len() >= 2
+        });
+        assert!(t.running(), "{}", t.stderr_text());
+        assert_no_lost_pages("target", &t.console_text());
+        assert_consecutive(&t.console_text());
+    }
+}
