@@ -57,6 +57,18 @@ pub struct MigrateArgs {
     /// Cancel the running migration; the VM keeps running here.
     #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "max_duration_s", "checksum"])]
     pub cancel: bool,
+    /// TLS 1.3: this host's certificate (PEM); with --tls-key and --tls-ca.
+    #[arg(long, value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: this host's private key (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the cluster CA that signs every host's certificate (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// TLS: the name in the target's certificate [default: the host of --to].
+    #[arg(long, value_name = "NAME", requires = "tls_cert")]
+    pub tls_name: Option<String>,
 }
 
 /// `vigil vm ACTION --api-socket PATH [--json]`.
@@ -222,6 +234,17 @@ pub struct RunArgs {
     /// NICs use a network not listed is refused by the pre-checks.
     #[arg(long, value_name = "NAME", requires = "incoming")]
     pub network: Vec<String>,
+    /// With --incoming: require TLS 1.3, this host's certificate (PEM);
+    /// with --tls-key and --tls-ca. Sources without a certificate from
+    /// that CA get nothing.
+    #[arg(long, value_name = "PATH", requires_all = ["incoming", "tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// With --incoming: this host's private key (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// With --incoming: the cluster CA (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// With --restore or --incoming: attach the VM's NICs to these taps
     /// instead of the saved (source's) ones (repeatable, in NIC order; MAC
     /// and network stay).

@@ -39,6 +39,12 @@ pub fn migrate(args: MigrateArgs) -> i32 {
         "bandwidth_mbps": args.bandwidth,
         "max_duration_s": args.max_duration_s,
         "checksum": args.checksum,
+        "tls": args.tls_cert.as_ref().map(|cert| json!({
+            "cert": abs(cert),
+            "key": args.tls_key.as_deref().map(abs),
+            "ca": args.tls_ca.as_deref().map(abs),
+            "name": args.tls_name,
+        })),
     });
     if let Err(e) = client::call(sock, "PUT", "/vm/migrate", Some(&body), CALL_TIMEOUT) {
         return fail(&chain(&e));
@@ -88,6 +94,11 @@ pub fn migrate(args: MigrateArgs) -> i32 {
             }
         }
     }
+}
+
+/// The VMM may run in another working directory.
+fn abs(p: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn mib(v: &Value) -> f64 {

@@ -48,7 +48,15 @@ pub fn run(args: RunArgs) -> i32 {
             vsock_socket: args.vsock_socket.clone(),
         };
         if let Some(spec) = &args.incoming {
-            return incoming(spec, &host, ov, &args.network, opts, logs_to_file);
+            let tls = args
+                .tls_cert
+                .clone()
+                .map(|cert| migration::transport::TlsFiles {
+                    cert,
+                    key: args.tls_key.clone().unwrap_or_default(),
+                    ca: args.tls_ca.clone().unwrap_or_default(),
+                });
+            return incoming(spec, &host, ov, &args.network, tls, opts, logs_to_file);
         }
         let Some(dir) = &args.restore else {
             return EXIT_ERROR;
@@ -108,6 +116,7 @@ fn incoming(
     host: &str,
     overrides: vmm::snapshot::RestoreOverrides,
     networks: &[String],
+    tls: Option<migration::transport::TlsFiles>,
     run: vmm::RunOptions,
     logs_to_file: bool,
 ) -> i32 {
@@ -123,6 +132,7 @@ fn incoming(
         },
         overrides,
         run,
+        tls,
         // Without --network this host offers only the default network.
         networks: if networks.is_empty() {
             ["default".to_string()].into()

@@ -1063,3 +1063,93 @@ fn two_vms_migrate_at_once_each_on_its_own_connection() {
         assert_consecutive(&t.console_text());
     }
 }
+
+/// A CA and host certificates made with rcgen: (cert, key, ca) paths.
+fn tls_files(dir: &std::path::Path, ca_name: &str, hosts: &[&str]) -> Vec<[String; 3]> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let ca_path = dir.join(format!("{ca_name}.crt"));
+    std::fs::write(&ca_path, ca_pem).unwrap();
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    hosts
+        .iter()
+        .map(|h| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![h.to_string()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let (c, k) = (
+                dir.join(format!("{ca_name}-{h}.crt")),
+                dir.join(format!("{ca_name}-{h}.key")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            [c, k, ca_path.clone()].map(|p| p.display().to_string())
+        })
+        .collect()
+}
+
+fn tls_flags(f: &[String; 3]) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        f[0].clone(),
+        "--tls-key".into(),
+        f[1].clone(),
+        "--tls-ca".into(),
+        f[2].clone(),
+    ]
+}
+
+#[test]
+fn tls_migration_is_intact_and_a_stranger_gets_nothing() {
+    let _g = guest_lock();
+    let dir = work_dir().join("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = tls_files(&dir, "cluster", &["vmg-source", "vmg-target"]);
+    let other = tls_files(&dir, "other", &["vmg-source"]);
+    let target_flags = tls_flags(&cluster[1]);
+    let target_args: Vec<&str> = target_flags.iter().map(String::as_str).collect();
+
+    let mut src = Vmm::source("tls-src");
+    // A source whose certificate another CA signed: refused, nothing sent.
+    let mut tgt = Vmm::target_with("tls-stranger-tgt", 47216, &target_args);
+    let mut flags = tls_flags(&other[0]);
+    flags.extend(["--tls-name".to_string(), "vmg-target".to_string()]);
+    let f: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let run = finish(src.migrate_bg(47216, &f), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("TLS handshake"), "{run:?}");
+    assert_eq!(
+        tgt.wait_exit(STEP_TIMEOUT),
+        Some(1),
+        "{}",
+        tgt.stderr_text()
+    );
+    assert!(tgt.stderr_text().contains("TLS"), "{}", tgt.stderr_text());
+    assert!(tgt.console_text().is_empty());
+    assert_source_survived(&mut src, None);
+
+    // The cluster's own certificates: the migration goes through, intact.
+    let mut tgt = Vmm::target_with("tls-tgt", 47217, &target_args);
+    let mut flags = tls_flags(&cluster[0]);
+    flags.extend(["--tls-name".to_string(), "vmg-target".to_string()]);
+    flags.push("--checksum".into());
+    let f: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let run = finish(src.migrate_bg(47217, &f), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        src.wait_exit(STEP_TIMEOUT),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+    tgt.wait_for(STEP_TIMEOUT, "two dirtier reports on the target", |v| {
+        dirty_reports(&v.console_text()).len() >= 2
+    });
+    assert!(tgt.running());
+    assert_no_lost_pages("target", &tgt.console_text());
+}

@@ -164,6 +164,32 @@ pub struct MigrateRequest {
     /// Verify every page end to end.
     #[serde(default)]
     pub checksum: bool,
+    /// Encrypt and authenticate the stream with TLS 1.3 (mutual
+    /// certificates from the cluster CA).
+    #[serde(default)]
+    pub tls: Option<TlsRequest>,
+}
+
+/// TLS material for an outgoing migration (PEM files on this host).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsRequest {
+    /// This host's certificate chain.
+    pub cert: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
+    /// The cluster CA.
+    pub ca: std::path::PathBuf,
+    /// The name the target's certificate must carry (default: the host
+    /// part of `to`).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// The host part of `ADDR:PORT` (`[v6]:port` too).
+fn host_of(to: &str) -> String {
+    let h = to.rsplit_once(':').map_or(to, |(h, _)| h);
+    h.trim_start_matches('[').trim_end_matches(']').to_string()
 }
 
 impl MigrateRequest {
@@ -304,6 +330,19 @@ impl MigrationHook for Outgoing {
             )
         })?;
         let opts = req.options(&self.host).map_err(|e| bad(400, e))?;
+        let tls = match &req.tls {
+            None => None,
+            Some(t) => {
+                let files = crate::transport::TlsFiles {
+                    cert: t.cert.clone(),
+                    key: t.key.clone(),
+                    ca: t.ca.clone(),
+                };
+                let cfg = crate::transport::client_config(&files)
+                    .map_err(|e| bad(400, crate::error_chain(&e)))?;
+                Some((cfg, t.name.clone().unwrap_or_else(|| host_of(&req.to))))
+            }
+        };
         if m.gate.is_paused() {
             return Err(bad(
                 409,
@@ -338,12 +377,29 @@ impl MigrationHook for Outgoing {
                 let mut vm = SourceVm::new(m.clone());
                 let sh = shared.clone();
                 let to2 = to.clone();
-                let result = migrate(&mut vm, stream, &opts, &cancel, &mut |p| {
+                let mut progress = |p: &Progress| {
                     if p.stage != Stage::Failed {
                         sh.lock().unwrap_or_else(|p| p.into_inner()).status =
                             progress_json(&to2, p);
                     }
-                });
+                };
+                let result = match tls {
+                    None => migrate(&mut vm, stream, &opts, &cancel, &mut progress),
+                    Some((cfg, name)) => match crate::transport::connect_tls(stream, &name, cfg) {
+                        Ok(s) => migrate(&mut vm, s, &opts, &cancel, &mut progress),
+                        Err(e) => {
+                            let error =
+                                format!("migration failed at connect: {}", crate::error_chain(&e));
+                            tracing::warn!(%error, "TLS handshake failed; the VM runs here");
+                            let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
+                            g.status = json!({ "state": "failed", "to": to, "stage": "connect",
+                                               "error": error, "vm_running_here": true });
+                            g.running = false;
+                            g.cancel = None;
+                            return;
+                        }
+                    },
+                };
                 let done = match &result {
                     Ok(s) => {
                         tracing::info!(downtime_ms = s.downtime.as_millis() as u64, "migrated");

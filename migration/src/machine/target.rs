@@ -36,6 +36,8 @@ pub struct IncomingOptions {
     pub run: RunOptions,
     /// Networks this host offers (`network=` names of NICs).
     pub networks: BTreeSet<String>,
+    /// Require TLS 1.3 with a client certificate from the cluster CA.
+    pub tls: Option<crate::transport::TlsFiles>,
 }
 
 /// Why an incoming migration ended without a running guest, or how the
@@ -57,6 +59,10 @@ pub enum IncomingError {
     /// The received guest's VMM failed.
     #[error(transparent)]
     Run(#[from] vmm::Error),
+    /// TLS set-up or the peer's authentication failed (the peer got
+    /// nothing).
+    #[error("TLS on the migration port")]
+    Tls(#[source] crate::transport::TlsError),
 }
 
 /// This host, as the target's pre-checks and VM creation see it.
@@ -235,6 +241,10 @@ pub fn run_incoming(
         addr: opts.listen.clone(),
         source,
     };
+    let tls = match &opts.tls {
+        Some(files) => Some(crate::transport::server_config(files).map_err(IncomingError::Tls)?),
+        None => None,
+    };
     let listener = TcpListener::bind(&opts.listen).map_err(listen_err)?;
     let local = listener
         .local_addr()
@@ -247,8 +257,15 @@ pub fn run_incoming(
     let _ = crate::transport::tune_tcp(&stream);
     let target = opts.target.clone();
     let mut host = IncomingHost::new(opts);
-    let (shell, got) =
-        receive(&mut host, stream, &target, &CancelToken::new()).map_err(IncomingError::Receive)?;
+    let cancel = CancelToken::new();
+    let (shell, got) = match tls {
+        None => receive(&mut host, stream, &target, &cancel),
+        Some(cfg) => {
+            let s = crate::transport::accept_tls(stream, cfg).map_err(IncomingError::Tls)?;
+            receive(&mut host, s, &target, &cancel)
+        }
+    }
+    .map_err(IncomingError::Receive)?;
     tracing::info!(vm = %got.name, rounds = got.rounds, data_pages = got.data_pages,
         zero_pages = got.zero_pages, "migration received; guest running");
     shell.wait()
