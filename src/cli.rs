@@ -26,6 +26,49 @@ pub enum Command {
     Vm(VmArgs),
     /// Snapshot a running VM to a directory (restore with `vigil run --restore DIR`).
     Snapshot(SnapshotArgs),
+    /// Live-migrate a running VM to a host where `vigil run --incoming` waits.
+    Migrate(MigrateArgs),
+}
+
+/// `vigil migrate --api-socket PATH --to ADDR:PORT [...]` or `--cancel`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The VM's control API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Target ADDR:PORT (where `vigil run --incoming tcp:ADDR:PORT` listens).
+    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "cancel")]
+    pub to: Option<String>,
+    /// Longest acceptable guest pause, ms [default: 100].
+    #[arg(long, value_name = "N")]
+    pub downtime_ms: Option<u64>,
+    /// Bandwidth cap, MB/s (10^6 bytes) [default: unlimited].
+    #[arg(long, value_name = "MBPS")]
+    pub bandwidth: Option<u64>,
+    /// Give up (the VM keeps running here) after this many seconds [default: 100].
+    #[arg(long, value_name = "SECONDS")]
+    pub max_duration_s: Option<u64>,
+    /// Verify every page end to end (the target recomputes each checksum).
+    #[arg(long)]
+    pub checksum: bool,
+    /// Progress and summary as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Cancel the running migration; the VM keeps running here.
+    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "max_duration_s", "checksum"])]
+    pub cancel: bool,
+    /// TLS 1.3: this host's certificate (PEM); with --tls-key and --tls-ca.
+    #[arg(long, value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: this host's private key (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the cluster CA that signs every host's certificate (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// TLS: the name in the target's certificate [default: the host of --to].
+    #[arg(long, value_name = "NAME", requires = "tls_cert")]
+    pub tls_name: Option<String>,
 }
 
 /// `vigil vm ACTION --api-socket PATH [--json]`.
@@ -84,7 +127,7 @@ pub struct SnapshotArgs {
 /// Text shown after `vigil run --help`.
 pub const RUN_EXIT_STATUS_HELP: &str = "\
 Exit status:
-  0  the guest powered off
+  0  the guest powered off (or, on a migration source, it moved to the target)
   1  VMM error or bad input (one message on stderr)
   2  command-line usage error
   3  the guest asked for a reboot (with --on-reboot exit, the default)
@@ -177,12 +220,38 @@ pub struct RunArgs {
         "disk", "vsock", "net"
     ])]
     pub restore: Option<PathBuf>,
-    /// With --restore: attach the restored VM's NICs to these taps instead of
-    /// the saved ones (repeatable, in NIC order; MAC and network stay).
+    /// Wait for a VM migrated from another host (`vigil migrate --to`)
+    /// on tcp:ADDR:PORT and run it. The VM's config arrives with it; only
+    /// --console, --name, --api-socket, --tap, --vsock-socket, --network
+    /// and logging flags apply.
+    #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = [
+        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "on_reboot", "cpu_template",
+        "restore", "disk", "vsock", "net"
+    ])]
+    pub incoming: Option<String>,
+    /// With --incoming: a network (port group) this host offers, as NICs
+    /// name it with `network=` (repeatable; case-sensitive). A VM whose
+    /// NICs use a network not listed is refused by the pre-checks.
+    #[arg(long, value_name = "NAME", requires = "incoming")]
+    pub network: Vec<String>,
+    /// With --incoming: require TLS 1.3, this host's certificate (PEM);
+    /// with --tls-key and --tls-ca. Sources without a certificate from
+    /// that CA get nothing.
+    #[arg(long, value_name = "PATH", requires_all = ["incoming", "tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// With --incoming: this host's private key (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// With --incoming: the cluster CA (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// With --restore or --incoming: attach the VM's NICs to these taps
+    /// instead of the saved (source's) ones (repeatable, in NIC order; MAC
+    /// and network stay).
     #[arg(long, value_name = "NAME")]
     pub tap: Vec<String>,
-    /// With --restore: the vsock device's host socket path instead of the
-    /// saved one (the CID stays).
+    /// With --restore or --incoming: the vsock device's host socket path
+    /// instead of the saved (source's) one (the CID stays).
     #[arg(long, value_name = "PATH")]
     pub vsock_socket: Option<PathBuf>,
     /// Watchdog: a vCPU or the event loop without progress for this long is

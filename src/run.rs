@@ -7,14 +7,15 @@ use vmm::control::{ExitReason, EXIT_ERROR};
 use crate::cli::{CpuTemplateArg, OnRebootArg, RunArgs};
 use crate::logging;
 
-/// Flags that only mean something with `--restore`. (clap's `requires`
-/// is not enough: it is waived when `--restore` conflicts with another flag
-/// given, e.g. `--config`.)
+/// Flags that only mean something with `--restore` or `--incoming`.
+/// (clap's `requires` is not enough: it is waived when `--restore`
+/// conflicts with another flag given, e.g. `--config`.)
 fn check_restore_only(args: &RunArgs) -> Result<(), String> {
-    if args.restore.is_none() && (!args.tap.is_empty() || args.vsock_socket.is_some()) {
+    let brings_a_vm = args.restore.is_some() || args.incoming.is_some();
+    if !brings_a_vm && (!args.tap.is_empty() || args.vsock_socket.is_some()) {
         return Err(
-            "--tap and --vsock-socket only apply with --restore DIR; to boot a VM use --net \
-             tap=NAME and --vsock cid=N,socket=PATH"
+            "--tap and --vsock-socket only apply with --restore DIR or --incoming; to boot a VM \
+             use --net tap=NAME and --vsock cid=N,socket=PATH"
                 .to_string(),
         );
     }
@@ -32,14 +33,25 @@ pub fn run(args: RunArgs) -> i32 {
         return EXIT_ERROR;
     }
     let logs_to_file = args.log_file.is_some();
+    let host = hostname();
     let mut opts = vmm::RunOptions {
         api_socket: args.api_socket.clone(),
+        migration: Some(vmm::migration_hook::HookRef(std::sync::Arc::new(
+            migration::machine::Outgoing::new(&host),
+        ))),
         ..Default::default()
     };
     if let Some(t) = args.watchdog_threshold_s {
         opts.watchdog_threshold = std::time::Duration::from_secs(t.max(1));
     }
-    if let Some(dir) = &args.restore {
+    if args.restore.is_none()
+        && args.incoming.is_none()
+        && (!args.tap.is_empty() || args.vsock_socket.is_some())
+    {
+        eprintln!("vigil: --tap and --vsock-socket apply only with --restore or --incoming");
+        return vmm::control::EXIT_USAGE;
+    }
+    if args.restore.is_some() || args.incoming.is_some() {
         let console = match args.console.as_deref().map(vmm::config::ConsoleMode::parse) {
             None => None,
             Some(Ok(c)) => Some(c),
@@ -53,6 +65,20 @@ pub fn run(args: RunArgs) -> i32 {
             name: args.name.clone(),
             taps: args.tap.clone(),
             vsock_socket: args.vsock_socket.clone(),
+        };
+        if let Some(spec) = &args.incoming {
+            let tls = args
+                .tls_cert
+                .clone()
+                .map(|cert| migration::transport::TlsFiles {
+                    cert,
+                    key: args.tls_key.clone().unwrap_or_default(),
+                    ca: args.tls_ca.clone().unwrap_or_default(),
+                });
+            return incoming(spec, &host, ov, &args.network, tls, opts, logs_to_file);
+        }
+        let Some(dir) = &args.restore else {
+            return EXIT_ERROR;
         };
         return match vmm::snapshot::restore(dir, ov, &opts) {
             Ok(reason) => {
@@ -96,6 +122,63 @@ pub fn run(args: RunArgs) -> i32 {
     }
 }
 
+/// This host's name, for migration messages.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+/// `vigil run --incoming tcp:ADDR:PORT`: wait for one migrated VM, run it.
+fn incoming(
+    spec: &str,
+    host: &str,
+    overrides: vmm::snapshot::RestoreOverrides,
+    networks: &[String],
+    tls: Option<migration::transport::TlsFiles>,
+    run: vmm::RunOptions,
+    logs_to_file: bool,
+) -> i32 {
+    let Some(listen) = spec.strip_prefix("tcp:") else {
+        eprintln!("vigil: --incoming `{spec}` must be tcp:ADDR:PORT, e.g. tcp:0.0.0.0:5253");
+        return EXIT_ERROR;
+    };
+    let opts = migration::machine::IncomingOptions {
+        listen: listen.to_string(),
+        target: migration::TargetOptions {
+            host: host.to_string(),
+            ..Default::default()
+        },
+        overrides,
+        run,
+        tls,
+        // Without --network this host offers only the default network.
+        networks: if networks.is_empty() {
+            ["default".to_string()].into()
+        } else {
+            networks.iter().cloned().collect()
+        },
+    };
+    let result = migration::machine::run_incoming(opts, |addr| {
+        // Scripts and tests wait for this line before starting the source.
+        eprintln!("vigil: waiting for an incoming migration on tcp:{addr}");
+    });
+    match result {
+        Ok(reason) => {
+            report(&reason, logs_to_file);
+            reason.exit_code()
+        }
+        Err(e) => {
+            let msg = chain(&e);
+            if logs_to_file {
+                tracing::error!(error = %msg, "incoming migration failed");
+            }
+            eprintln!("vigil: {msg}");
+            EXIT_ERROR
+        }
+    }
+}
+
 /// The error and its causes on one line: "a: b: c".
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -135,6 +218,7 @@ fn report(reason: &ExitReason, logs_to_file: bool) {
         ExitReason::Reboot => tracing::info!("guest requested reboot"),
         ExitReason::HostPowerOff => tracing::info!("powered off through the control API"),
         ExitReason::Snapshotted => tracing::info!("stopped after a snapshot"),
+        ExitReason::Migrated => tracing::info!("migrated to another host; stopped here"),
         ExitReason::Crash {
             vcpu,
             reason,
@@ -181,6 +265,9 @@ mod tests {
                 "{e}"
             );
             let mut args = vec!["--restore", "/tmp/snap"];
+            args.extend(extra);
+            check_restore_only(&run_args(&args)).unwrap();
+            let mut args = vec!["--incoming", "tcp:127.0.0.1:47999"];
             args.extend(extra);
             check_restore_only(&run_args(&args)).unwrap();
         }

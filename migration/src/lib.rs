@@ -11,7 +11,10 @@
 //!   rollback.
 //! - [`target`]: receiving, verifying, starting only on an intact stream.
 //! - [`progress`]: progress reports, summary, cancel token.
-//! - [`transport`]: the byte stream (TCP; TLS to come).
+//! - [`transport`]: the byte stream (TCP, TLS 1.3).
+//! - [`machine`]: the traits implemented over the real VMM
+//!   (`vmm::machine::Machine`), the control API's migration hook, and the
+//!   incoming side behind `vigil run --incoming`.
 //!
 //! # Use
 //!
@@ -40,9 +43,10 @@
 //! ```
 //!
 //! The tests in `tests/` migrate a fake VM (memory as a `Vec`, a thread
-//! dirtying pages) over real loopback TCP. End-to-end tests with real guests
-//! come when the VMM implements the traits.
+//! dirtying pages) over real loopback TCP; the workspace's
+//! `tests/migration.rs` migrates real guests between two VMM processes.
 
+pub mod machine;
 pub mod precheck;
 pub mod progress;
 pub mod protocol;

@@ -5,7 +5,7 @@
 //!
 //! | status | meaning |
 //! |---|---|
-//! | 0 | the guest powered off (ACPI S5), the API powered it off, or it stopped after a snapshot |
+//! | 0 | the guest powered off (ACPI S5), the API powered it off, it stopped after a snapshot, or it migrated away |
 //! | 1 | VMM error or bad input (one message on stderr) |
 //! | 2 | command-line usage error |
 //! | 3 | the guest asked for a reboot (and `--on-reboot exit`) |
@@ -49,13 +49,17 @@ pub enum ExitReason {
     HostPowerOff,
     /// Stopped after a snapshot (`PUT /vm/snapshot` with `stop: true`).
     Snapshotted,
+    /// Migrated away: the target acknowledged that the guest runs there.
+    Migrated,
 }
 
 impl ExitReason {
     /// The process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::PowerOff | Self::HostPowerOff | Self::Snapshotted => EXIT_POWEROFF,
+            Self::PowerOff | Self::HostPowerOff | Self::Snapshotted | Self::Migrated => {
+                EXIT_POWEROFF
+            }
             Self::Reboot => EXIT_REBOOT,
             Self::Crash { .. } => EXIT_CRASH,
             Self::VmmError(_) => EXIT_ERROR,

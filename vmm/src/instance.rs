@@ -178,6 +178,11 @@ pub struct RunOptions {
     pub api_socket: Option<PathBuf>,
     /// Watchdog stall threshold.
     pub watchdog_threshold: Duration,
+    /// Live migration for the API's `/vm/migrate` routes.
+    pub migration: Option<crate::migration_hook::HookRef>,
+    /// Told once the vCPU threads run (an incoming migration acknowledges
+    /// the source only then).
+    pub on_running: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Default for RunOptions {
@@ -185,6 +190,8 @@ impl Default for RunOptions {
         Self {
             api_socket: None,
             watchdog_threshold: watchdog::DEFAULT_THRESHOLD,
+            migration: None,
+            on_running: None,
         }
     }
 }
@@ -374,7 +381,7 @@ fn run_once(
         Some(RestoreMem::File(dir)) => Some(dir),
         _ => None,
     };
-    let machine = Arc::new(Machine::new(
+    let mut machine = Machine::new(
         cfg.clone(),
         vm,
         mem,
@@ -383,7 +390,9 @@ fn run_once(
         exit.clone(),
         caps,
         restored_from,
-    ));
+    );
+    machine.migration = opts.migration.clone();
+    let machine = Arc::new(machine);
     crate::devices::virtio::hooks::register(&machine, &virtio);
 
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -403,6 +412,9 @@ fn run_once(
     }
     gate.set_threads(threads);
     tracing::info!(stage = "running", vcpus = cfg.vcpus, "guest running");
+    if let Some(tx) = &opts.on_running {
+        let _ = tx.send(());
+    }
 
     let api_stop = Arc::new(AtomicBool::new(false));
     let api_thread = match api {

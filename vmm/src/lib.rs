@@ -21,6 +21,8 @@
 //! - [`snapshot`]: the versioned state format, save and restore
 //!   (`docs/SNAPSHOT.md`).
 //! - [`watchdog`]: stall detection for vCPU threads and the event loop.
+//! - [`migration_hook`]: the trait the control API's `/vm/migrate` routes
+//!   call; the `vigil` binary installs `migration`'s implementation.
 //!
 //! Virtio-mmio devices (block, net, vsock) live in one folder each under
 //! `devices/virtio/`; MMIO exits go to [`devices::mmio::MmioBus`], queue
@@ -35,9 +37,11 @@
 //!   registering a [`machine::IoCounterSource`] (I/O counters) or, for the
 //!   vsock tools channel, a [`machine::GuestTools`] (heartbeat, graceful
 //!   shutdown) on the [`machine::Machine`].
-//! - live migration: [`vm::Vm::slots`] lists the KVM memory slots for
-//!   KVM_MEM_LOG_DIRTY_PAGES and KVM_GET_DIRTY_LOG; VMM-side writes are in
-//!   the `AtomicBitmap` of [`memory::GuestMemory`].
+//! - live migration: [`vm::Vm::set_dirty_logging`] and
+//!   [`vm::Vm::dirty_log`] give KVM's per-slot dirty log, and
+//!   [`memory::take_vmm_dirty`] the VMM's own writes (the `AtomicBitmap` of
+//!   [`memory::GuestMemory`]); [`cpu::gate::VcpuGate::set_throttle`]
+//!   slows the vCPUs; [`instance::run_incoming`] runs a received VM.
 
 pub mod acpi;
 pub mod api;
@@ -50,6 +54,7 @@ pub mod devices;
 pub mod instance;
 pub mod machine;
 pub mod memory;
+pub mod migration_hook;
 pub mod persist;
 pub mod snapshot;
 pub mod vm;

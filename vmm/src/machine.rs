@@ -114,6 +114,8 @@ pub struct Machine {
     pub loop_progress: AtomicU64,
     /// The watchdog's latest findings.
     pub watchdog: Mutex<WatchdogReport>,
+    /// Live migration, when the binary installed it.
+    pub migration: Option<crate::migration_hook::HookRef>,
     control: Mutex<()>,
 }
 
@@ -146,6 +148,7 @@ impl Machine {
             virtio: Mutex::new(Vec::new()),
             loop_progress: AtomicU64::new(0),
             watchdog: Mutex::new(WatchdogReport::default()),
+            migration: None,
             control: Mutex::new(()),
         }
     }

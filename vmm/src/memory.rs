@@ -175,6 +175,49 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     })
 }
 
+/// Takes and clears the VMM's own dirty bitmap (writes made through
+/// vm-memory: device emulation, the loader): one `Vec<u64>` per region,
+/// bit `i` = page `i` of that region, the layout KVM_GET_DIRTY_LOG uses.
+pub fn take_vmm_dirty(mem: &GuestMemory) -> Vec<Vec<u64>> {
+    use vm_memory::GuestMemoryBackend;
+    mem.iter()
+        .map(|r| {
+            let mmap: &vm_memory::MmapRegion<AtomicBitmap> = r;
+            mmap.bitmap().get_and_reset()
+        })
+        .collect()
+}
+
+/// Sets `[gpa, gpa + len)` (page aligned, inside one region) to zero by
+/// dropping the pages (`MADV_DONTNEED` on the private anonymous mapping):
+/// the next access sees a fresh zero page, and a page that was never
+/// touched costs nothing. Used by an incoming migration for zero pages.
+pub fn discard_range(mem: &GuestMemory, gpa: u64, len: u64) -> std::io::Result<()> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string());
+    if !gpa.is_multiple_of(4096) || !len.is_multiple_of(4096) {
+        return Err(bad("range not page aligned"));
+    }
+    let region = mem
+        .find_region(GuestAddress(gpa))
+        .ok_or_else(|| bad("range outside guest memory"))?;
+    let off = gpa - region.start_addr().0;
+    if off.checked_add(len).is_none_or(|end| end > region.len()) {
+        return Err(bad("range crosses the end of its memory region"));
+    }
+    let host = region
+        .get_host_address(vm_memory::MemoryRegionAddress(off))
+        .map_err(|e| bad(&e.to_string()))?;
+    // SAFETY: [host, host + len) lies inside one mmap'd region of guest
+    // memory (checked above); MADV_DONTNEED on a private anonymous
+    // mapping only replaces its pages with zero pages, it never unmaps.
+    let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Host memory figures from /proc/meminfo, in KiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostMemInfo {

@@ -103,6 +103,9 @@ pub struct MemorySlot {
 pub struct Vm {
     fd: VmFd,
     slots: Vec<MemorySlot>,
+    /// Whether the slots carry KVM_MEM_LOG_DIRTY_PAGES (live migration);
+    /// `slots[..].flags` record the flags they were created with.
+    dirty_logging: std::sync::atomic::AtomicBool,
 }
 
 impl Vm {
@@ -126,6 +129,7 @@ impl Vm {
         let mut vm = Vm {
             fd,
             slots: Vec::new(),
+            dirty_logging: std::sync::atomic::AtomicBool::new(false),
         };
         vm.register_memory(memory)?;
         Ok(vm)
@@ -172,6 +176,48 @@ impl Vm {
     /// The memory slots, in guest address order.
     pub fn slots(&self) -> &[MemorySlot] {
         &self.slots
+    }
+
+    /// Turns KVM's dirty page log on or off on every slot (live migration)
+    /// by re-registering each slot with or without
+    /// `KVM_MEM_LOG_DIRTY_PAGES`; the mapping itself does not change, so
+    /// this is safe while vCPUs run. Turning it on clears the log.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        let flags = if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for slot in &self.slots {
+            let r = kvm_userspace_memory_region {
+                slot: slot.slot,
+                flags,
+                guest_phys_addr: slot.guest_addr,
+                memory_size: slot.size,
+                userspace_addr: slot.host_addr,
+            };
+            // SAFETY: the same slot, range and mapping as registered in
+            // `register_memory` (still alive: guest memory outlives the VM
+            // fd); only the flags change.
+            unsafe { self.fd.set_user_memory_region(r) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION (dirty log)"))?;
+        }
+        self.dirty_logging
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether the dirty log is on.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// KVM_GET_DIRTY_LOG for one slot: bit `i` = page `i` of the slot was
+    /// written by the guest since the previous call (which it clears).
+    pub fn dirty_log(&self, slot: &MemorySlot) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot.slot, slot.size as usize)
+            .map_err(ioctl("KVM_GET_DIRTY_LOG"))
     }
 }
 

@@ -11,6 +11,9 @@
 //! | GET | /vm/heartbeat | guest tools heartbeat status | 200 |
 //! | GET | /vm/counters | per-device I/O counters | 200 |
 //! | GET | /vm/watchdog | vCPU / event-loop progress | 200 |
+//! | PUT | /vm/migrate `{"to": "ADDR:PORT", ...}` | starts a live migration (see `migration::vmm`) | 202 |
+//! | GET | /vm/migrate | its progress, then its outcome and summary | 200 |
+//! | PUT | /vm/migrate/cancel | cancels it; the VM keeps running here | 200 |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed request or body), 404
 //! (unknown path), 405 (known path, wrong method), 409 (not possible in the
@@ -166,10 +169,17 @@ pub fn route(m: &Arc<Machine>, req: &Request) -> (u16, Value, After) {
         ("/vm/heartbeat", "GET"),
         ("/vm/counters", "GET"),
         ("/vm/watchdog", "GET"),
+        ("/vm/migrate", "GET"),
+        ("/vm/migrate", "PUT"),
+        ("/vm/migrate/cancel", "PUT"),
     ];
     let path = req.path.trim_end_matches('/');
     let path = if path.is_empty() { "/" } else { path };
-    match known.iter().find(|(p, _)| *p == path) {
+    match known
+        .iter()
+        .find(|(p, m)| *p == path && *m == req.method)
+        .or_else(|| known.iter().find(|(p, _)| *p == path))
+    {
         None => {
             return err(
                 404,
@@ -203,7 +213,26 @@ pub fn route(m: &Arc<Machine>, req: &Request) -> (u16, Value, After) {
         "/vm/heartbeat" => ok(json!(m.heartbeat())),
         "/vm/counters" => ok(json!({ "devices": m.counters() })),
         "/vm/watchdog" => ok(json!(*m.watchdog.lock().unwrap_or_else(|p| p.into_inner()))),
+        "/vm/migrate" | "/vm/migrate/cancel" => migrate(m, req, path),
         _ => err(404, format!("no such endpoint {path}")),
+    }
+}
+
+fn migrate(m: &Arc<Machine>, req: &Request, path: &str) -> (u16, Value, After) {
+    let Some(hook) = m.migration.clone() else {
+        return err(
+            409,
+            "this VMM was started without live migration support (run it with `vigil run`)",
+        );
+    };
+    let answer = match (path, req.method.as_str()) {
+        ("/vm/migrate", "GET") => Ok((200, hook.0.status())),
+        ("/vm/migrate", _) => hook.0.start(m, &req.body).map(|v| (202, v)),
+        _ => hook.0.cancel().map(|v| (200, v)),
+    };
+    match answer {
+        Ok((status, v)) => (status, v, None),
+        Err(e) => err(e.status, e.message),
     }
 }
 

@@ -16,9 +16,16 @@
 //!
 //! The gate also holds each vCPU's progress counter, bumped on every return
 //! from KVM_RUN, which the watchdog reads.
+//!
+//! Throttling (live migration's auto-converge): with a throttle of P %, a
+//! kicker thread ([`VcpuGate::set_throttle`]) kicks every vCPU out of
+//! KVM_RUN once per [`THROTTLE_SLICE`], and each vCPU, on its way back in,
+//! sleeps `P / (100 - P)` slices ([`VcpuGate::throttle_sleep`]), so it runs
+//! about `100 - P` % of the time (QEMU's scheme). The sleep is cut short by
+//! a pause or stop request, so a throttled VM still pauses promptly.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -74,7 +81,12 @@ pub struct VcpuGate {
     cv: Condvar,
     progress: Vec<AtomicU64>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    throttle: AtomicU8,
+    kicker: Mutex<Option<JoinHandle<()>>>,
 }
+
+/// The run slice of a throttled vCPU (QEMU uses 10 ms too).
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// How long [`VcpuGate::pause`] waits for all vCPUs to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,6 +107,8 @@ impl VcpuGate {
             cv: Condvar::new(),
             progress: (0..n).map(|_| AtomicU64::new(0)).collect(),
             threads: Mutex::new(Vec::new()),
+            throttle: AtomicU8::new(0),
+            kicker: Mutex::new(None),
         }
     }
 
@@ -251,6 +265,62 @@ impl VcpuGate {
     /// Whether the VM is paused (requested; see [`Self::pause`]).
     pub fn is_paused(&self) -> bool {
         self.pause_requested()
+    }
+
+    /// Current throttle, percent (0 = none).
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::SeqCst)
+    }
+
+    /// Throttles the vCPUs to run about `100 - percent` % of the time
+    /// (capped at 99); 0 stops throttling and the kicker thread.
+    pub fn set_throttle(self: &Arc<Self>, percent: u8) {
+        let percent = percent.min(99);
+        self.throttle.store(percent, Ordering::SeqCst);
+        let mut kicker = self.kicker.lock().unwrap_or_else(|p| p.into_inner());
+        if percent == 0 {
+            if let Some(t) = kicker.take() {
+                let _ = t.join();
+            }
+            return;
+        }
+        if kicker.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let gate = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || {
+                while gate.throttle() > 0 && !gate.stopping.load(Ordering::SeqCst) {
+                    for id in 0..gate.len() as u32 {
+                        gate.kick(id);
+                    }
+                    std::thread::sleep(THROTTLE_SLICE);
+                }
+            });
+        match spawned {
+            Ok(t) => *kicker = Some(t),
+            Err(e) => tracing::warn!(error = %e, "cannot start the vCPU throttle thread"),
+        }
+    }
+
+    /// Called by a vCPU thread between two KVM_RUNs: sleeps its share of
+    /// the throttle, unless a pause or stop is requested meanwhile.
+    pub fn throttle_sleep(&self) {
+        let p = u32::from(self.throttle());
+        if p == 0 {
+            return;
+        }
+        let deadline = Instant::now() + THROTTLE_SLICE * p / (100 - p);
+        while Instant::now() < deadline {
+            if self.pause_requested()
+                || self.stopping.load(Ordering::SeqCst)
+                || self.throttle() == 0
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2).min(deadline - Instant::now()));
+        }
     }
 
     /// Asks every parked vCPU for its state; the VM must be paused.

@@ -164,6 +164,7 @@ impl Vcpu {
                 "boot vCPU entering KVM_RUN"
             );
         }
+        let mut last_throttle = std::time::Instant::now();
         while !self.exit.should_stop() {
             if self.gate.pause_requested() {
                 let (fd, id, caps) = (&self.fd, self.id, &self.caps);
@@ -173,6 +174,12 @@ impl Vcpu {
             }
             let next = self.run_once();
             self.gate.bump(self.id);
+            // At most one throttle sleep per slice of running, however
+            // often the guest exits.
+            if self.gate.throttle() > 0 && last_throttle.elapsed() >= super::gate::THROTTLE_SLICE {
+                self.gate.throttle_sleep();
+                last_throttle = std::time::Instant::now();
+            }
             match next {
                 Next::Continue => {}
                 Next::Stop(reason) => {

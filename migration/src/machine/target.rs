@@ -1,0 +1,272 @@
+//! The target side over a real VMM: [`IncomingHost`] answers pre-checks
+//! and creates [`IncomingShell`]s (guest memory reserved, pages written as
+//! they arrive), which start the received VM with `vmm::run_incoming` on
+//! a thread and acknowledge only once its vCPUs run. [`run_incoming`] is
+//! the library call behind `vigil run --incoming` (and, later, the HA
+//! agent).
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm::memory::GuestMemory;
+use vmm::snapshot::{RestoreOverrides, VmState};
+use vmm::{ExitReason, RunOptions};
+
+use crate::precheck::{self, HostFacts, VmFacts};
+use crate::progress::CancelToken;
+use crate::protocol::PAGE_SIZE;
+use crate::target::{receive, TargetOptions};
+use crate::vm::{IncomingVm, Region, TargetHost, VmError};
+
+/// What `vigil run --incoming` is given.
+#[derive(Debug, Clone)]
+pub struct IncomingOptions {
+    /// `ADDR:PORT` to listen on.
+    pub listen: String,
+    /// Protocol settings.
+    pub target: TargetOptions,
+    /// Console and name for the received VM.
+    pub overrides: RestoreOverrides,
+    /// API socket and the rest, for the received VM.
+    pub run: RunOptions,
+    /// Networks this host offers (`network=` names of NICs).
+    pub networks: BTreeSet<String>,
+    /// Require TLS 1.3 with a client certificate from the cluster CA.
+    pub tls: Option<crate::transport::TlsFiles>,
+}
+
+/// Why an incoming migration ended without a running guest, or how the
+/// guest's run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    /// The listening socket.
+    #[error("cannot listen for a migration on {addr}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Receiving failed (the guest never ran here).
+    #[error("incoming migration failed; the guest was not started here")]
+    Receive(#[source] crate::target::Error),
+    /// The received guest's VMM failed.
+    #[error(transparent)]
+    Run(#[from] vmm::Error),
+    /// TLS set-up or the peer's authentication failed (the peer got
+    /// nothing).
+    #[error("TLS on the migration port")]
+    Tls(#[source] crate::transport::TlsError),
+}
+
+/// This host, as the target's pre-checks and VM creation see it.
+pub struct IncomingHost {
+    opts: IncomingOptions,
+}
+
+impl IncomingHost {
+    /// A host that creates VMs with `opts`.
+    pub fn new(opts: IncomingOptions) -> Self {
+        Self { opts }
+    }
+}
+
+fn host_cpu_features() -> BTreeSet<String> {
+    vmm::vm::open_kvm()
+        .ok()
+        .and_then(|kvm| {
+            kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .ok()
+        })
+        .map(|c| super::cpu_features(&c))
+        .unwrap_or_default()
+}
+
+fn reservable_mib() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let info = vmm::memory::parse_meminfo(&text);
+    (info.mem_available_kib + info.swap_free_kib) >> 10
+}
+
+impl TargetHost for IncomingHost {
+    type Vm = IncomingShell;
+
+    fn host_facts(&self, vm: &VmFacts) -> HostFacts {
+        precheck::host_facts_for(
+            &self.opts.target.host,
+            host_cpu_features(),
+            reservable_mib(),
+            self.opts.networks.clone(),
+            vm,
+        )
+    }
+
+    fn create_vm(&mut self, vm: &VmFacts, layout: &[Region]) -> Result<IncomingShell, VmError> {
+        let bytes = vm.memory_mib << 20;
+        let ours: Vec<Region> = vmm::memory::ram_ranges(bytes)
+            .into_iter()
+            .map(|(a, s)| Region { gpa: a.0, size: s })
+            .collect();
+        if ours != layout {
+            return Err(format!(
+                "the source's memory layout {layout:?} is not the one this vigil builds for \
+                 {} MiB ({ours:?})",
+                vm.memory_mib
+            )
+            .into());
+        }
+        let mem = vmm::memory::create_guest_memory(bytes)?;
+        Ok(IncomingShell {
+            mem: Some(mem),
+            state: None,
+            overrides: self.opts.overrides.clone(),
+            run: self.opts.run.clone(),
+            thread: None,
+        })
+    }
+}
+
+/// A VM being received: its memory, then its state, then a thread running
+/// it. Dropped before [`IncomingVm::start`], it frees its memory.
+pub struct IncomingShell {
+    mem: Option<GuestMemory>,
+    state: Option<VmState>,
+    overrides: RestoreOverrides,
+    run: RunOptions,
+    thread: Option<JoinHandle<Result<ExitReason, vmm::Error>>>,
+}
+
+impl IncomingShell {
+    fn mem(&self) -> Result<&GuestMemory, VmError> {
+        self.mem
+            .as_ref()
+            .ok_or_else(|| "the VM has already been started".into())
+    }
+
+    /// Waits for the started guest's VMM to stop and returns why.
+    pub fn wait(mut self) -> Result<ExitReason, IncomingError> {
+        match self.thread.take() {
+            Some(t) => match t.join() {
+                Ok(r) => Ok(r?),
+                Err(_) => Ok(ExitReason::VmmError("the VM thread panicked".into())),
+            },
+            None => Ok(ExitReason::VmmError("the VM was never started".into())),
+        }
+    }
+}
+
+impl IncomingVm for IncomingShell {
+    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        self.mem()?.write_slice(data, GuestAddress(gpa))?;
+        Ok(())
+    }
+
+    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), VmError> {
+        vmm::memory::discard_range(self.mem()?, gpa, u64::from(pages) * PAGE_SIZE as u64)?;
+        Ok(())
+    }
+
+    fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.mem()?.read_slice(buf, GuestAddress(gpa))?;
+        Ok(())
+    }
+
+    fn restore_state(&mut self, blob: &[u8]) -> Result<(), VmError> {
+        let state = VmState::from_slice(blob, Path::new("<migration stream>"))?;
+        let total: u64 = state.memory.iter().map(|r| r.size).sum();
+        let received: u64 = {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            self.mem()?.iter().map(|r| r.len()).sum()
+        };
+        if total != received {
+            return Err(format!(
+                "the state describes {total} bytes of RAM, {received} were received"
+            )
+            .into());
+        }
+        self.state = Some(state);
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), VmError> {
+        let (Some(mem), Some(state)) = (self.mem.take(), self.state.take()) else {
+            return Err("start before memory and state arrived".into());
+        };
+        // The NICs as the target attaches them (its --tap names), for the
+        // announcement once the guest runs.
+        let nics: Vec<(String, [u8; 6])> = match state.config.to_config(&self.overrides) {
+            Ok(c) => c.nics.iter().map(|n| (n.tap.clone(), n.mac)).collect(),
+            Err(e) => return Err(Box::new(e)),
+        };
+        let (tx, rx) = mpsc::channel();
+        let mut run = self.run.clone();
+        run.on_running = Some(tx);
+        let overrides = self.overrides.clone();
+        let t = std::thread::Builder::new()
+            .name("incoming-vm".into())
+            .spawn(move || vmm::snapshot::run_incoming(state, mem, overrides, &run))?;
+        // Wait until the vCPUs run (or the VMM gives up building the VM).
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(()) => {
+                self.thread = Some(t);
+                if !nics.is_empty() {
+                    let _ = std::thread::Builder::new()
+                        .name("announce".into())
+                        .spawn(move || super::announce::announce(&nics));
+                }
+                Ok(())
+            }
+            Err(_) => match t.join() {
+                Ok(Err(e)) => Err(Box::new(e)),
+                Ok(Ok(r)) => Err(format!("the VM stopped before running: {r:?}").into()),
+                Err(_) => Err("the VM thread panicked".into()),
+            },
+        }
+    }
+}
+
+/// Listens on `opts.listen`, receives one VM and runs it until it stops.
+/// `on_listening` is called once the socket listens (the CLI prints it).
+pub fn run_incoming(
+    opts: IncomingOptions,
+    on_listening: impl FnOnce(&str),
+) -> Result<ExitReason, IncomingError> {
+    let listen_err = |source| IncomingError::Listen {
+        addr: opts.listen.clone(),
+        source,
+    };
+    let tls = match &opts.tls {
+        Some(files) => Some(crate::transport::server_config(files).map_err(IncomingError::Tls)?),
+        None => None,
+    };
+    let listener = TcpListener::bind(&opts.listen).map_err(listen_err)?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| opts.listen.clone());
+    on_listening(&local);
+    let (stream, peer) = listener.accept().map_err(listen_err)?;
+    drop(listener);
+    tracing::info!(%peer, "incoming migration");
+    let _ = crate::transport::tune_tcp(&stream);
+    let target = opts.target.clone();
+    let mut host = IncomingHost::new(opts);
+    let cancel = CancelToken::new();
+    let (shell, got) = match tls {
+        None => receive(&mut host, stream, &target, &cancel),
+        Some(cfg) => {
+            let s = crate::transport::accept_tls(stream, cfg).map_err(IncomingError::Tls)?;
+            receive(&mut host, s, &target, &cancel)
+        }
+    }
+    .map_err(IncomingError::Receive)?;
+    tracing::info!(vm = %got.name, rounds = got.rounds, data_pages = got.data_pages,
+        zero_pages = got.zero_pages, "migration received; guest running");
+    shell.wait()
+}
