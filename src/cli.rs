@@ -90,6 +90,8 @@ Exit status:
   3  the guest asked for a reboot (with --on-reboot exit, the default)
   4  the guest crashed (triple fault, KVM internal/emulation error, failed VM entry);
      the reason and the vCPU registers are printed on stderr
+  5  --lease: the VM's disk lease was taken by another host or could not be renewed
+     in time; the guest was stopped
   128+N  killed by signal N (SIGTERM, SIGINT, SIGHUP); the terminal is restored
 
 Flags override the values in --config; relative paths in a config file are
@@ -178,4 +180,9 @@ pub struct RunArgs {
     /// reported as stuck [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub watchdog_threshold_s: Option<u64>,
+    /// Hold the VM's disk lease described in this TOML file (written by the
+    /// HA agent): renew it, stop the guest (exit status 5) when it is taken
+    /// or cannot be renewed in time, release it when the guest stops.
+    #[arg(long, value_name = "LEASE.toml")]
+    pub lease: Option<PathBuf>,
 }

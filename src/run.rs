@@ -18,6 +18,15 @@ pub fn run(args: RunArgs) -> i32 {
         api_socket: args.api_socket.clone(),
         ..Default::default()
     };
+    if let Some(p) = &args.lease {
+        match vmm::lease::LeaseSpec::load(p) {
+            Ok(spec) => opts.lease = Some(spec),
+            Err(e) => {
+                eprintln!("vigil: {}", chain(&e));
+                return EXIT_ERROR;
+            }
+        }
+    }
     if let Some(t) = args.watchdog_threshold_s {
         opts.watchdog_threshold = std::time::Duration::from_secs(t.max(1));
     }

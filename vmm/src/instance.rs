@@ -82,6 +82,9 @@ pub enum Error {
     /// Virtio device problems.
     #[error(transparent)]
     Virtio(#[from] AttachError),
+    /// Disk lease problems.
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
     /// Event loop problems.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
@@ -119,6 +122,8 @@ pub fn run_with(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, Error> 
     let max = vm::kvm_max_vcpus(&kvm).min(config::MAX_VCPUS_SUPPORTED);
     config::validate_vcpus(cfg.vcpus, max)?;
     install_kick_handler()?;
+    // Declared before the terminal guard so it is dropped (released) last.
+    let _lease = start_lease(opts)?;
     let _terminal = match cfg.console {
         ConsoleMode::Stdio => TerminalGuard::enter()?,
         _ => None,
@@ -143,6 +148,15 @@ pub fn preflight(cfg: &VmConfig) -> Result<(), Error> {
     boot::check_images(cfg)?;
     memory::check_host_memory_now(cfg.memory_bytes)?;
     Ok(())
+}
+
+/// Takes over the lease the agent acquired, once the VM is known to be
+/// buildable; the guard renews it until the VM ends.
+fn start_lease(opts: &RunOptions) -> Result<Option<crate::lease::LeaseGuard>, Error> {
+    match &opts.lease {
+        Some(spec) => Ok(Some(crate::lease::start(spec.clone())?)),
+        None => Ok(None),
+    }
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -178,6 +192,9 @@ pub struct RunOptions {
     pub api_socket: Option<PathBuf>,
     /// Watchdog stall threshold.
     pub watchdog_threshold: Duration,
+    /// Hold this disk lease while the VM runs (HA): renew it, stop when it
+    /// is lost or cannot be renewed in time, release it at the end.
+    pub lease: Option<crate::lease::LeaseSpec>,
 }
 
 impl Default for RunOptions {
@@ -185,6 +202,7 @@ impl Default for RunOptions {
         Self {
             api_socket: None,
             watchdog_threshold: watchdog::DEFAULT_THRESHOLD,
+            lease: None,
         }
     }
 }
@@ -203,6 +221,7 @@ pub fn run_restored(
     memory::check_host_memory_now(cfg.memory_bytes)?;
     let kvm = vm::open_kvm()?;
     install_kick_handler()?;
+    let _lease = start_lease(opts)?;
     let _terminal = match cfg.console {
         ConsoleMode::Stdio => TerminalGuard::enter()?,
         _ => None,

@@ -21,6 +21,7 @@
 //! - [`snapshot`]: the versioned state format, save and restore
 //!   (`docs/SNAPSHOT.md`).
 //! - [`watchdog`]: stall detection for vCPU threads and the event loop.
+//! - [`lease`]: the VM's disk lease, renewed by the VMM (HA, `--lease`).
 //!
 //! Virtio-mmio devices (block, net, vsock) live in one folder each under
 //! `devices/virtio/`; MMIO exits go to [`devices::mmio::MmioBus`], queue
@@ -48,6 +49,7 @@ pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod instance;
+pub mod lease;
 pub mod machine;
 pub mod memory;
 pub mod persist;
