@@ -26,23 +26,107 @@ pub enum Command {
     Vm(VmArgs),
     /// Snapshot a running VM to a directory (restore with `vigil run --restore DIR`).
     Snapshot(SnapshotArgs),
+    /// Run this host's HA agent (VMMs it starts outlive it).
+    Agent(AgentArgs),
+    /// Create an HA cluster, or show its state.
+    Cluster(ClusterArgs),
 }
 
-/// `vigil vm ACTION --api-socket PATH [--json]`.
+/// `vigil agent --config host.toml`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// This host's agent configuration.
+    #[arg(long, value_name = "host.toml")]
+    pub config: PathBuf,
+    /// Log filter, RUST_LOG syntax [default: info].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Write logs to this file instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// `vigil cluster ...`.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: ClusterAction,
+}
+
+/// `vigil cluster` actions.
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// Write the cluster file on the datastores and create the cluster secret.
+    Init {
+        /// The cluster description (TOML: [hosts.NAME] address, port, cpu_mhz,
+        /// mem_mib, datastores; heartbeat_datastores).
+        #[arg(long, value_name = "cluster.toml")]
+        cluster: PathBuf,
+        /// A datastore directory to hold the cluster file (repeatable).
+        #[arg(long, value_name = "DIR", required = true)]
+        datastore: Vec<PathBuf>,
+        /// The secret file to create (kept if it exists); hand it to every host.
+        #[arg(long, value_name = "PATH")]
+        secret: PathBuf,
+    },
+    /// Each host's HA state and each VM's host and protection (asked of the
+    /// master, through this host's agent).
+    Status {
+        /// This host's agent configuration.
+        #[arg(long, value_name = "host.toml", default_value = "/etc/vigil/host.toml")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `vigil vm ACTION --api-socket PATH [--json]` (one VM's VMM), or
+/// `vigil vm register|start|stop|list ... [--config host.toml]` (HA).
 #[derive(Debug, Args)]
 pub struct VmArgs {
     /// What to do.
     #[arg(value_enum)]
     pub action: VmAction,
+    /// register: DATASTORE VM.toml; start, stop: NAME.
+    #[arg(value_name = "ARGS")]
+    pub args: Vec<String>,
     /// The VM's control API socket (as given to `vigil run --api-socket`).
     #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
+    pub api_socket: Option<PathBuf>,
+    /// register/start/stop/list: this host's agent configuration
+    /// [default: /etc/vigil/host.toml].
+    #[arg(long, value_name = "host.toml")]
+    pub config: Option<PathBuf>,
+    /// start: the host to run it on (the master places it otherwise).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// register: restart priority: high, medium, low or disabled [default: medium].
+    #[arg(long, value_parser = parse_serde::<ha::types::RestartPriority>)]
+    pub priority: Option<ha::types::RestartPriority>,
+    /// register: isolation response: leave-on, power-off or shut-down [default: leave-on].
+    #[arg(long, value_parser = parse_serde::<ha::types::IsolationResponse>)]
+    pub isolation_response: Option<ha::types::IsolationResponse>,
+    /// register: CPU reservation in MHz [default: 0].
+    #[arg(long)]
+    pub cpu_mhz: Option<u64>,
+    /// register: memory reservation in MiB [default: the VM's memory].
+    #[arg(long)]
+    pub mem_mib: Option<u64>,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
     /// shutdown: seconds to wait for a graceful shutdown before powering off.
     #[arg(long, value_name = "SECONDS")]
     pub timeout_s: Option<u64>,
+}
+
+/// Parses a lower-case enum value the way its serde form spells it
+/// (hyphens accepted for underscores).
+fn parse_serde<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.replace('-', "_")))
+        .map_err(|_| format!("unknown value {s:?}"))
 }
 
 /// `vigil vm` actions.
@@ -62,6 +146,14 @@ pub enum VmAction {
     Counters,
     /// vCPU and event-loop progress (stall detection).
     Watchdog,
+    /// HA: register a VM on a datastore (`register DATASTORE VM.toml`).
+    Register,
+    /// HA: power a registered VM on through the cluster (`start NAME [--host H]`).
+    Start,
+    /// HA: power a VM off; it is no longer protected (`stop NAME`).
+    Stop,
+    /// HA: every VM's protection state and host.
+    List,
 }
 
 /// `vigil snapshot --api-socket PATH --to DIR [--stop]`.

@@ -1,11 +1,12 @@
 //! `vigil`: the command-line entry point.
 //!
 //! Subcommands live one per module (`run`; `vm` and `snapshot` in `vm_cmd`;
-//! `migrate`, `agent` and `cluster` will join as their own modules and
-//! variants of [`cli::Command`]). Each returns the process exit status; this
+//! `agent`, `cluster` and the HA `vm` actions in `ha_cmd`; `migrate` will
+//! join as its own module and variant of [`cli::Command`]). Each returns the process exit status; this
 //! file only parses, sets up logging, and exits.
 
 mod cli;
+mod ha_cmd;
 mod logging;
 mod run;
 mod signals;
@@ -31,6 +32,8 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Vm(args) => vm_cmd::vm(args),
         cli::Command::Snapshot(args) => vm_cmd::snapshot(args),
+        cli::Command::Agent(args) => ha_cmd::agent(args),
+        cli::Command::Cluster(args) => ha_cmd::cluster(args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

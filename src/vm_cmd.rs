@@ -18,6 +18,16 @@ const SHORT: Duration = Duration::from_secs(30);
 
 /// Runs `vigil vm ACTION`.
 pub fn vm(args: VmArgs) -> i32 {
+    if matches!(
+        args.action,
+        VmAction::Register | VmAction::Start | VmAction::Stop | VmAction::List
+    ) {
+        return crate::ha_cmd::vm(args);
+    }
+    let Some(socket) = args.api_socket.clone() else {
+        eprintln!("vigil: --api-socket PATH is required for this action");
+        return EXIT_ERROR;
+    };
     let (method, path, timeout) = match args.action {
         VmAction::Info => ("GET", "/vm".to_string(), SHORT),
         VmAction::Pause => ("PUT", "/vm/pause".to_string(), SHORT),
@@ -33,8 +43,11 @@ pub fn vm(args: VmArgs) -> i32 {
         VmAction::Heartbeat => ("GET", "/vm/heartbeat".to_string(), SHORT),
         VmAction::Counters => ("GET", "/vm/counters".to_string(), SHORT),
         VmAction::Watchdog => ("GET", "/vm/watchdog".to_string(), SHORT),
+        VmAction::Register | VmAction::Start | VmAction::Stop | VmAction::List => {
+            unreachable!("handled by ha_cmd")
+        }
     };
-    match client::call(&args.api_socket, method, &path, None, timeout) {
+    match client::call(&socket, method, &path, None, timeout) {
         Ok(v) => {
             if args.json {
                 println!("{v}");
@@ -43,7 +56,7 @@ pub fn vm(args: VmArgs) -> i32 {
             }
             0
         }
-        Err(e) => fail(&args.api_socket, &e),
+        Err(e) => fail(&socket, &e),
     }
 }
 
@@ -194,6 +207,7 @@ fn render(action: VmAction, v: &Value) -> String {
             }
             out
         }
+        VmAction::Register | VmAction::Start | VmAction::Stop | VmAction::List => String::new(),
     }
 }
 

@@ -2,7 +2,7 @@
 //! classification of silent hosts, restarts, isolation responses, leases,
 //! admission control and VM monitoring.
 //!
-//! Everything here is I/O-free: [`agent::Agent::handle`] takes the current
+//! Everything here except [`runtime`] is I/O-free: [`agent::Agent::handle`] takes the current
 //! monotonic [`time::Time`] and one [`agent::Input`] and returns the
 //! [`agent::Action`]s to carry out. Production wires inputs and actions to
 //! sockets, datastore files and VMM processes; the tests wire them to a
@@ -16,6 +16,7 @@ pub mod config;
 pub mod lease;
 pub mod monitoring;
 pub mod rules;
+pub mod runtime;
 pub mod time;
 pub mod types;
 pub mod wire;

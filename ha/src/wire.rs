@@ -201,6 +201,24 @@ pub fn open(secret: &ClusterSecret, bytes: &[u8]) -> Result<Signed, WireError> {
     serde_json::from_str(&env.payload).map_err(WireError::BadPayload)
 }
 
+/// HMAC-SHA256 of `data` with the cluster secret, as lower-case hex (the
+/// runtime's command channel signs challenge + request with it).
+pub fn mac_hex(secret: &ClusterSecret, data: &[u8]) -> String {
+    let mut mac = mac_for(secret);
+    mac.update(data);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Verifies (in constant time) a [`mac_hex`] tag.
+pub fn verify_hex(secret: &ClusterSecret, data: &[u8], tag: &str) -> bool {
+    let Ok(tag) = hex::decode(tag) else {
+        return false;
+    };
+    let mut mac = mac_for(secret);
+    mac.update(data);
+    mac.verify_slice(&tag).is_ok()
+}
+
 /// Per-sender replay protection.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayGuard {

@@ -97,6 +97,10 @@ pub enum Command {
     EnterMaintenance,
     /// Come back from maintenance.
     ExitMaintenance,
+    /// A VM was registered (or its HA settings changed) after HA was
+    /// enabled: add it to the cluster view (the runtime finds registrations
+    /// on the datastores).
+    RegisterVm(VmConfig),
 }
 
 /// Everything the agent can be told.

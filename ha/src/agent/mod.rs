@@ -349,6 +349,26 @@ impl Agent {
                 }
                 out.push(Action::CommandDone(Ok("out of maintenance".into())));
             }
+            Command::RegisterVm(vm) => {
+                let cluster = self.cluster.as_mut().expect("HA enabled");
+                match vm
+                    .datastores
+                    .iter()
+                    .find(|d| !cluster.hosts.values().any(|h| h.datastores.contains(*d)))
+                {
+                    Some(d) => out.push(Action::CommandDone(Err(CommandError::InvalidConfig(
+                        format!(
+                            "VM {} is on datastore {d}, which no host of the cluster mounts",
+                            vm.id
+                        ),
+                    )))),
+                    None => {
+                        let msg = format!("VM {} registered", vm.id);
+                        cluster.vms.insert(vm.id.clone(), vm);
+                        out.push(Action::CommandDone(Ok(msg)));
+                    }
+                }
+            }
             Command::PowerOffVm { vm } => self.user_power_off(vm, out),
             Command::PowerOnVm { vm, host } => self.user_power_on(now, vm, host, out),
         }
