@@ -199,8 +199,18 @@ fn stop(host: &HostConfig, name: &str) -> Result<String, String> {
 
 fn register(host: &HostConfig, ds: &str, file: &Path, args: &VmArgs) -> Result<String, String> {
     let ds_path = host.datastore(ds).map_err(|e| chain(&e))?;
-    let cfg = vmm::VmConfig::load(Some(file), Default::default()).map_err(|e| chain(&e))?;
-    let name = cfg.name.clone();
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let name = match table.get("name") {
+        Some(toml::Value::String(n)) if !n.is_empty() && !n.contains('/') => n.clone(),
+        _ => {
+            return Err(format!(
+                "{}: a registered VM needs a `name` (no `/`)",
+                file.display()
+            ))
+        }
+    };
     let dir = vm_dir(ds_path, &name);
     if dir.join("vm.toml").exists() {
         return Err(format!(
@@ -210,9 +220,6 @@ fn register(host: &HostConfig, ds: &str, file: &Path, args: &VmArgs) -> Result<S
     }
     // Kernel and initrd are host files: make them absolute. Disks stay as
     // written, resolved in the VM's directory on the datastore.
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let mut table: toml::Table =
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
     let base = file.parent().unwrap_or(Path::new("."));
     for key in ["kernel", "initrd"] {
         if let Some(toml::Value::String(p)) = table.get(key) {
@@ -227,10 +234,17 @@ fn register(host: &HostConfig, ds: &str, file: &Path, args: &VmArgs) -> Result<S
         toml::to_string(&table).map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("{}: {e}", vm_toml.display()))?;
-    if let Err(e) = vmm::VmConfig::load(Some(&vm_toml), Default::default()) {
-        let _ = std::fs::remove_file(&vm_toml);
-        return Err(format!("the registered copy does not load: {}", chain(&e)));
-    }
+    let cfg = match vmm::VmConfig::load(Some(&vm_toml), Default::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&vm_toml);
+            return Err(format!(
+                "the registered copy {} does not load: {}",
+                vm_toml.display(),
+                chain(&e)
+            ));
+        }
+    };
     let settings = VmHaSettings {
         priority: args.priority.unwrap_or_default(),
         isolation_response: args.isolation_response.unwrap_or_default(),

@@ -330,6 +330,8 @@ impl Runtime {
                 _ => Reply::Ok(self.status_json()),
             },
             Request::Start { vm, host } => {
+                // A VM registered a moment ago may not have been scanned yet.
+                self.scan_registrations();
                 let r = self.command(Command::PowerOnVm {
                     vm: VmId::new(vm),
                     host: host.map(HostId::new),
