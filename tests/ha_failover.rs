@@ -260,3 +260,153 @@ fn master_failure_new_master_restarts_its_vm() {
     let writers = check_journal(&lab.store("ds1").join("vms/vm2/disk.img"));
     assert_eq!(writers.len(), 2, "{writers:?}");
 }
+
+fn host_of(lab: &Lab, at: usize, vm: &str) -> Option<(String, usize)> {
+    let (st, h) = vm_state(lab, at, vm)?;
+    Some((st, h.strip_prefix("host-")?.parse().ok()?))
+}
+
+#[test]
+fn isolated_host_applies_each_isolation_response() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("is");
+    for (vm, resp) in [
+        ("vm-off", "power-off"),
+        ("vm-shut", "shut-down"),
+        ("vm-on", "leave-on"),
+    ] {
+        let toml = guest_vm(&lab, vm);
+        lab.register(vm, &toml, &["--isolation-response", resp]);
+        start_vm(&lab, vm, 1);
+    }
+    for vm in ["vm-off", "vm-shut", "vm-on"] {
+        wait_running(&lab, 2, vm, &[1], BOOT);
+    }
+    lab.cut_network(1);
+    // host-1 hears nobody and its isolation address does not answer.
+    let log = lab.hosts[0].dir.join("agent.log");
+    lab.wait("host-1 declares itself isolated", T, |_| {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        l.contains("IsolationDeclared").then_some(())
+    });
+    // Power-off and shut-down (no guest tools in this guest: the VMM powers
+    // it off at once) release the VMs: they run again on a peer.
+    let end = std::time::Instant::now() + BOOT;
+    let mut moved = std::collections::BTreeMap::new();
+    while moved.len() < 2 {
+        for vm in ["vm-off", "vm-shut", "vm-on"] {
+            assert_single(&lab, vm);
+        }
+        for vm in ["vm-off", "vm-shut"] {
+            if let Some((st, h)) = host_of(&lab, 2, vm) {
+                if st == "protected" && h != 1 && lab.vmm_pid(h, vm).is_some() {
+                    moved.insert(vm, h);
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "released VMs not restarted\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(lab.vmm_pid(1, "vm-off").is_none() && lab.vmm_pid(1, "vm-shut").is_none());
+    // Leave-on: still running on the isolated host, never restarted.
+    watch(&lab, "vm-on", Duration::from_secs(8));
+    assert_eq!(lab.running_on("vm-on"), vec![1]);
+    // The isolation ends: host-1 rejoins; every VM runs once.
+    lab.heal_network(1);
+    lab.wait("host-1 back as a slave", T, |l| {
+        (l.status(2)?["hosts"]["host-1"] == "slave").then_some(())
+    });
+    for vm in ["vm-off", "vm-shut", "vm-on"] {
+        assert_single(&lab, vm);
+        assert_eq!(lab.running_on(vm).len(), 1, "{vm}");
+    }
+    for (vm, h) in &moved {
+        wait_writing(&lab, *h, vm, 1);
+    }
+    for i in 1..=3 {
+        lab.kill_host(i);
+    }
+    for vm in ["vm-off", "vm-shut"] {
+        let w = check_journal(&lab.store("ds1").join(format!("vms/{vm}/disk.img")));
+        assert_eq!(w.len(), 2, "{vm}: {w:?}");
+    }
+    let w = check_journal(&lab.store("ds1").join("vms/vm-on/disk.img"));
+    assert_eq!(w.len(), 1, "vm-on: {w:?}");
+}
+
+#[test]
+fn partition_gives_two_masters_then_one_and_no_vm_runs_twice() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("pa");
+    let toml = guest_vm(&lab, "vm3");
+    lab.register("vm3", &toml, &[]);
+    start_vm(&lab, "vm3", 1);
+    wait_running(&lab, 2, "vm3", &[1], BOOT);
+    lab.partition(&[&[2, 3], &[1]]);
+    lab.wait("a master on each side", T, |l| {
+        let a = l.status(1)?;
+        let b = l.status(2)?;
+        (a["host"] == "host-1" && a["state"] == "master" && b["host"] == "host-3").then_some(())
+    });
+    // The VM keeps running on host-1 (its lease is renewed); the other side
+    // does not restart it.
+    watch(&lab, "vm3", Duration::from_secs(10));
+    assert_eq!(lab.running_on("vm3"), vec![1]);
+    lab.heal_all();
+    lab.wait("one master after healing", T, |l| {
+        let ms: Vec<String> = (1..=3)
+            .filter_map(|i| {
+                l.status(i)
+                    .map(|v| v["host"].as_str().unwrap_or("").to_string())
+            })
+            .collect();
+        (ms.len() == 3 && ms.iter().all(|m| m == "host-3")).then_some(())
+    });
+    lab.wait("vm3 protected on host-1 in the healed cluster", T, |l| {
+        let (st, h) = host_of(l, 3, "vm3")?;
+        (st == "protected" && h == 1).then_some(())
+    });
+    watch(&lab, "vm3", Duration::from_secs(3));
+    lab.kill_host(1);
+    let w = check_journal(&lab.store("ds1").join("vms/vm3/disk.img"));
+    assert_eq!(w.len(), 1, "{w:?}");
+}
+
+#[test]
+fn frozen_host_returns_and_powers_off_its_stale_copy() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("fr");
+    let toml = guest_vm(&lab, "vm4");
+    lab.register("vm4", &toml, &[]);
+    start_vm(&lab, "vm4", 1);
+    wait_running(&lab, 2, "vm4", &[1], BOOT);
+    let stale = lab.vmm_pid(1, "vm4").unwrap();
+    // host-1 hangs (every process stopped; its kernel still answers pings):
+    // the master sees it unresponsive, waits for the lease to go stale, and
+    // restarts the VM elsewhere.
+    lab.freeze_host(1);
+    let to = lab.wait("vm4 restarted on a peer", BOOT, |l| {
+        let (st, h) = host_of(l, 2, "vm4")?;
+        (st == "protected" && h != 1 && l.vmm_pid(h, "vm4").is_some()).then_some(h)
+    });
+    wait_writing(&lab, to, "vm4", 1);
+    // host-1 comes back: its VMM finds the lease past its stop time / taken
+    // and ends without another disk write.
+    lab.thaw_host(1);
+    lab.wait("the stale copy gone", T, |l| {
+        l.vmm_pid(1, "vm4").is_none().then_some(())
+    });
+    let _ = stale;
+    let lease = vmm::lease::read_record(&lab.store("ds1").join("vms/vm4/lease"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.owner, Some(format!("host-{to}")));
+    watch(&lab, "vm4", Duration::from_secs(3));
+    lab.kill_host(to);
+    let w = check_journal(&lab.store("ds1").join("vms/vm4/disk.img"));
+    assert_eq!(w.len(), 2, "{w:?}");
+}

@@ -16,6 +16,11 @@
 //!   takeover time can pass. The arithmetic is in `ha::lease` and
 //!   docs/ARCHITECTURE.md.
 //!
+//! Guest disk writes also pass a fence ([`writes_allowed`]): once the
+//! stop time has passed on this host's clock, a write fails with an I/O
+//! error even if, after a freeze, the vCPUs and the event loop happen to run
+//! before the deadline thread.
+//!
 //! Ending the process is the power-off: KVM tears the VM down with the
 //! process, no vCPU runs and no disk request is issued after `_exit`. The exit
 //! status is [`crate::control::EXIT_LEASE`].
@@ -35,6 +40,20 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::control::EXIT_LEASE;
+
+/// The write fence: guest disk writes are refused (I/O error to the guest)
+/// from this `CLOCK_MONOTONIC` ms on. `u64::MAX` without a lease; the
+/// renewal thread moves it to `last successful renewal + stop_time`, and to 0
+/// when the lease is lost. It closes the gap the deadline thread leaves when
+/// the whole process was frozen (SIGSTOP, a hung host) past its stop time
+/// and resumes: whichever thread runs first, no write passes the fence.
+static WRITE_FENCE_MS: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Whether a guest disk write may go to the disk now (see [`WRITE_FENCE_MS`]).
+pub fn writes_allowed() -> bool {
+    let fence = WRITE_FENCE_MS.load(Ordering::SeqCst);
+    fence == u64::MAX || mono_ms() < fence
+}
 
 /// What `--lease FILE` contains (TOML).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,6 +297,7 @@ pub fn start(spec: LeaseSpec) -> Result<LeaseGuard, LeaseError> {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let last = Arc::new(AtomicU64::new(spec.acquired_mono_ms));
+    WRITE_FENCE_MS.store(spec.acquired_mono_ms + spec.stop_time_ms, Ordering::SeqCst);
     let renewer = {
         let (spec, stop, last) = (spec.clone(), stop.clone(), last.clone());
         std::thread::Builder::new()
@@ -302,6 +322,8 @@ pub fn start(spec: LeaseSpec) -> Result<LeaseGuard, LeaseError> {
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
+        // The guest has stopped; no lease, no fence.
+        WRITE_FENCE_MS.store(u64::MAX, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -324,6 +346,7 @@ impl Drop for LeaseGuard {
 
 /// Ends the process now: the guest is gone with it.
 fn die(spec: &LeaseSpec, state: &str, last: u64, why: &str) -> ! {
+    WRITE_FENCE_MS.store(0, Ordering::SeqCst);
     tracing::error!(lease = %spec.file.display(), state, "{why}: stopping the guest");
     if let Some(p) = &spec.status {
         let st = LeaseStatus {
@@ -370,6 +393,7 @@ fn renew_loop(spec: &LeaseSpec, stop: &AtomicBool, last: &AtomicU64) {
         match renew_once(spec) {
             Ok(Renewal::Renewed(counter)) => {
                 last.fetch_max(issued, Ordering::SeqCst);
+                WRITE_FENCE_MS.fetch_max(issued + spec.stop_time_ms, Ordering::SeqCst);
                 if let Some(p) = &spec.status {
                     let st = LeaseStatus {
                         state: "held".into(),
@@ -415,6 +439,11 @@ fn renew_once(spec: &LeaseSpec) -> Result<Renewal, String> {
     let rec = with_timeout(spec.io_timeout(), move || read_record(&p))?;
     let rec = match rec {
         Some(r) if spec.is_ours(&r) => r,
+        // No record and no directory: the datastore is out of reach, which
+        // is a failed renewal (stop at the stop time), not a lost lease.
+        None if !spec.file.parent().is_some_and(Path::exists) => {
+            return Err(format!("{} is unreachable", spec.file.display()))
+        }
         other => return Ok(Renewal::Lost(other)),
     };
     let new = LeaseRecord {
