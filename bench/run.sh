@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 bench/boot.py "$@"
 python3 bench/snapshot.py
+python3 bench/failover.py

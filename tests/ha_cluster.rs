@@ -86,11 +86,10 @@ fn election_redirects_failover_of_master_and_partition() {
 
     // Partition {1} | {2, 3}: a master on each side.
     lab.partition(&[&[2, 3], &[1]]);
-    let m1 = lab.wait("host-1 master of its side", T, |l| {
+    lab.wait("host-1 master of its side", T, |l| {
         let v = l.status(1)?;
         (v["host"] == "host-1" && v["state"] == "master").then_some(())
     });
-    let _ = m1;
     assert_eq!(master_seen_by(&lab, 2).as_deref(), Some("host-2"));
     // host-2 sees host-1 partitioned (pings answer? no: different switch;
     // the datastore heartbeat is alive): not failed, so nothing of it restarts.

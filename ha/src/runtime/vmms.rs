@@ -197,6 +197,15 @@ impl Launch {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        // A guest tools channel gets its host socket in the run directory:
+        // host-local, never on the shared datastore.
+        if let Some(v) = &cfg.vsock {
+            cmd.arg("--vsock").arg(format!(
+                "cid={},socket={}",
+                v.cid,
+                run_dir_vsock(&self.run_dir, vm).display()
+            ));
+        }
         // SAFETY: setsid is async-signal-safe; the VMM gets its own session
         // so signals aimed at the agent's process group never reach it.
         unsafe {
@@ -245,6 +254,11 @@ impl Launch {
             child,
         })
     }
+}
+
+/// The host end of a VM's vsock device.
+pub fn run_dir_vsock(run_dir: &Path, vm: &VmId) -> PathBuf {
+    run_dir.join(format!("{vm}.vsock"))
 }
 
 /// Whether `pid` is a live `vigil run` holding a lease.
