@@ -239,3 +239,47 @@ fn enable_ha_refuses_a_config_that_does_not_validate() {
     assert_eq!(agent.state(), HostHaState::Uninitialized);
     sim.run_secs(1);
 }
+
+#[test]
+fn vm_registered_after_enable_is_powered_on_and_restarted() {
+    let mut sim = Sim::new(uniform(3));
+    assert_eq!(sim.settle(), h("host-3"));
+    let late = vmc("vm-late", 1000, 1024);
+    // Unknown until registered.
+    let on = || Command::PowerOnVm {
+        vm: vm("vm-late"),
+        host: Some(h("host-1")),
+    };
+    assert_eq!(
+        sim.command("host-3", on()).unwrap_err(),
+        crate::agent::CommandError::UnknownVm(vm("vm-late"))
+    );
+    // Every agent learns of it (the runtime finds it on the datastore).
+    for host in ["host-1", "host-2", "host-3"] {
+        let r = sim.command(host, Command::RegisterVm(late.clone()));
+        assert_eq!(r.unwrap(), "VM vm-late registered");
+    }
+    let mut bad = late.clone();
+    bad.id = vm("vm-nowhere");
+    bad.datastores = [crate::types::DatastoreId::new("ds-none")]
+        .into_iter()
+        .collect();
+    let e = sim
+        .command("host-3", Command::RegisterVm(bad))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ds-none, which no host of the cluster mounts"),
+        "{e}"
+    );
+    sim.command("host-3", on()).unwrap();
+    sim.run_until(Duration::from_secs(30), "vm-late on host-1", |s| {
+        s.running_on("vm-late") == vec![h("host-1")]
+    });
+    sim.run_secs(3);
+    sim.crash("host-1");
+    sim.run_until(Duration::from_secs(60), "vm-late restarted", |s| {
+        let on = s.running_on("vm-late");
+        on.len() == 1 && on[0] != h("host-1")
+    });
+}
