@@ -103,4 +103,23 @@ fn election_redirects_failover_of_master_and_partition() {
         let masters: Vec<String> = (1..=3).filter_map(|i| master_seen_by(l, i)).collect();
         (masters.len() == 3 && masters.iter().all(|m| m == "host-2")).then_some(())
     });
+
+    // The lab's datastore cut is for that host only: it reads nothing and
+    // cannot write, the others are unaffected; healing restores it.
+    let dirs: Vec<_> = lab.hosts.iter().map(|h| h.dir.join("ds/ds1")).collect();
+    let own = |i: usize| dirs[i - 1].clone();
+    assert!(own(1).join(".vigil/cluster.json").exists());
+    lab.cut_storage(1);
+    assert!(!own(1).join(".vigil/cluster.json").exists());
+    assert!(std::fs::write(own(1).join("probe"), b"x").is_err());
+    assert!(own(2).join(".vigil/cluster.json").exists());
+    lab.wait("host-1's heartbeat record going stale while host-2's moves", T, |l| {
+        let hb = |i: usize| std::fs::read(l.store("ds1").join(format!(".vigil/hb/host-{i}.json")));
+        let (a1, b1) = (hb(1).ok()?, hb(2).ok()?);
+        std::thread::sleep(Duration::from_millis(1500));
+        let (a2, b2) = (hb(1).ok()?, hb(2).ok()?);
+        (a1 == a2 && b1 != b2).then_some(())
+    });
+    lab.heal_storage(1);
+    assert!(own(1).join(".vigil/cluster.json").exists());
 }
