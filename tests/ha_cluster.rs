@@ -113,13 +113,18 @@ fn election_redirects_failover_of_master_and_partition() {
     assert!(!own(1).join(".vigil/cluster.json").exists());
     assert!(std::fs::write(own(1).join("probe"), b"x").is_err());
     assert!(own(2).join(".vigil/cluster.json").exists());
-    lab.wait("host-1's heartbeat record going stale while host-2's moves", T, |l| {
-        let hb = |i: usize| std::fs::read(l.store("ds1").join(format!(".vigil/hb/host-{i}.json")));
-        let (a1, b1) = (hb(1).ok()?, hb(2).ok()?);
-        std::thread::sleep(Duration::from_millis(1500));
-        let (a2, b2) = (hb(1).ok()?, hb(2).ok()?);
-        (a1 == a2 && b1 != b2).then_some(())
-    });
+    lab.wait(
+        "host-1's heartbeat record going stale while host-2's moves",
+        T,
+        |l| {
+            let hb =
+                |i: usize| std::fs::read(l.store("ds1").join(format!(".vigil/hb/host-{i}.json")));
+            let (a1, b1) = (hb(1).ok()?, hb(2).ok()?);
+            std::thread::sleep(Duration::from_millis(1500));
+            let (a2, b2) = (hb(1).ok()?, hb(2).ok()?);
+            (a1 == a2 && b1 != b2).then_some(())
+        },
+    );
     lab.heal_storage(1);
     assert!(own(1).join(".vigil/cluster.json").exists());
 }

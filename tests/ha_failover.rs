@@ -409,3 +409,48 @@ fn frozen_host_returns_and_powers_off_its_stale_copy() {
     let w = check_journal(&lab.store("ds1").join("vms/vm4/disk.img"));
     assert_eq!(w.len(), 2, "{w:?}");
 }
+
+#[test]
+fn host_that_loses_its_datastore_stops_its_vm_and_a_peer_runs_it() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("ds");
+    let toml = guest_vm(&lab, "vm5");
+    lab.register("vm5", &toml, &[]);
+    start_vm(&lab, "vm5", 1);
+    wait_running(&lab, 2, "vm5", &[1], BOOT);
+    // host-1 keeps its network but loses the datastores: its VMM cannot
+    // renew the lease and stops the guest at the stop time; the master
+    // restarts the VM where the datastore is reachable.
+    lab.cut_storage(1);
+    let to = {
+        let end = std::time::Instant::now() + BOOT;
+        loop {
+            assert_single(&lab, "vm5");
+            if let Some((st, h)) = host_of(&lab, 2, "vm5") {
+                if st == "protected" && h != 1 && lab.vmm_pid(h, "vm5").is_some() {
+                    break h;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "vm5 not restarted\n{}",
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // Stopped for its lease, by the VMM itself or by its agent, whichever
+    // noticed the stop time first (both count from the same renewal).
+    let vmm_out = std::fs::read_to_string(lab.hosts[0].run_dir.join("vm5.out")).unwrap_or_default();
+    let agent = std::fs::read_to_string(lab.hosts[0].dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        vmm_out.contains("not renewed for 2000 ms") || agent.contains("LeaseExpiredStop"),
+        "{vmm_out}\n{agent}"
+    );
+    wait_writing(&lab, to, "vm5", 1);
+    lab.heal_storage(1);
+    watch(&lab, "vm5", Duration::from_secs(3));
+    lab.kill_host(to);
+    let w = check_journal(&lab.store("ds1").join("vms/vm5/disk.img"));
+    assert_eq!(w.len(), 2, "{w:?}");
+}
