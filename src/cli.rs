@@ -22,7 +22,7 @@ pub enum Command {
     #[command(after_long_help = RUN_EXIT_STATUS_HELP, after_help = RUN_EXIT_STATUS_HELP)]
     Run(RunArgs),
     /// Ask a running VM (through its control API socket) for its state, or
-    /// to pause, resume or shut down.
+    /// to pause, resume, shut down or reset.
     Vm(VmArgs),
     /// Snapshot a running VM to a directory (restore with `vigil run --restore DIR`).
     Snapshot(SnapshotArgs),
@@ -43,6 +43,9 @@ pub struct VmArgs {
     /// shutdown: seconds to wait for a graceful shutdown before powering off.
     #[arg(long, value_name = "SECONDS")]
     pub timeout_s: Option<u64>,
+    /// reset: why (written to the VMM's log).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
 }
 
 /// `vigil vm` actions.
@@ -62,6 +65,9 @@ pub enum VmAction {
     Counters,
     /// vCPU and event-loop progress (stall detection).
     Watchdog,
+    /// Hard reset: the guest boots again in the same VMM process, keeping
+    /// its disks and MAC addresses (the reason goes to the VMM's log).
+    Reset,
 }
 
 /// `vigil snapshot --api-socket PATH --to DIR [--stop]`.

@@ -18,6 +18,7 @@ const SHORT: Duration = Duration::from_secs(30);
 
 /// Runs `vigil vm ACTION`.
 pub fn vm(args: VmArgs) -> i32 {
+    let mut body = None;
     let (method, path, timeout) = match args.action {
         VmAction::Info => ("GET", "/vm".to_string(), SHORT),
         VmAction::Pause => ("PUT", "/vm/pause".to_string(), SHORT),
@@ -33,8 +34,12 @@ pub fn vm(args: VmArgs) -> i32 {
         VmAction::Heartbeat => ("GET", "/vm/heartbeat".to_string(), SHORT),
         VmAction::Counters => ("GET", "/vm/counters".to_string(), SHORT),
         VmAction::Watchdog => ("GET", "/vm/watchdog".to_string(), SHORT),
+        VmAction::Reset => {
+            body = args.reason.as_ref().map(|r| json!({ "reason": r }));
+            ("POST", "/vm/reset".to_string(), SHORT)
+        }
     };
-    match client::call(&args.api_socket, method, &path, None, timeout) {
+    match client::call(&args.api_socket, method, &path, body.as_ref(), timeout) {
         Ok(v) => {
             if args.json {
                 println!("{v}");
@@ -121,6 +126,7 @@ fn render(action: VmAction, v: &Value) -> String {
         ]),
         VmAction::Pause | VmAction::Resume => format!("VM is {}\n", s(&v["state"])),
         VmAction::Shutdown => format!("shutdown: {} ({})\n", s(&v["method"]), s(&v["note"])),
+        VmAction::Reset => format!("reset: {} ({})\n", s(&v["reason"]), s(&v["note"])),
         VmAction::Heartbeat => {
             let ms = |k: &str| match v[k].as_u64() {
                 Some(n) => format!("{:.1} s ago", n as f64 / 1000.0),
