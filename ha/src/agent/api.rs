@@ -61,8 +61,11 @@ pub enum VmEvent {
         /// When the successful write was issued.
         issued_at: Time,
     },
-    /// A heartbeat from the guest tools or the monitored application.
+    /// A heartbeat from the guest tools.
     ToolsHeartbeat,
+    /// A heartbeat from the monitored application inside the guest (VM and
+    /// application monitoring).
+    AppHeartbeat,
     /// Disk or network I/O was seen since the last report.
     IoActivity,
     /// A read of the lease shows another owner or generation.
@@ -216,10 +219,14 @@ pub enum Action {
         /// Why.
         reason: PowerOffReason,
     },
-    /// Reset (power-cycle) a hung guest (VM monitoring, H11).
+    /// Reset (power-cycle) a hung guest (VM monitoring, H11): the runtime
+    /// calls the VMM's `POST /vm/reset` with `reason`.
     ResetVm {
         /// The VM.
         vm: VmId,
+        /// Why (which heartbeat, how long, the idle I/O window), for the
+        /// VMM's log.
+        reason: String,
     },
     /// Ask the guest to shut down.
     ShutdownVm {
@@ -375,6 +382,8 @@ pub enum HaEvent {
     VmReset {
         /// The VM.
         vm: VmId,
+        /// Why.
+        reason: String,
     },
     /// VM monitoring found the guest hung again but has used its resets.
     VmResetLimitReached {

@@ -17,13 +17,19 @@
 //! | `PersistProtectedList` / `ReadProtectedList` | writes / reads the list file (readers keep the highest `version`) | `ProtectedListRead(Option<_>)` |
 //! | `ReadLeases { leases }` | reads each VM's lease record | one `LeaseRead` per VM |
 //! | `StartVm { vm }` | acquires the VM's lease (`lease::LeaseObserver`: waits `takeover_time` of an unchanged record), then starts the VMM | `Vm { PoweredOn }` or `Vm { StartFailed }` |
-//! | `PowerOffVm` / `ShutdownVm` / `ResetVm` | acts on the VMM; releases the lease on power-off unless the reason is `StaleCopy` | `Vm { PoweredOff }` when it is off |
+//! | `PowerOffVm` / `ShutdownVm` | acts on the VMM; releases the lease on power-off unless the reason is `StaleCopy` | `Vm { PoweredOff }` when it is off |
+//! | `ResetVm { vm, reason }` | `POST /vm/reset {"reason": reason}` on the VM's API socket (the VMM boots the guest again in the same process; the lease is kept) | nothing (the VM stays `PoweredOn`) |
 //! | `CommandDone` / `Event` | answers the CLI / logs | nothing |
 //!
 //! Unprompted, the runtime also reports, for each local VM: lease renewals
 //! (`LeaseRenewed { issued_at }` every `renew_interval`), a lease read that
-//! shows another owner (`LeaseLost`), crashes, and, when VM monitoring is on,
-//! guest tools heartbeats and disk/network I/O. At agent start it reports
+//! shows another owner (`LeaseLost`), crashes, and, when VM monitoring is on
+//! (`ClusterConfig::monitoring_for`), guest tools heartbeats
+//! (`ToolsHeartbeat`, when `GET /vm/heartbeat` shows a newer one), application
+//! heartbeats (`AppHeartbeat`) and disk/network I/O (`IoActivity`, when the
+//! sum of `GET /vm/counters` grew: `monitoring::IoTracker` does the
+//! comparison and survives the counters' restart at a reset), polled every
+//! few seconds. At agent start it reports
 //! every VM already running (`PoweredOn`) so a restarted agent adopts them.
 //!
 //! # Roles

@@ -108,6 +108,7 @@ pub(crate) struct Spec {
     pub timings: Timings,
     pub admission: AdmissionPolicy,
     pub monitoring: BTreeMap<VmId, crate::monitoring::MonitoringSettings>,
+    pub monitoring_default: crate::monitoring::MonitoringSettings,
 }
 
 pub(crate) fn h(s: &str) -> HostId {
@@ -132,6 +133,7 @@ pub(crate) fn uniform(n: usize) -> Spec {
         timings: Timings::default(),
         admission: AdmissionPolicy::Disabled,
         monitoring: BTreeMap::new(),
+        monitoring_default: Default::default(),
     }
 }
 
@@ -163,6 +165,7 @@ impl Sim {
             admission: spec.admission.clone(),
             heartbeat_datastores: 2,
             monitoring: spec.monitoring.clone(),
+            monitoring_default: spec.monitoring_default,
         };
         let mut datastores = BTreeMap::new();
         for s in cluster.hosts.values() {
@@ -458,7 +461,7 @@ impl Sim {
                     }
                 }
             }
-            Action::ResetVm { vm } => self.resets.push((now, id.clone(), vm)),
+            Action::ResetVm { vm, .. } => self.resets.push((now, id.clone(), vm)),
             Action::CommandDone(r) => self.commands.push((id.clone(), r)),
             Action::Event(ev) => self.events.push(Ev {
                 at: now,
