@@ -2,10 +2,18 @@
 //! still restart every protected VM after the failures the policy promises to
 //! survive. Every refusal carries the arithmetic, so an operator can see why.
 //!
-//! Admission control only gates *operator* actions (power-on, migration into
-//! the cluster). HA restarts after a failure never consult it: refusing a
-//! restart to keep spare capacity for a hypothetical second failure would be
-//! absurd while the first one is being handled.
+//! Admission control only gates *operator* actions: a power-on ([`admit`]),
+//! a migration into the cluster (also [`admit`], with the target host), a
+//! reservation increase ([`admit_reservation_change`]) and entering
+//! maintenance mode ([`admit_maintenance`]). HA restarts after a failure
+//! never consult it: refusing a restart to keep spare capacity for a
+//! hypothetical second failure would be absurd while the first one is being
+//! handled. [`capacity`] renders current and failover capacity under the
+//! active policy for `vigil cluster status`.
+//!
+//! Units: CPU in MHz, memory in MiB, as reservations are written. Percentages
+//! shown are rounded to the nearest percent, but the decision compares
+//! exactly (86.9 % free does not satisfy an 87 % policy).
 
 use crate::types::{HostId, Resources};
 use serde::{Deserialize, Serialize};
@@ -33,7 +41,7 @@ pub enum AdmissionPolicy {
 }
 
 /// A host as admission control sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostCapacity {
     /// The host.
     pub id: HostId,
@@ -70,6 +78,21 @@ pub enum AdmissionError {
         /// The arithmetic.
         detail: String,
     },
+    /// Entering maintenance mode would break the policy.
+    #[error("host {host} cannot enter maintenance mode: without it, {source}")]
+    Maintenance {
+        /// The host.
+        host: HostId,
+        /// The check that fails without the host.
+        #[source]
+        source: Box<AdmissionError>,
+    },
+}
+
+/// True if `used` of `total` leaves at least `pct` percent free, compared
+/// exactly (no rounding).
+fn pct_ok(used: u64, total: u64, pct: u32) -> bool {
+    used <= total && u128::from(total - used) * 100 >= u128::from(pct) * u128::from(total)
 }
 
 /// The slot size: the largest CPU and the largest memory reservation among
@@ -95,7 +118,7 @@ pub fn host_slots(host: &Resources, slot: &Resources) -> Option<u64> {
 }
 
 /// The slot arithmetic of a cluster, for the CLI and for refusals.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlotReport {
     /// The slot size.
     pub slot: Resources,
@@ -194,7 +217,9 @@ pub fn admit(
             let used = vms.iter().fold(Resources::default(), |a, v| a.add(v));
             let cpu_free = free_percentage(used.cpu_mhz, total.cpu_mhz);
             let mem_free = free_percentage(used.mem_mib, total.mem_mib);
-            if cpu_free >= u64::from(*cpu_pct) && mem_free >= u64::from(*mem_pct) {
+            if pct_ok(used.cpu_mhz, total.cpu_mhz, *cpu_pct)
+                && pct_ok(used.mem_mib, total.mem_mib, *mem_pct)
+            {
                 return Ok(());
             }
             Err(AdmissionError::InsufficientPercentage {
@@ -225,6 +250,252 @@ pub fn admit(
                     normal.cpu_mhz, normal.mem_mib, used.cpu_mhz, used.mem_mib
                 ),
             })
+        }
+    }
+}
+
+/// Decides whether a powered-on VM's reservation may grow from what it is
+/// to `new`: `others` are the other powered-on VMs, `host` where it runs.
+pub fn admit_reservation_change(
+    policy: &AdmissionPolicy,
+    hosts: &[HostCapacity],
+    others: &[Resources],
+    new: Resources,
+    host: Option<&HostId>,
+) -> Result<(), AdmissionError> {
+    // Where the VM already runs is not a new placement: a VM left on a
+    // dedicated failover host (after a failover) may still change.
+    let target = match policy {
+        AdmissionPolicy::DedicatedFailoverHosts(_) => None,
+        _ => host,
+    };
+    admit(policy, hosts, others, new, target)
+}
+
+/// Decides whether `host` may enter maintenance mode: the cluster without
+/// it must still satisfy the policy for every powered-on VM (its own VMs
+/// are migrated to the others first). A dedicated failover host may always
+/// leave (it runs nothing), but the policy then has one fewer to restart on.
+pub fn admit_maintenance(
+    policy: &AdmissionPolicy,
+    hosts: &[HostCapacity],
+    powered_on: &[Resources],
+    host: &HostId,
+) -> Result<(), AdmissionError> {
+    let rest: Vec<HostCapacity> = hosts.iter().filter(|h| &h.id != host).cloned().collect();
+    let Some((last, before)) = powered_on.split_last() else {
+        return Ok(());
+    };
+    admit(policy, &rest, before, *last, None).map_err(|e| AdmissionError::Maintenance {
+        host: host.clone(),
+        source: Box::new(e),
+    })
+}
+
+/// What the cluster can still take under its policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "policy")]
+pub enum FailoverCapacity {
+    /// No policy: nothing is kept for failover.
+    Disabled,
+    /// Slot policy.
+    Slots {
+        /// Host failures tolerated.
+        tolerated: u32,
+        /// The arithmetic; `None` when no VM has a reservation.
+        report: Option<SlotReport>,
+        /// Further slot-sized VMs that may power on (negative: over by that
+        /// many; `None`: unbounded).
+        available: Option<i64>,
+    },
+    /// Percentage policy.
+    Percentage {
+        /// CPU kept free, percent.
+        cpu_pct: u32,
+        /// Memory kept free, percent.
+        mem_pct: u32,
+        /// CPU free now, rounded percent.
+        cpu_free_pct: u64,
+        /// Memory free now, rounded percent.
+        mem_free_pct: u64,
+        /// What power-ons may still reserve before the policy is reached.
+        headroom: Resources,
+    },
+    /// Dedicated failover hosts.
+    Dedicated {
+        /// The failover hosts.
+        failover_hosts: BTreeSet<HostId>,
+        /// Their capacity (kept for restarts).
+        failover_capacity: Resources,
+        /// The other hosts' capacity.
+        normal_capacity: Resources,
+        /// What power-ons may still reserve on the other hosts.
+        headroom: Resources,
+    },
+}
+
+/// Current and failover capacity of a cluster, for `vigil cluster status`.
+/// `Display` renders it as a few lines of text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CapacityReport {
+    /// Hosts counted (live, not in maintenance).
+    pub hosts: usize,
+    /// Their total capacity.
+    pub total: Resources,
+    /// Powered-on VMs.
+    pub vms: usize,
+    /// Their reservations.
+    pub reserved: Resources,
+    /// Under the active policy.
+    pub failover: FailoverCapacity,
+}
+
+/// Computes the [`CapacityReport`] of `hosts` running `powered_on` VMs.
+pub fn capacity(
+    policy: &AdmissionPolicy,
+    hosts: &[HostCapacity],
+    powered_on: &[Resources],
+) -> CapacityReport {
+    let sum =
+        |it: &mut dyn Iterator<Item = Resources>| it.fold(Resources::default(), |a, r| a.add(&r));
+    let total = sum(&mut hosts.iter().map(|h| h.capacity));
+    let reserved = sum(&mut powered_on.iter().copied());
+    let failover = match policy {
+        AdmissionPolicy::Disabled => FailoverCapacity::Disabled,
+        AdmissionPolicy::HostFailuresTolerated(n) => {
+            let report = slot_report(hosts, powered_on, *n);
+            let available = report
+                .as_ref()
+                .map(|r| r.after_failures as i64 - r.used as i64);
+            FailoverCapacity::Slots {
+                tolerated: *n,
+                report,
+                available,
+            }
+        }
+        AdmissionPolicy::PercentageReserved { cpu_pct, mem_pct } => {
+            let allowed =
+                |t: u64, pct: u32| t - (u128::from(t) * u128::from(pct)).div_ceil(100) as u64;
+            FailoverCapacity::Percentage {
+                cpu_pct: *cpu_pct,
+                mem_pct: *mem_pct,
+                cpu_free_pct: free_percentage(reserved.cpu_mhz, total.cpu_mhz),
+                mem_free_pct: free_percentage(reserved.mem_mib, total.mem_mib),
+                headroom: Resources::new(
+                    allowed(total.cpu_mhz, (*cpu_pct).min(100)),
+                    allowed(total.mem_mib, (*mem_pct).min(100)),
+                )
+                .saturating_sub(&reserved),
+            }
+        }
+        AdmissionPolicy::DedicatedFailoverHosts(f) => {
+            let failover_capacity = sum(&mut hosts
+                .iter()
+                .filter(|h| f.contains(&h.id))
+                .map(|h| h.capacity));
+            let normal_capacity = total.saturating_sub(&failover_capacity);
+            FailoverCapacity::Dedicated {
+                failover_hosts: f.clone(),
+                failover_capacity,
+                normal_capacity,
+                headroom: normal_capacity.saturating_sub(&reserved),
+            }
+        }
+    };
+    CapacityReport {
+        hosts: hosts.len(),
+        total,
+        vms: powered_on.len(),
+        reserved,
+        failover,
+    }
+}
+
+fn res(r: &Resources) -> String {
+    format!("{} MHz / {} MiB", r.cpu_mhz, r.mem_mib)
+}
+
+impl std::fmt::Display for CapacityReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "current capacity: {} on {} host(s); {} powered-on VM(s) reserve {} ({}% CPU, {}% memory); free {}",
+            res(&self.total),
+            self.hosts,
+            self.vms,
+            res(&self.reserved),
+            100 - free_percentage(self.reserved.cpu_mhz, self.total.cpu_mhz).min(100),
+            100 - free_percentage(self.reserved.mem_mib, self.total.mem_mib).min(100),
+            res(&self.total.saturating_sub(&self.reserved)),
+        )?;
+        match &self.failover {
+            FailoverCapacity::Disabled => writeln!(
+                f,
+                "admission control: disabled (power-ons are not checked; nothing is kept for failover)"
+            ),
+            FailoverCapacity::Slots {
+                tolerated,
+                report: None,
+                ..
+            } => writeln!(
+                f,
+                "admission control: host failures tolerated = {tolerated}; no VM has a reservation, so slots are empty and every power-on is admitted"
+            ),
+            FailoverCapacity::Slots {
+                tolerated,
+                report: Some(r),
+                available,
+            } => {
+                let per_host: Vec<String> =
+                    r.per_host.iter().map(|(h, s)| format!("{h}={s}")).collect();
+                writeln!(
+                    f,
+                    "admission control: host failures tolerated = {tolerated}; slot = {}; slots per host: {} (total {})",
+                    res(&r.slot),
+                    per_host.join(", "),
+                    r.total
+                )?;
+                let avail = available.unwrap_or(0);
+                writeln!(
+                    f,
+                    "failover capacity: {} slot(s) after losing the {tolerated} largest host(s), {} used; {}",
+                    r.after_failures,
+                    r.used,
+                    if avail >= 0 {
+                        format!("{avail} more slot-sized VM(s) may power on")
+                    } else {
+                        format!("over by {} slot(s): the policy is not met (restarts after a failure may not all fit)", -avail)
+                    }
+                )
+            }
+            FailoverCapacity::Percentage {
+                cpu_pct,
+                mem_pct,
+                cpu_free_pct,
+                mem_free_pct,
+                headroom,
+            } => writeln!(
+                f,
+                "admission control: percentage reserved (CPU {cpu_pct}%, memory {mem_pct}%)\nfailover capacity: CPU {cpu_free_pct}% free (need {cpu_pct}%), memory {mem_free_pct}% free (need {mem_pct}%); power-ons may still reserve {}",
+                res(headroom)
+            ),
+            FailoverCapacity::Dedicated {
+                failover_hosts,
+                failover_capacity,
+                normal_capacity,
+                headroom,
+            } => writeln!(
+                f,
+                "admission control: dedicated failover hosts {} ({} kept for restarts)\nfailover capacity: other hosts hold {}; power-ons may still reserve {}",
+                failover_hosts
+                    .iter()
+                    .map(|h| h.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                res(failover_capacity),
+                res(normal_capacity),
+                res(headroom)
+            ),
         }
     }
 }
@@ -415,5 +686,157 @@ mod tests {
             None
         )
         .is_ok());
+    }
+
+    #[test]
+    fn percentage_compares_exactly() {
+        let hosts = vec![HostCapacity {
+            id: "a".into(),
+            capacity: Resources::new(1000, 1000),
+        }];
+        let p = AdmissionPolicy::PercentageReserved {
+            cpu_pct: 0,
+            mem_pct: 87,
+        };
+        // 130 of 1000 leaves 87.0 %: admitted; 131 leaves 86.9 %, shown
+        // rounded as 87 %, but refused.
+        assert!(admit(&p, &hosts, &[], Resources::new(0, 130), None).is_ok());
+        let e = admit(&p, &hosts, &[], Resources::new(0, 131), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("memory free (1 - 131/1000 MiB) = 87% (need 87%)"),
+            "{e}"
+        );
+        // No hosts at all: any reservation is refused.
+        assert!(admit(&p, &[], &[], Resources::new(0, 1), None).is_err());
+    }
+
+    #[test]
+    fn reservation_increase_and_migration_in() {
+        let hosts = seed_hosts();
+        let p = AdmissionPolicy::HostFailuresTolerated(1);
+        let vms = seed_vms();
+        // VM1 and VM2 run; VM2 growing from 2 GHz / 4 GB to 2 GHz / 7 GB
+        // makes the slot 4 GHz / 7 GB: 1 + 0 + 2 slots, 1 after losing host3,
+        // for 2 VMs.
+        let e = admit_reservation_change(
+            &p,
+            &hosts,
+            &vms[..1],
+            Resources::new(2 * GHZ, 7 * GB),
+            Some(&"host3".into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("slot = 4000 MHz / 7168 MiB"), "{e}");
+        assert!(e.contains("host1=1, host2=0, host3=2 (total 3)"), "{e}");
+        assert!(
+            e.contains("1 slot(s) remain, but 2 powered-on VM(s)"),
+            "{e}"
+        );
+        assert!(admit_reservation_change(
+            &p,
+            &hosts,
+            &vms[..1],
+            Resources::new(2 * GHZ, 5 * GB),
+            None
+        )
+        .is_ok());
+        // A VM migrating in lands on a named host: a dedicated failover host
+        // refuses it like a power-on.
+        let d = AdmissionPolicy::DedicatedFailoverHosts(["host1".into()].into_iter().collect());
+        assert!(matches!(
+            admit(&d, &hosts, &[], vms[0], Some(&"host1".into())),
+            Err(AdmissionError::DedicatedFailoverHost { .. })
+        ));
+        // ...but a VM already there (after a failover) may change its reservation.
+        assert!(admit_reservation_change(&d, &hosts, &[], vms[0], Some(&"host1".into())).is_ok());
+    }
+
+    #[test]
+    fn maintenance_mode_refused_with_the_reason() {
+        let hosts = seed_hosts();
+        let p = AdmissionPolicy::PercentageReserved {
+            cpu_pct: 25,
+            mem_pct: 50,
+        };
+        let vms = seed_vms();
+        // Without host1 (128 GB), 12 GB of 20 GB is reserved: 40 % free < 50 %.
+        let e = admit_maintenance(&p, &hosts, &vms, &"host1".into()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "host host1 cannot enter maintenance mode: without it, admission control (percentage \
+             reserved): CPU free (1 - 7000/32000 MHz) = 78% (need 25%), memory free (1 - \
+             12288/20480 MiB) = 40% (need 50%)"
+        );
+        // host2 may go: 12 of 142 GB reserved.
+        assert!(admit_maintenance(&p, &hosts, &vms, &"host2".into()).is_ok());
+        // Nothing powered on: always allowed.
+        assert!(admit_maintenance(&p, &hosts, &[], &"host1".into()).is_ok());
+    }
+
+    #[test]
+    fn capacity_report_for_each_policy() {
+        let hosts = seed_hosts();
+        let vms = seed_vms();
+        let r = capacity(&AdmissionPolicy::HostFailuresTolerated(1), &hosts, &vms);
+        let t = r.to_string();
+        assert!(t.starts_with("current capacity: 36000 MHz / 151552 MiB on 3 host(s); 3 powered-on VM(s) reserve 7000 MHz / 12288 MiB (19% CPU, 8% memory)"), "{t}");
+        assert!(
+            t.contains(
+                "slot = 4000 MHz / 6144 MiB; slots per host: host1=1, host2=1, host3=2 (total 4)"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("2 slot(s) after losing the 1 largest host(s), 3 used; over by 1 slot(s)"),
+            "{t}"
+        );
+        let r = capacity(
+            &AdmissionPolicy::HostFailuresTolerated(0),
+            &hosts,
+            &vms[..1],
+        );
+        assert!(
+            r.to_string()
+                .contains("6 slot(s) after losing the 0 largest host(s), 1 used; 5 more slot-sized VM(s) may power on"),
+            "{r}"
+        );
+
+        let p = AdmissionPolicy::PercentageReserved {
+            cpu_pct: 25,
+            mem_pct: 87,
+        };
+        let r = capacity(&p, &hosts, &vms);
+        let t = r.to_string();
+        assert!(
+            t.contains("CPU 81% free (need 25%), memory 92% free (need 87%)"),
+            "{t}"
+        );
+        // 36000 * 75 % = 27000 - 7000 = 20000 MHz; 151552 - ceil(151552 * 0.87) = 19701 - 12288 = 7413 MiB.
+        assert!(
+            t.contains("power-ons may still reserve 20000 MHz / 7413 MiB"),
+            "{t}"
+        );
+        // The headroom is exact: reserving it is admitted, one MiB more is not.
+        assert!(admit(&p, &hosts, &vms, Resources::new(0, 7413), None).is_ok());
+        assert!(admit(&p, &hosts, &vms, Resources::new(0, 7414), None).is_err());
+
+        let d = AdmissionPolicy::DedicatedFailoverHosts(["host1".into()].into_iter().collect());
+        let t = capacity(&d, &hosts, &vms).to_string();
+        assert!(
+            t.contains("dedicated failover hosts host1 (4000 MHz / 131072 MiB kept for restarts)"),
+            "{t}"
+        );
+        assert!(t.contains("other hosts hold 32000 MHz / 20480 MiB; power-ons may still reserve 25000 MHz / 8192 MiB"), "{t}");
+        let t = capacity(&AdmissionPolicy::Disabled, &hosts, &[]).to_string();
+        assert!(t.contains("admission control: disabled"), "{t}");
+        let t = capacity(
+            &AdmissionPolicy::HostFailuresTolerated(1),
+            &hosts,
+            &[Resources::default()],
+        )
+        .to_string();
+        assert!(t.contains("no VM has a reservation"), "{t}");
     }
 }

@@ -96,8 +96,17 @@ pub enum Command {
         /// The VM.
         vm: VmId,
     },
-    /// Leave HA for maintenance.
+    /// Leave HA for maintenance. On the master, admission control is
+    /// checked first (the cluster without this host must still satisfy the
+    /// policy); a slave's runtime asks the master with `CheckMaintenance`
+    /// before sending this.
     EnterMaintenance,
+    /// Master only: may `host` enter maintenance mode under admission
+    /// control? `Ok` with a note, or `Admission` with the arithmetic.
+    CheckMaintenance {
+        /// The host that wants to enter maintenance.
+        host: HostId,
+    },
     /// Come back from maintenance.
     ExitMaintenance,
 }

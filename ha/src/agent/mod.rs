@@ -344,6 +344,13 @@ impl Agent {
                 out.push(Action::CommandDone(Ok("HA disabled".into())));
             }
             Command::EnterMaintenance => {
+                if self.state == HostHaState::Master {
+                    let me = self.cfg.host.clone();
+                    if let Err(e) = self.check_maintenance(now, &me) {
+                        out.push(Action::CommandDone(Err(e)));
+                        return;
+                    }
+                }
                 self.master_state = None;
                 self.master = None;
                 self.set_state(HostHaState::Maintenance, out);
@@ -354,6 +361,12 @@ impl Agent {
                     self.start_election(now, out);
                 }
                 out.push(Action::CommandDone(Ok("out of maintenance".into())));
+            }
+            Command::CheckMaintenance { host } => {
+                let r = self
+                    .check_maintenance(now, &host)
+                    .map(|()| format!("{host} may enter maintenance mode"));
+                out.push(Action::CommandDone(r));
             }
             Command::PowerOffVm { vm } => self.user_power_off(vm, out),
             Command::PowerOnVm { vm, host } => self.user_power_on(now, vm, host, out),
