@@ -7,7 +7,8 @@ use crate::config::ClusterConfig;
 use crate::lease::LeaseRecord;
 use crate::time::Time;
 use crate::types::{
-    DatastoreId, HostHaState, HostId, IsolationResponse, VmConfig, VmId, VmProtection,
+    DatastoreId, DatastoreLossResponse, HostHaState, HostId, IsolationResponse, VmConfig, VmId,
+    VmProtection,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -150,6 +151,14 @@ pub enum Input {
         /// Its lease record, or the I/O error.
         result: Result<Option<LeaseRecord>, String>,
     },
+    /// This host's access to one of its datastores, as the runtime's probe
+    /// finds it (report every probe or at least every change).
+    DatastoreAccess {
+        /// The datastore.
+        datastore: DatastoreId,
+        /// Whether a read and a write of a probe file completed in time.
+        accessible: bool,
+    },
 }
 
 /// Why the agent powers a VM off.
@@ -166,6 +175,11 @@ pub enum PowerOffReason {
     StaleCopy,
     /// The lease was not renewed for `stop_time`.
     LeaseExpired,
+    /// Datastore-loss protection: a datastore of the VM is lost here and
+    /// reachable from another host, which will restart it. The lease may be
+    /// on the lost datastore: release it if the write succeeds, otherwise
+    /// let it lapse.
+    DatastoreLost,
 }
 
 /// Everything the agent can ask for.
@@ -412,6 +426,43 @@ pub enum HaEvent {
         vms_running: usize,
         /// Master only: VMs protected in the cluster.
         vms_protected: Option<usize>,
+    },
+    /// This host lost access to one of its datastores.
+    DatastoreInaccessible {
+        /// The datastore.
+        datastore: DatastoreId,
+    },
+    /// This host reaches the datastore again.
+    DatastoreAccessible {
+        /// The datastore.
+        datastore: DatastoreId,
+    },
+    /// Master: a VM's datastore has been lost on its host for the VM's
+    /// delay while another host reaches it; `response` is applied.
+    DatastoreLossResponse {
+        /// The VM.
+        vm: VmId,
+        /// Where it runs.
+        host: HostId,
+        /// The lost datastore.
+        datastore: DatastoreId,
+        /// What is done: an event only, or a restart elsewhere.
+        response: DatastoreLossResponse,
+    },
+    /// Master: a VM's datastore is lost on its host, but no other live host
+    /// reaches all of the VM's datastores either: nothing to gain by moving it.
+    DatastoreLossNoTarget {
+        /// The VM.
+        vm: VmId,
+        /// The lost datastore.
+        datastore: DatastoreId,
+    },
+    /// This host stopped a VM on its master's datastore-loss order.
+    DatastoreLossStopped {
+        /// The VM.
+        vm: VmId,
+        /// The lost datastore.
+        datastore: DatastoreId,
     },
     /// An incoming message was dropped.
     MessageRejected {

@@ -105,7 +105,9 @@ impl Agent {
                         ),
                     ) => PowerState::OffByIsolation,
                     (_, Some(PowerOffReason::StaleCopy)) => PowerState::Stale,
-                    (_, Some(PowerOffReason::LeaseExpired)) => PowerState::OffByHa,
+                    (_, Some(PowerOffReason::LeaseExpired | PowerOffReason::DatastoreLost)) => {
+                        PowerState::OffByHa
+                    }
                 };
                 if power == PowerState::OffByIsolation && self.state == HostHaState::Isolated {
                     self.released.insert(vm.clone());

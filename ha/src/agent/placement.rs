@@ -13,7 +13,7 @@ use crate::wire::{Body, PowerState, Role};
 impl Agent {
     /// Hosts that may receive a restart: this master and the live slaves
     /// following it, never a host in maintenance.
-    fn placement_candidates(&self, now: Time) -> Vec<HostId> {
+    pub(super) fn placement_candidates(&self, now: Time) -> Vec<HostId> {
         let Some(m) = &self.master_state else {
             return Vec::new();
         };
@@ -59,6 +59,11 @@ impl Agent {
             let Some(spec) = cluster.hosts.get(&h) else {
                 continue;
             };
+            let lost = self.lost_on(&h);
+            if let Some(d) = cfg.datastores.iter().find(|d| lost.contains(*d)) {
+                why.push(format!("{h}: cannot reach datastore {d}"));
+                continue;
+            }
             if !restart && failover_hosts.contains(&h) {
                 why.push(format!("{h}: dedicated failover host"));
                 continue;
