@@ -416,7 +416,8 @@ pub enum HaEvent {
         resets: u32,
     },
     /// The periodic summary line (seed 003: find leaks after the fact). The
-    /// runtime adds process memory figures when it logs it.
+    /// runtime adds process memory figures (`health::HostSummary`) and
+    /// writes the line to its log and the rotating `health::SummaryLog`.
     Summary {
         /// Time since HA was enabled on this host.
         uptime: Duration,
