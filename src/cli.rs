@@ -26,6 +26,21 @@ pub enum Command {
     Vm(VmArgs),
     /// Snapshot a running VM to a directory (restore with `vigil run --restore DIR`).
     Snapshot(SnapshotArgs),
+    /// Collect logs, health summaries, cluster state and VM configs into one
+    /// .tar.gz for a support case (secrets are left out).
+    SupportBundle(SupportBundleArgs),
+}
+
+/// `vigil support-bundle [--out FILE] [--agent-dir DIR ...]`.
+#[derive(Debug, Args)]
+pub struct SupportBundleArgs {
+    /// Where to write the archive [default: ./vigil-support-HOST-TIME.tar.gz].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<std::path::PathBuf>,
+    /// An agent's state directory (logs, summaries, cluster state, VM
+    /// configs); repeatable [default: /var/lib/vigil].
+    #[arg(long, value_name = "DIR")]
+    pub agent_dir: Vec<std::path::PathBuf>,
 }
 
 /// `vigil vm ACTION --api-socket PATH [--json]`.

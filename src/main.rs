@@ -9,6 +9,7 @@ mod cli;
 mod logging;
 mod run;
 mod signals;
+mod support_bundle;
 mod vm_cmd;
 
 use std::process::ExitCode;
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Vm(args) => vm_cmd::vm(args),
         cli::Command::Snapshot(args) => vm_cmd::snapshot(args),
+        cli::Command::SupportBundle(args) => support_bundle::support_bundle(args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
