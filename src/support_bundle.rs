@@ -204,7 +204,7 @@ pub fn make_bundle(out: &Path, agent_dirs: &[PathBuf]) -> Result<String, BundleE
             &host,
             std::process::id(),
             &[],
-            10,
+            ha::health::DEFAULT_TOP,
         )
         .map(|s| s.line())
         .unwrap_or_else(|e| format!("health record unavailable: {e}"));

@@ -16,7 +16,7 @@
 //! let vmms = vec![("vm-a".to_string(), 4242)]; // (VM, VMM pid) it runs
 //! let mut log = SummaryLog::new("/var/lib/vigil/summary.log", 1 << 20, 5);
 //! // On Action::Event(HaEvent::Summary { uptime, state, vms_running, vms_protected }):
-//! let s = HostSummary::collect(&proc, host, std::process::id(), &vmms, 5)?
+//! let s = HostSummary::collect(&proc, host, std::process::id(), &vmms, ha::health::DEFAULT_TOP)?
 //!     .with_agent_view(&state.to_string(), uptime, vms_running, vms_protected);
 //! tracing::info!(summary = %s.line(), "host summary");
 //! log.append(&s.line())?;
@@ -28,6 +28,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
+
+/// How many of the largest processes a record lists, unless the caller
+/// chooses otherwise.
+pub const DEFAULT_TOP: usize = 10;
 
 /// Reading `/proc` or writing the summary file failed.
 #[derive(Debug, Error)]

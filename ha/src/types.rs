@@ -269,3 +269,32 @@ pub enum VmProtection {
         reason: String,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn datastore_loss_settings_from_config_text() {
+        let c: VmConfig = serde_json::from_str(
+            r#"{"id": "vm-a", "reservation": {"cpu_mhz": 1000, "mem_mib": 512},
+                "priority": "high", "isolation_response": "leave_on", "datastores": ["ds1"],
+                "datastore_loss": {"response": "restart", "delay": 60}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.datastore_loss.response, DatastoreLossResponse::Restart);
+        assert_eq!(c.datastore_loss.delay, Duration::from_secs(60));
+        // Absent: disabled, 180 s.
+        let c: VmConfig = serde_json::from_str(
+            r#"{"id": "vm-a", "reservation": {"cpu_mhz": 0, "mem_mib": 0},
+                "priority": "low", "isolation_response": "power_off", "datastores": []}"#,
+        )
+        .unwrap();
+        assert_eq!(c.datastore_loss, DatastoreLossSettings::default());
+        assert_eq!(c.datastore_loss.delay, Duration::from_secs(180));
+        let e = serde_json::from_str::<DatastoreLossSettings>(r#"{"response": "migrate"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown variant `migrate`"), "{e}");
+    }
+}
