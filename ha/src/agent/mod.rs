@@ -21,6 +21,12 @@
 //! | `ResetVm { vm, reason }` | `POST /vm/reset {"reason": reason}` on the VM's API socket (the VMM boots the guest again in the same process; the lease is kept) | nothing (the VM stays `PoweredOn`) |
 //! | `CommandDone` / `Event` | answers the CLI / logs | nothing |
 //!
+//! Operator commands come in as `Input::Command` and are answered with one
+//! `CommandDone`. Before sending `EnterMaintenance` to a slave, the CLI asks
+//! the master with `CheckMaintenance { host }` (admission control decides
+//! on the master; the master checks itself on `EnterMaintenance`). The
+//! master's `Agent::capacity` is what `cluster status` shows.
+//!
 //! Unprompted, the runtime also reports, for each local VM: lease renewals
 //! (`LeaseRenewed { issued_at }` every `renew_interval`), a lease read that
 //! shows another owner (`LeaseLost`), crashes, and, when VM monitoring is on
