@@ -22,7 +22,7 @@ pub enum Command {
     #[command(after_long_help = RUN_EXIT_STATUS_HELP, after_help = RUN_EXIT_STATUS_HELP)]
     Run(RunArgs),
     /// Ask a running VM (through its control API socket) for its state, or
-    /// to pause, resume or shut down.
+    /// to pause, resume, shut down or reset.
     Vm(VmArgs),
     /// Snapshot a running VM to a directory (restore with `vigil run --restore DIR`).
     Snapshot(SnapshotArgs),
@@ -30,6 +30,21 @@ pub enum Command {
     Agent(AgentArgs),
     /// Create an HA cluster, or show its state.
     Cluster(ClusterArgs),
+    /// Collect logs, health summaries, cluster state and VM configs into one
+    /// .tar.gz for a support case (secrets are left out).
+    SupportBundle(SupportBundleArgs),
+}
+
+/// `vigil support-bundle [--out FILE] [--agent-dir DIR ...]`.
+#[derive(Debug, Args)]
+pub struct SupportBundleArgs {
+    /// Where to write the archive [default: ./vigil-support-HOST-TIME.tar.gz].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<std::path::PathBuf>,
+    /// An agent's state directory (logs, summaries, cluster state, VM
+    /// configs); repeatable [default: /var/lib/vigil].
+    #[arg(long, value_name = "DIR")]
+    pub agent_dir: Vec<std::path::PathBuf>,
 }
 
 /// `vigil agent --config host.toml`.
@@ -120,6 +135,9 @@ pub struct VmArgs {
     /// shutdown: seconds to wait for a graceful shutdown before powering off.
     #[arg(long, value_name = "SECONDS")]
     pub timeout_s: Option<u64>,
+    /// reset: why (written to the VMM's log).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
 }
 
 /// Parses a lower-case enum value the way its serde form spells it
@@ -154,6 +172,9 @@ pub enum VmAction {
     Stop,
     /// HA: every VM's protection state and host.
     List,
+    /// Hard reset: the guest boots again in the same VMM process, keeping
+    /// its disks and MAC addresses (the reason goes to the VMM's log).
+    Reset,
 }
 
 /// `vigil snapshot --api-socket PATH --to DIR [--stop]`.

@@ -10,6 +10,7 @@ mod ha_cmd;
 mod logging;
 mod run;
 mod signals;
+mod support_bundle;
 mod vm_cmd;
 
 use std::process::ExitCode;
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
         cli::Command::Snapshot(args) => vm_cmd::snapshot(args),
         cli::Command::Agent(args) => ha_cmd::agent(args),
         cli::Command::Cluster(args) => ha_cmd::cluster(args),
+        cli::Command::SupportBundle(args) => support_bundle::support_bundle(args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -124,6 +124,7 @@ fn report(reason: &ExitReason, logs_to_file: bool) {
         ExitReason::Reboot => tracing::info!("guest requested reboot"),
         ExitReason::HostPowerOff => tracing::info!("powered off through the control API"),
         ExitReason::Snapshotted => tracing::info!("stopped after a snapshot"),
+        ExitReason::Reset { reason } => tracing::info!(%reason, "guest reset"),
         ExitReason::Crash {
             vcpu,
             reason,

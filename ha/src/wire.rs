@@ -27,11 +27,11 @@
 //! the channel (H15's second half) belongs to the transport, not to this
 //! module.
 
-use crate::types::{HostId, VmConfig, VmId};
+use crate::types::{DatastoreId, HostId, VmConfig, VmId};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use thiserror::Error;
 
@@ -124,6 +124,21 @@ pub enum Body {
         vm: VmId,
         /// Why (from the VMM or the lease).
         reason: String,
+    },
+    /// Slave to master: the datastores this host mounts but cannot reach
+    /// now (full set; empty when all are back). Sent on change and with
+    /// every heartbeat while non-empty or recently changed.
+    DatastoreAccess {
+        /// The unreachable datastores.
+        lost: BTreeSet<DatastoreId>,
+    },
+    /// Master to slave: stop this VM, its datastore is lost here and
+    /// reachable elsewhere (datastore-loss protection, response "restart").
+    DatastoreLossStop {
+        /// The VM.
+        vm: VmId,
+        /// The lost datastore.
+        datastore: DatastoreId,
     },
 }
 

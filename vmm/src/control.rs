@@ -52,6 +52,13 @@ pub enum ExitReason {
     HostPowerOff,
     /// Stopped after a snapshot (`PUT /vm/snapshot` with `stop: true`).
     Snapshotted,
+    /// Reset from the host (`POST /vm/reset`, e.g. by HA VM monitoring): the
+    /// VMM boots the guest again in the same process whatever the reboot
+    /// policy, with the same config (disks, MACs). Never ends the process.
+    Reset {
+        /// Why, as given by the requester (logged).
+        reason: String,
+    },
 }
 
 impl ExitReason {
@@ -59,7 +66,8 @@ impl ExitReason {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::PowerOff | Self::HostPowerOff | Self::Snapshotted => EXIT_POWEROFF,
-            Self::Reboot => EXIT_REBOOT,
+            // Not an exit in practice: the run loop boots the guest again.
+            Self::Reboot | Self::Reset { .. } => EXIT_REBOOT,
             Self::Crash { .. } => EXIT_CRASH,
             Self::VmmError(_) => EXIT_ERROR,
         }

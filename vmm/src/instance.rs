@@ -108,7 +108,10 @@ pub enum Error {
 /// Runs the VM described by `cfg` until it stops for good (power-off,
 /// crash, error, or a reboot when the policy is `exit`). With
 /// `on_reboot = restart`, a reboot rebuilds the VM from scratch (memory,
-/// kernel, devices) in this process and boots again.
+/// kernel, devices) in this process and boots again; a reset requested
+/// through the control API (`POST /vm/reset`) does the same whatever the
+/// policy. Disks and NICs come from the same config, so the guest keeps its
+/// disk contents and MAC addresses.
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, Error> {
     run_with(cfg, &RunOptions::default())
 }
@@ -136,6 +139,9 @@ pub fn run_with(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, Error> 
         match (&reason, cfg.on_reboot) {
             (ExitReason::Reboot, OnReboot::Restart) => {
                 tracing::info!(stage = "reboot", "guest rebooted; restarting it");
+            }
+            (ExitReason::Reset { reason }, _) => {
+                tracing::warn!(stage = "reset", %reason, boots, "guest reset from the host; booting it again");
             }
             _ => return Ok(reason),
         }
@@ -234,6 +240,10 @@ pub fn run_restored(
             (ExitReason::Reboot, OnReboot::Restart) => {
                 preflight(&cfg)?;
                 tracing::info!(stage = "reboot", "guest rebooted; booting it afresh");
+            }
+            (ExitReason::Reset { reason }, _) => {
+                preflight(&cfg)?;
+                tracing::warn!(stage = "reset", %reason, "guest reset from the host; booting it afresh");
             }
             _ => return Ok(reason),
         }

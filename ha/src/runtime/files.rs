@@ -315,6 +315,7 @@ impl ClusterFile {
             admission: crate::admission::AdmissionPolicy::Disabled,
             heartbeat_datastores: self.heartbeat_datastores,
             monitoring: BTreeMap::new(),
+            monitoring_default: Default::default(),
         }
     }
 }
@@ -371,6 +372,7 @@ pub fn registered_vms(host: &HostConfig) -> BTreeMap<VmId, VmConfig> {
                     priority: settings.priority,
                     isolation_response: settings.isolation_response,
                     datastores: [DatastoreId::new(ds.as_str())].into_iter().collect(),
+                    datastore_loss: Default::default(),
                 },
             );
         }

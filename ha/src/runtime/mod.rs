@@ -463,8 +463,8 @@ impl Runtime {
                 let t = self.shutdown_timeout;
                 std::thread::spawn(move || Vmms::shutdown_at(&run_dir, &vm, t));
             }
-            Action::ResetVm { vm } => {
-                tracing::warn!(vm = %vm, "VM reset requested, but this VMM has no reset operation yet");
+            Action::ResetVm { vm, reason } => {
+                tracing::warn!(vm = %vm, %reason, "VM reset requested, but the runtime does not carry resets out yet");
             }
             Action::CommandDone(r) => self.reply = Some(r),
             Action::Event(e) => tracing::info!(host = %self.me, event = ?e, "HA event"),
