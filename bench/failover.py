@@ -250,7 +250,7 @@ def main():
         vmdir = f"{lab.root}/store/ds1/vms/vm1"
         os.makedirs(vmdir)
         with open(f"{vmdir}/disk.img", "wb") as f:
-            f.truncate(4 << 20)
+            f.truncate(64 << 20)
         with open(f"{lab.root}/vm1.toml", "w") as f:
             f.write(f'name = "vm1"\nvcpus = 1\nmemory = "128M"\nkernel = "{out}/vmlinux"\n'
                     f'initrd = "{out}/initramfs.cpio"\n'

@@ -12,7 +12,8 @@
 //!  VM start threads ───────┼─> loop ┼─ StartVm: start thread (lease, then VMM)
 //!  ticker (100 ms) ────────┘   │    ├─ PowerOffVm/ShutdownVm: SIGKILL / API
 //!                              │    └─ CommandDone: answer the waiting command
-//!       every 500 ms: VMM exits and lease renewals (from each VMM's status file)
+//!       every 200 ms: VMM exits and lease renewals (from each VMM's status file)
+//!       every 1 s: the lease records of VMs running elsewhere (see below)
 //!       every 3 s: VMs registered on the datastores since the start
 //! ```
 //!
@@ -20,6 +21,13 @@
 //! their lease renewals with, so `LeaseRenewed { issued_at }` needs no
 //! conversion. Datastore paths come from host.toml; the cluster (members,
 //! addresses, ports, capacity) from the cluster file on the datastores.
+//!
+//! Every agent watches the lease records of the VMs that run elsewhere and
+//! remembers since when (on its own clock) each value has been unchanged, so
+//! that a restart order waits only for what is left of `takeover_time`
+//! rather than all of it: the dead owner's record stopped changing when the
+//! host died, usually well before the master's verdict. This is the same
+//! observation `LeaseObserver` makes, only started earlier by the same host.
 //!
 //! Restart-safety: VMMs run in their own session and are recorded in the run
 //! directory; a new agent adopts them and reports them `PoweredOn` before
@@ -96,6 +104,10 @@ struct Runtime {
     pending: VecDeque<Input>,
     reply: Option<Result<String, CommandError>>,
     known_vms: BTreeMap<VmId, crate::types::VmConfig>,
+    /// Lease records of VMs not running here, and since when (local time)
+    /// each has been seen unchanged: a restart order then only waits out
+    /// what is left of the takeover time.
+    watched: BTreeMap<VmId, (crate::lease::LeaseRecord, crate::time::Time)>,
 }
 
 /// Loads host.toml and the cluster, enables HA and runs the agent until the
@@ -156,6 +168,7 @@ pub fn run(config: &Path) -> Result<(), RuntimeError> {
         pending: VecDeque::new(),
         reply: None,
         known_vms,
+        watched: BTreeMap::new(),
     };
     let now = vmms::now();
     let cluster_cfg = rt.cluster.to_config(rt.known_vms.clone());
@@ -242,6 +255,7 @@ impl Runtime {
         let mut next_tick = Instant::now();
         let mut next_poll = Instant::now();
         let mut next_scan = Instant::now() + Duration::from_secs(3);
+        let mut next_watch = Instant::now();
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
@@ -260,9 +274,44 @@ impl Runtime {
                     self.feed(vmms::now(), Input::Vm { vm, event });
                 }
             }
+            if now >= next_watch {
+                next_watch = now + Duration::from_secs(1);
+                self.watch_leases();
+            }
             if now >= next_scan {
                 next_scan = now + Duration::from_secs(3);
                 self.scan_registrations();
+            }
+        }
+    }
+
+    /// Reads the lease of every known VM that does not run here and keeps
+    /// the first local time each record value was seen. A failed read
+    /// forgets the VM: nothing is assumed about a record not seen.
+    fn watch_leases(&mut self) {
+        let now = vmms::now();
+        let vms: Vec<(VmId, Option<PathBuf>)> = self
+            .known_vms
+            .values()
+            .filter(|c| !self.vmms.contains(&c.id))
+            .map(|c| {
+                (
+                    c.id.clone(),
+                    c.datastores.iter().next().and_then(|d| self.ds_path(d)),
+                )
+            })
+            .collect();
+        for (vm, ds) in vms {
+            let rec = ds.and_then(|p| store::read_lease(&p, vm.as_str()).ok().flatten());
+            match rec {
+                Some(r) => {
+                    if self.watched.get(&vm).is_none_or(|(old, _)| *old != r) {
+                        self.watched.insert(vm, (r, now));
+                    }
+                }
+                None => {
+                    self.watched.remove(&vm);
+                }
             }
         }
     }
@@ -438,9 +487,10 @@ impl Runtime {
                 let tx = self.tx.clone();
                 let launch = self.launch.clone();
                 let id = vm.id.clone();
+                let seen = self.watched.get(&id).cloned();
                 std::thread::spawn(move || {
                     let r = match ds {
-                        Some(ds) => launch.start(&id, &ds),
+                        Some(ds) => launch.start(&id, &ds, seen),
                         None => Err("the VM's datastore is not mounted on this host".into()),
                     };
                     let _ = tx.send(Ev::Started(r.map_err(|e| (id, e))));

@@ -108,8 +108,16 @@ impl Launch {
     /// Acquires the lease (waiting out a live or recently live holder, as
     /// `lease::LeaseObserver` decides), writes the lease spec and starts the
     /// VMM; returns once its API answers.
-    pub fn start(&self, vm: &VmId, ds: &Path) -> Result<Started, String> {
-        let mut obs = crate::lease::LeaseObserver::default();
+    pub fn start(
+        &self,
+        vm: &VmId,
+        ds: &Path,
+        seen: Option<(crate::lease::LeaseRecord, Time)>,
+    ) -> Result<Started, String> {
+        let mut obs = match seen {
+            Some((rec, since)) => crate::lease::LeaseObserver::seen_since(rec, since),
+            None => crate::lease::LeaseObserver::default(),
+        };
         let began = now();
         let give_up = self.lease.takeover_time * 3;
         let rec = loop {
