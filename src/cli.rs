@@ -35,7 +35,7 @@ pub enum Command {
     SupportBundle(SupportBundleArgs),
 }
 
-/// `vigil support-bundle [--out FILE] [--agent-dir DIR ...]`.
+/// `vigil support-bundle [--out FILE] [--agent-dir DIR ...] [--config host.toml]`.
 #[derive(Debug, Args)]
 pub struct SupportBundleArgs {
     /// Where to write the archive [default: ./vigil-support-HOST-TIME.tar.gz].
@@ -45,6 +45,10 @@ pub struct SupportBundleArgs {
     /// configs); repeatable [default: /var/lib/vigil].
     #[arg(long, value_name = "DIR")]
     pub agent_dir: Vec<std::path::PathBuf>,
+    /// An agent's host.toml: its run directory is included, and its
+    /// cluster status if an agent answers.
+    #[arg(long, value_name = "host.toml")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// `vigil agent --config host.toml`.
@@ -129,6 +133,12 @@ pub struct VmArgs {
     /// register: memory reservation in MiB [default: the VM's memory].
     #[arg(long)]
     pub mem_mib: Option<u64>,
+    /// register: datastore-loss response: disabled, events_only or restart [default: disabled].
+    #[arg(long, value_parser = parse_serde::<ha::types::DatastoreLossResponse>)]
+    pub datastore_loss: Option<ha::types::DatastoreLossResponse>,
+    /// register: seconds a datastore may be lost before that response [default: 180].
+    #[arg(long, value_name = "SECONDS")]
+    pub datastore_loss_delay_s: Option<u64>,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,

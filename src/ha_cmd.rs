@@ -138,6 +138,11 @@ fn render_status(from: &str, v: &Value) -> String {
             out.push_str(&format!("{vm:<20} {:<20} {host}{extra}\n", s(&p["state"])));
         }
     }
+    if let Some(c) = v["capacity"]["text"].as_str() {
+        out.push_str("CAPACITY\n");
+        out.push_str(c.trim_end());
+        out.push('\n');
+    }
     out
 }
 
@@ -250,6 +255,13 @@ fn register(host: &HostConfig, ds: &str, file: &Path, args: &VmArgs) -> Result<S
         isolation_response: args.isolation_response.unwrap_or_default(),
         cpu_mhz: args.cpu_mhz.unwrap_or(0),
         mem_mib: args.mem_mib.unwrap_or(cfg.memory_bytes >> 20),
+        datastore_loss: ha::types::DatastoreLossSettings {
+            response: args.datastore_loss.unwrap_or_default(),
+            delay: args
+                .datastore_loss_delay_s
+                .map(std::time::Duration::from_secs)
+                .unwrap_or(ha::types::DatastoreLossSettings::default().delay),
+        },
     };
     let ha = dir.join("ha.toml");
     std::fs::write(&ha, toml::to_string(&settings).map_err(|e| e.to_string())?)

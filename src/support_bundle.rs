@@ -10,6 +10,7 @@
 //! NAME/host/summary.txt       a health record taken now (ha::health)
 //! NAME/host/{meminfo,uptime,loadavg,version}   copies of /proc files
 //! NAME/agents/N-DIRNAME/...   the Nth --agent-dir, recursively
+//! NAME/cluster/status.txt     with --config: `cluster status` as the agent answered (or why not)
 //! ```
 //!
 //! Skipped: files whose name says they hold a secret (`*secret*`, `*.key`,
@@ -170,8 +171,14 @@ impl<W: Write> Bundle<W> {
     }
 }
 
-/// Writes the bundle to `out` from `agent_dirs`; returns the manifest text.
-pub fn make_bundle(out: &Path, agent_dirs: &[PathBuf]) -> Result<String, BundleError> {
+/// Writes the bundle to `out` from `agent_dirs` and the generated files in
+/// `extra` (`(path in the bundle, text)`, such as the cluster status an
+/// agent answered with); returns the manifest text.
+pub fn make_bundle(
+    out: &Path,
+    agent_dirs: &[PathBuf],
+    extra: &[(String, String)],
+) -> Result<String, BundleError> {
     for d in agent_dirs {
         if !d.is_dir() {
             return Err(BundleError::NoAgentDir(d.clone()));
@@ -218,6 +225,9 @@ pub fn make_bundle(out: &Path, agent_dirs: &[PathBuf]) -> Result<String, BundleE
                     .push((format!("host/{f}"), format!("unreadable: {e}"))),
             }
         }
+        for (rel, text) in extra {
+            b.add_bytes(rel, text.as_bytes())?;
+        }
         for (i, d) in agent_dirs.iter().enumerate() {
             let name = d
                 .file_name()
@@ -263,11 +273,31 @@ pub fn make_bundle(out: &Path, agent_dirs: &[PathBuf]) -> Result<String, BundleE
 
 /// Runs `vigil support-bundle`.
 pub fn support_bundle(args: SupportBundleArgs) -> i32 {
-    let dirs = if args.agent_dir.is_empty() {
-        vec![PathBuf::from(DEFAULT_AGENT_DIR)]
-    } else {
-        args.agent_dir
-    };
+    let mut dirs = args.agent_dir;
+    let mut extra = Vec::new();
+    if let Some(config) = &args.config {
+        // The agent's directories come from its host.toml; its cluster
+        // status is included when an agent answers.
+        let host = match ha::runtime::files::HostConfig::load(config) {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("vigil: {e}");
+                return EXIT_ERROR;
+            }
+        };
+        dirs.push(host.run_dir.clone());
+        let status = match ha::runtime::ask(&host, &ha::runtime::control::Request::Status) {
+            Ok((from, v)) => format!(
+                "answered by {from}\n{}\n",
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            ),
+            Err(e) => format!("no agent answered: {e}\n"),
+        };
+        extra.push(("cluster/status.txt".to_string(), status));
+    }
+    if dirs.is_empty() {
+        dirs.push(PathBuf::from(DEFAULT_AGENT_DIR));
+    }
     let out = args.out.unwrap_or_else(|| {
         let ts = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -275,7 +305,7 @@ pub fn support_bundle(args: SupportBundleArgs) -> i32 {
             .unwrap_or(0);
         PathBuf::from(format!("vigil-support-{}-{ts}.tar.gz", hostname()))
     });
-    match make_bundle(&out, &dirs) {
+    match make_bundle(&out, &dirs, &extra) {
         Ok(manifest) => {
             let skipped = manifest
                 .split("skipped:\n")

@@ -21,10 +21,11 @@ use std::collections::BTreeSet;
 use thiserror::Error;
 
 /// The admission-control policy of a cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdmissionPolicy {
     /// No check: any power-on is allowed.
+    #[default]
     Disabled,
     /// Slot policy: the cluster must keep enough slots to restart every
     /// powered-on VM after losing its `n` largest hosts.

@@ -97,6 +97,8 @@ pub struct TimingOverrides {
     pub lease_stop_time_ms: Option<u64>,
     /// Lease takeover time.
     pub lease_takeover_time_ms: Option<u64>,
+    /// Health record interval (default: hourly).
+    pub summary_interval_ms: Option<u64>,
 }
 
 impl TimingOverrides {
@@ -125,6 +127,7 @@ impl TimingOverrides {
             lease_kill_time_ms => lease.kill_time,
             lease_stop_time_ms => lease.stop_time,
             lease_takeover_time_ms => lease.takeover_time,
+            summary_interval_ms => summary_interval,
         );
         t
     }
@@ -237,6 +240,15 @@ pub struct ClusterFile {
     /// Wanted heartbeat datastores per host (2..=5).
     #[serde(default = "two")]
     pub heartbeat_datastores: usize,
+    /// Admission control policy (default: disabled).
+    #[serde(default)]
+    pub admission: crate::admission::AdmissionPolicy,
+    /// VM monitoring for VMs without their own settings (default: disabled).
+    #[serde(default)]
+    pub monitoring_default: crate::monitoring::MonitoringSettings,
+    /// VM monitoring per VM name.
+    #[serde(default)]
+    pub monitoring: BTreeMap<String, crate::monitoring::MonitoringSettings>,
 }
 
 fn two() -> usize {
@@ -312,10 +324,14 @@ impl ClusterFile {
                 })
                 .collect(),
             vms,
-            admission: crate::admission::AdmissionPolicy::Disabled,
+            admission: self.admission.clone(),
             heartbeat_datastores: self.heartbeat_datastores,
-            monitoring: BTreeMap::new(),
-            monitoring_default: Default::default(),
+            monitoring: self
+                .monitoring
+                .iter()
+                .map(|(vm, m)| (VmId::new(vm.as_str()), *m))
+                .collect(),
+            monitoring_default: self.monitoring_default,
         }
     }
 }
@@ -336,6 +352,9 @@ pub struct VmHaSettings {
     /// Memory reservation, MiB.
     #[serde(default)]
     pub mem_mib: u64,
+    /// Datastore-loss protection (default: disabled).
+    #[serde(default)]
+    pub datastore_loss: crate::types::DatastoreLossSettings,
 }
 
 /// The directory of a VM on its datastore.
@@ -372,7 +391,7 @@ pub fn registered_vms(host: &HostConfig) -> BTreeMap<VmId, VmConfig> {
                     priority: settings.priority,
                     isolation_response: settings.isolation_response,
                     datastores: [DatastoreId::new(ds.as_str())].into_iter().collect(),
-                    datastore_loss: Default::default(),
+                    datastore_loss: settings.datastore_loss,
                 },
             );
         }

@@ -38,6 +38,7 @@
 pub mod control;
 pub mod files;
 pub mod ping;
+pub mod policies;
 pub mod store;
 pub mod vmms;
 
@@ -108,6 +109,8 @@ struct Runtime {
     /// each has been seen unchanged: a restart order then only waits out
     /// what is left of the takeover time.
     watched: BTreeMap<VmId, (crate::lease::LeaseRecord, crate::time::Time)>,
+    /// The VMs the monitoring poller watches (`policies.rs`).
+    polled: policies::LocalVms,
 }
 
 /// Loads host.toml and the cluster, enables HA and runs the agent until the
@@ -150,6 +153,9 @@ pub fn run(config: &Path) -> Result<(), RuntimeError> {
         None => std::env::current_exe().map_err(io("find the vigil executable"))?,
     };
     let known_vms = files::registered_vms(&host);
+    let polled = policies::LocalVms::default();
+    policies::spawn_vm_poller(host.run_dir.clone(), polled.clone(), tx.clone());
+    policies::spawn_datastore_prober(host.host.clone(), host.datastores.clone(), tx.clone());
     let mut rt = Runtime {
         agent: Agent::new(cfg),
         me: me.clone(),
@@ -169,6 +175,7 @@ pub fn run(config: &Path) -> Result<(), RuntimeError> {
         reply: None,
         known_vms,
         watched: BTreeMap::new(),
+        polled,
     };
     let now = vmms::now();
     let cluster_cfg = rt.cluster.to_config(rt.known_vms.clone());
@@ -188,7 +195,13 @@ pub fn run(config: &Path) -> Result<(), RuntimeError> {
         );
     }
     tracing::info!(host = %me, %addr, incarnation, "agent running");
-    rt.main_loop(&rx);
+    let watch = policies::SelfWatch::start(
+        policies::SELFWATCH_THRESHOLD,
+        crate::selfwatch::exit_on_stall,
+    )
+    .map_err(io("start the agent's self-watchdog"))?;
+    rt.main_loop(&rx, &watch.progress());
+    watch.stop();
     Ok(())
 }
 
@@ -250,13 +263,14 @@ fn spawn_tcp(listener: TcpListener, secret: ClusterSecret, tx: Sender<Ev>) {
 }
 
 impl Runtime {
-    fn main_loop(&mut self, rx: &Receiver<Ev>) {
+    fn main_loop(&mut self, rx: &Receiver<Ev>, progress: &crate::selfwatch::Progress) {
         let tick = Duration::from_millis(100);
         let mut next_tick = Instant::now();
         let mut next_poll = Instant::now();
         let mut next_scan = Instant::now() + Duration::from_secs(3);
         let mut next_watch = Instant::now();
         loop {
+            progress.beat("main loop");
             let wait = next_tick.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(ev) => self.on_event(ev),
@@ -272,6 +286,9 @@ impl Runtime {
                 next_poll = now + Duration::from_millis(200);
                 for (vm, event) in self.vmms.poll(&self.host.run_dir, &self.me) {
                     self.feed(vmms::now(), Input::Vm { vm, event });
+                }
+                if let Ok(mut p) = self.polled.lock() {
+                    *p = self.vmms.running().into_iter().collect();
                 }
             }
             if now >= next_watch {
@@ -402,6 +419,10 @@ impl Runtime {
             "hosts": s.hosts,
             "vms": s.vms,
             "local_vms": self.vmms.running(),
+            "capacity": self.agent.capacity(vmms::now()).map(|c| json!({
+                "report": c,
+                "text": c.to_string(),
+            })),
         })
     }
 
@@ -513,10 +534,22 @@ impl Runtime {
                 let t = self.shutdown_timeout;
                 std::thread::spawn(move || Vmms::shutdown_at(&run_dir, &vm, t));
             }
-            Action::ResetVm { vm, reason } => {
-                tracing::warn!(vm = %vm, %reason, "VM reset requested, but the runtime does not carry resets out yet");
-            }
+            Action::ResetVm { vm, reason } => policies::reset(&self.host.run_dir, vm, reason),
             Action::CommandDone(r) => self.reply = Some(r),
+            Action::Event(crate::agent::HaEvent::Summary {
+                uptime,
+                state,
+                vms_running,
+                vms_protected,
+            }) => policies::write_summary(
+                &self.host.run_dir,
+                &self.host.host,
+                &self.vmms.pids(),
+                &state.to_string(),
+                uptime,
+                vms_running,
+                vms_protected,
+            ),
             Action::Event(e) => tracing::info!(host = %self.me, event = ?e, "HA event"),
         }
     }

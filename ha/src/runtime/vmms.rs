@@ -349,6 +349,14 @@ impl Vmms {
         self.procs.keys().cloned().collect()
     }
 
+    /// Each VMM's VM name and pid (for the health record).
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.procs
+            .iter()
+            .map(|(vm, v)| (vm.to_string(), v.rec.pid as u32))
+            .collect()
+    }
+
     /// The API socket of a VM, if it runs here.
     pub fn contains(&self, vm: &VmId) -> bool {
         self.procs.contains_key(vm)
