@@ -230,6 +230,10 @@ def check_journal(path):
     return writers, None
 
 
+def settings_text(s):
+    return s if isinstance(s, str) else ", ".join(s)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=10)
@@ -240,7 +244,8 @@ def main():
         raise SystemExit("build first: make build")
     out = os.path.join(ROOT, "guest-images/out")
     default_cmdline = re.search(r'^cmdline = "(.*)"', open(os.path.join(ROOT, "guest-images/default-vm.toml")).read(), re.M).group(1)
-    lab = Lab(args.timings.replace("\\n", "\n"))
+    timings = args.timings.replace("\\n", "\n")
+    lab = Lab(timings)
     results = []
     split_brain = 0
     try:
@@ -316,7 +321,8 @@ def main():
         "median_detect_s": round(med("detect_s"), 3),
         "split_brain_events": split_brain,
         "journal_writers": len(writers),
-        "settings": args.timings or "agent defaults (ha::config::Timings::default())",
+        "settings": [t.strip() for t in timings.splitlines() if t.strip()]
+        or "agent defaults (ha::config::Timings::default())",
         "results": results,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -324,7 +330,7 @@ def main():
         json.dump(summary, f, indent=2)
     with open(args.out + ".md", "w") as f:
         f.write("# HA failover (bench/failover.py)\n\n"
-                f"Settings: {summary['settings']}. Three hosts (network namespaces), one VM "
+                f"Settings: {settings_text(summary['settings'])}. Three hosts (network namespaces), one VM "
                 "(128 MiB, disk-write workload, guest tools); each trial kills the slave running it.\n\n"
                 "| trials | median detect (s) | median kill-to-running (s) | median kill-to-tools-heartbeat (s) | split-brain events |\n"
                 "|---|---|---|---|---|\n"

@@ -154,7 +154,12 @@ pub fn vm(args: VmArgs) -> i32 {
         .unwrap_or_else(|| PathBuf::from("/etc/vigil/host.toml"));
     let host = match HostConfig::load(&config) {
         Ok(h) => h,
-        Err(e) => return fail(chain(&e)),
+        Err(e) => {
+            return fail(format!(
+                "{} (this host's agent configuration; give it with --config host.toml)",
+                chain(&e)
+            ))
+        }
     };
     let res = match (args.action, args.args.as_slice()) {
         (VmAction::Register, [ds, file]) => register(&host, ds, Path::new(file), &args),
