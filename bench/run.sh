@@ -7,3 +7,4 @@ python3 bench/snapshot.py
 python3 bench/snapshot.py --with-disk --out bench/results/snapshot-disk.json
 python3 bench/blk.py
 python3 bench/migration.py
+python3 bench/failover.py

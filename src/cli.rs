@@ -22,12 +22,19 @@ pub enum Command {
     #[command(after_long_help = RUN_EXIT_STATUS_HELP, after_help = RUN_EXIT_STATUS_HELP)]
     Run(RunArgs),
     /// Ask a running VM (through its control API socket) for its state, or
-    /// to pause, resume or shut down.
+    /// to pause, resume, shut down or reset.
     Vm(VmArgs),
     /// Snapshot a running VM to a directory (restore with `vigil run --restore DIR`).
     Snapshot(SnapshotArgs),
     /// Live-migrate a running VM to a host where `vigil run --incoming` waits.
     Migrate(MigrateArgs),
+    /// Run this host's HA agent (VMMs it starts outlive it).
+    Agent(AgentArgs),
+    /// Create an HA cluster, or show its state.
+    Cluster(ClusterArgs),
+    /// Collect logs, health summaries, cluster state and VM configs into one
+    /// .tar.gz for a support case (secrets are left out).
+    SupportBundle(SupportBundleArgs),
 }
 
 /// `vigil migrate --api-socket PATH --to ADDR:PORT [...]` or `--cancel`.
@@ -71,21 +78,126 @@ pub struct MigrateArgs {
     pub tls_name: Option<String>,
 }
 
-/// `vigil vm ACTION --api-socket PATH [--json]`.
+/// `vigil support-bundle [--out FILE] [--agent-dir DIR ...] [--config host.toml]`.
+#[derive(Debug, Args)]
+pub struct SupportBundleArgs {
+    /// Where to write the archive [default: ./vigil-support-HOST-TIME.tar.gz].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<std::path::PathBuf>,
+    /// An agent's state directory (logs, summaries, cluster state, VM
+    /// configs); repeatable [default: /var/lib/vigil].
+    #[arg(long, value_name = "DIR")]
+    pub agent_dir: Vec<std::path::PathBuf>,
+    /// An agent's host.toml: its run directory is included, and its
+    /// cluster status if an agent answers.
+    #[arg(long, value_name = "host.toml")]
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// `vigil agent --config host.toml`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// This host's agent configuration.
+    #[arg(long, value_name = "host.toml")]
+    pub config: PathBuf,
+    /// Log filter, RUST_LOG syntax [default: info].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Write logs to this file instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// `vigil cluster ...`.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: ClusterAction,
+}
+
+/// `vigil cluster` actions.
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// Write the cluster file on the datastores and create the cluster secret.
+    Init {
+        /// The cluster description (TOML: [hosts.NAME] address, port, cpu_mhz,
+        /// mem_mib, datastores; heartbeat_datastores).
+        #[arg(long, value_name = "cluster.toml")]
+        cluster: PathBuf,
+        /// A datastore directory to hold the cluster file (repeatable).
+        #[arg(long, value_name = "DIR", required = true)]
+        datastore: Vec<PathBuf>,
+        /// The secret file to create (kept if it exists); hand it to every host.
+        #[arg(long, value_name = "PATH")]
+        secret: PathBuf,
+    },
+    /// Each host's HA state and each VM's host and protection (asked of the
+    /// master, through this host's agent).
+    Status {
+        /// This host's agent configuration.
+        #[arg(long, value_name = "host.toml", default_value = "/etc/vigil/host.toml")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `vigil vm ACTION --api-socket PATH [--json]` (one VM's VMM), or
+/// `vigil vm register|start|stop|list ... [--config host.toml]` (HA).
 #[derive(Debug, Args)]
 pub struct VmArgs {
     /// What to do.
     #[arg(value_enum)]
     pub action: VmAction,
+    /// register: DATASTORE VM.toml; start, stop: NAME.
+    #[arg(value_name = "ARGS")]
+    pub args: Vec<String>,
     /// The VM's control API socket (as given to `vigil run --api-socket`).
     #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
+    pub api_socket: Option<PathBuf>,
+    /// register/start/stop/list: this host's agent configuration
+    /// [default: /etc/vigil/host.toml].
+    #[arg(long, value_name = "host.toml")]
+    pub config: Option<PathBuf>,
+    /// start: the host to run it on (the master places it otherwise).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// register: restart priority: high, medium, low or disabled [default: medium].
+    #[arg(long, value_parser = parse_serde::<ha::types::RestartPriority>)]
+    pub priority: Option<ha::types::RestartPriority>,
+    /// register: isolation response: leave-on, power-off or shut-down [default: leave-on].
+    #[arg(long, value_parser = parse_serde::<ha::types::IsolationResponse>)]
+    pub isolation_response: Option<ha::types::IsolationResponse>,
+    /// register: CPU reservation in MHz [default: 0].
+    #[arg(long)]
+    pub cpu_mhz: Option<u64>,
+    /// register: memory reservation in MiB [default: the VM's memory].
+    #[arg(long)]
+    pub mem_mib: Option<u64>,
+    /// register: datastore-loss response: disabled, events_only or restart [default: disabled].
+    #[arg(long, value_parser = parse_serde::<ha::types::DatastoreLossResponse>)]
+    pub datastore_loss: Option<ha::types::DatastoreLossResponse>,
+    /// register: seconds a datastore may be lost before that response [default: 180].
+    #[arg(long, value_name = "SECONDS")]
+    pub datastore_loss_delay_s: Option<u64>,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
     /// shutdown: seconds to wait for a graceful shutdown before powering off.
     #[arg(long, value_name = "SECONDS")]
     pub timeout_s: Option<u64>,
+    /// reset: why (written to the VMM's log).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+}
+
+/// Parses a lower-case enum value the way its serde form spells it
+/// (hyphens accepted for underscores).
+fn parse_serde<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.replace('-', "_")))
+        .map_err(|_| format!("unknown value {s:?}"))
 }
 
 /// `vigil vm` actions.
@@ -105,6 +217,17 @@ pub enum VmAction {
     Counters,
     /// vCPU and event-loop progress (stall detection).
     Watchdog,
+    /// HA: register a VM on a datastore (`register DATASTORE VM.toml`).
+    Register,
+    /// HA: power a registered VM on through the cluster (`start NAME [--host H]`).
+    Start,
+    /// HA: power a VM off; it is no longer protected (`stop NAME`).
+    Stop,
+    /// HA: every VM's protection state and host.
+    List,
+    /// Hard reset: the guest boots again in the same VMM process, keeping
+    /// its disks and MAC addresses (the reason goes to the VMM's log).
+    Reset,
 }
 
 /// `vigil snapshot --api-socket PATH --to DIR [--stop]`.
@@ -133,6 +256,8 @@ Exit status:
   3  the guest asked for a reboot (with --on-reboot exit, the default)
   4  the guest crashed (triple fault, KVM internal/emulation error, failed VM entry);
      the reason and the vCPU registers are printed on stderr
+  5  --lease: the VM's disk lease was taken by another host or could not be renewed
+     in time; the guest was stopped
   128+N  killed by signal N (SIGTERM, SIGINT, SIGHUP); the terminal is restored
 
 Flags override the values in --config; relative paths in a config file are
@@ -258,4 +383,9 @@ pub struct RunArgs {
     /// reported as stuck [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub watchdog_threshold_s: Option<u64>,
+    /// Hold the VM's disk lease described in this TOML file (written by the
+    /// HA agent): renew it, stop the guest (exit status 5) when it is taken
+    /// or cannot be renewed in time, release it when the guest stops.
+    #[arg(long, value_name = "LEASE.toml")]
+    pub lease: Option<PathBuf>,
 }

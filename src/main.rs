@@ -1,16 +1,18 @@
 //! `vigil`: the command-line entry point.
 //!
 //! Subcommands live one per module (`run`, with `--incoming`; `vm` and
-//! `snapshot` in `vm_cmd`; `migrate` in `migrate_cmd`; `agent` and
-//! `cluster` will join as their own modules and variants of
-//! [`cli::Command`]). Each returns the process exit status; this
+//! `snapshot` in `vm_cmd`; `migrate` in `migrate_cmd`; `agent`, `cluster`
+//! and the HA `vm` actions in `ha_cmd`; `support-bundle` in
+//! `support_bundle`). Each returns the process exit status; this
 //! file only parses, sets up logging, and exits.
 
 mod cli;
+mod ha_cmd;
 mod logging;
 mod migrate_cmd;
 mod run;
 mod signals;
+mod support_bundle;
 mod vm_cmd;
 
 use std::process::ExitCode;
@@ -50,6 +52,9 @@ fn main() -> ExitCode {
         cli::Command::Vm(args) => vm_cmd::vm(args),
         cli::Command::Snapshot(args) => vm_cmd::snapshot(args),
         cli::Command::Migrate(args) => migrate_cmd::migrate(args),
+        cli::Command::Agent(args) => ha_cmd::agent(args),
+        cli::Command::Cluster(args) => ha_cmd::cluster(args),
+        cli::Command::SupportBundle(args) => support_bundle::support_bundle(args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -41,6 +41,15 @@ pub fn run(args: RunArgs) -> i32 {
         ))),
         ..Default::default()
     };
+    if let Some(p) = &args.lease {
+        match vmm::lease::LeaseSpec::load(p) {
+            Ok(spec) => opts.lease = Some(spec),
+            Err(e) => {
+                eprintln!("vigil: {}", chain(&e));
+                return EXIT_ERROR;
+            }
+        }
+    }
     if let Some(t) = args.watchdog_threshold_s {
         opts.watchdog_threshold = std::time::Duration::from_secs(t.max(1));
     }
@@ -219,6 +228,7 @@ fn report(reason: &ExitReason, logs_to_file: bool) {
         ExitReason::HostPowerOff => tracing::info!("powered off through the control API"),
         ExitReason::Snapshotted => tracing::info!("stopped after a snapshot"),
         ExitReason::Migrated => tracing::info!("migrated to another host; stopped here"),
+        ExitReason::Reset { reason } => tracing::info!(%reason, "guest reset"),
         ExitReason::Crash {
             vcpu,
             reason,

@@ -18,6 +18,17 @@ const SHORT: Duration = Duration::from_secs(30);
 
 /// Runs `vigil vm ACTION`.
 pub fn vm(args: VmArgs) -> i32 {
+    if matches!(
+        args.action,
+        VmAction::Register | VmAction::Start | VmAction::Stop | VmAction::List
+    ) {
+        return crate::ha_cmd::vm(args);
+    }
+    let Some(socket) = args.api_socket.clone() else {
+        eprintln!("vigil: --api-socket PATH is required for this action");
+        return EXIT_ERROR;
+    };
+    let mut body = None;
     let (method, path, timeout) = match args.action {
         VmAction::Info => ("GET", "/vm".to_string(), SHORT),
         VmAction::Pause => ("PUT", "/vm/pause".to_string(), SHORT),
@@ -33,8 +44,15 @@ pub fn vm(args: VmArgs) -> i32 {
         VmAction::Heartbeat => ("GET", "/vm/heartbeat".to_string(), SHORT),
         VmAction::Counters => ("GET", "/vm/counters".to_string(), SHORT),
         VmAction::Watchdog => ("GET", "/vm/watchdog".to_string(), SHORT),
+        VmAction::Reset => {
+            body = args.reason.as_ref().map(|r| json!({ "reason": r }));
+            ("POST", "/vm/reset".to_string(), SHORT)
+        }
+        VmAction::Register | VmAction::Start | VmAction::Stop | VmAction::List => {
+            unreachable!("handled by ha_cmd")
+        }
     };
-    match client::call(&args.api_socket, method, &path, None, timeout) {
+    match client::call(&socket, method, &path, body.as_ref(), timeout) {
         Ok(v) => {
             if args.json {
                 println!("{v}");
@@ -43,7 +61,7 @@ pub fn vm(args: VmArgs) -> i32 {
             }
             0
         }
-        Err(e) => fail(&args.api_socket, &e),
+        Err(e) => fail(&socket, &e),
     }
 }
 
@@ -121,6 +139,7 @@ fn render(action: VmAction, v: &Value) -> String {
         ]),
         VmAction::Pause | VmAction::Resume => format!("VM is {}\n", s(&v["state"])),
         VmAction::Shutdown => format!("shutdown: {} ({})\n", s(&v["method"]), s(&v["note"])),
+        VmAction::Reset => format!("reset: {} ({})\n", s(&v["reason"]), s(&v["note"])),
         VmAction::Heartbeat => {
             let ms = |k: &str| match v[k].as_u64() {
                 Some(n) => format!("{:.1} s ago", n as f64 / 1000.0),
@@ -194,6 +213,7 @@ fn render(action: VmAction, v: &Value) -> String {
             }
             out
         }
+        VmAction::Register | VmAction::Start | VmAction::Stop | VmAction::List => String::new(),
     }
 }
 

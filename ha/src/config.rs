@@ -105,9 +105,23 @@ pub struct ClusterConfig {
     pub admission: AdmissionPolicy,
     /// Wanted heartbeat datastores per host (2..=5, default 2).
     pub heartbeat_datastores: usize,
-    /// VM monitoring (H11) for the VMs listed; the others are not monitored
-    /// (vSphere's default: disabled).
+    /// VM monitoring (H11) per VM; VMs not listed get `monitoring_default`.
     pub monitoring: BTreeMap<crate::types::VmId, MonitoringSettings>,
+    /// The cluster's monitoring settings for VMs without their own
+    /// (default: disabled, as vSphere's).
+    #[serde(default)]
+    pub monitoring_default: MonitoringSettings,
+}
+
+impl ClusterConfig {
+    /// The monitoring settings that apply to `vm`: its own, or the
+    /// cluster's default.
+    pub fn monitoring_for(&self, vm: &crate::types::VmId) -> MonitoringSettings {
+        self.monitoring
+            .get(vm)
+            .copied()
+            .unwrap_or(self.monitoring_default)
+    }
 }
 
 /// What one agent needs to start.
@@ -215,6 +229,7 @@ mod tests {
             admission: AdmissionPolicy::Disabled,
             heartbeat_datastores: 2,
             monitoring: BTreeMap::new(),
+            monitoring_default: MonitoringSettings::default(),
         }
     }
 

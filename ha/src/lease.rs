@@ -181,6 +181,16 @@ pub enum TakeoverVerdict {
 }
 
 impl LeaseObserver {
+    /// An observer that has already seen `rec`, unchanged, since local time
+    /// `since` (this host's own earlier reads, e.g. a runtime that watches
+    /// every lease on its datastores so a takeover need not start counting
+    /// when the restart order arrives).
+    pub fn seen_since(rec: LeaseRecord, since: Time) -> Self {
+        Self {
+            seen: Some((rec, since)),
+        }
+    }
+
     /// Feeds one read of the record, at local time `now`, and decides.
     pub fn observe(
         &mut self,
@@ -350,6 +360,35 @@ mod tests {
         assert_eq!(
             obs.observe(Time::from_secs(0), &rec.released(), &me, &t),
             TakeoverVerdict::Free
+        );
+    }
+
+    #[test]
+    fn observation_can_start_before_the_order() {
+        let t = LeaseTimings::default();
+        let rec = LeaseRecord {
+            owner: Some(h("a")),
+            generation: 1,
+            counter: 5,
+        };
+        let mut obs = LeaseObserver::seen_since(rec.clone(), Time::from_secs(100));
+        assert_eq!(
+            obs.observe(Time::from_secs(119), &rec, &h("b"), &t),
+            TakeoverVerdict::Wait {
+                until: Time::from_secs(120)
+            }
+        );
+        assert_eq!(
+            obs.observe(Time::from_secs(120), &rec, &h("b"), &t),
+            TakeoverVerdict::Expired
+        );
+        // A renewal seen later restarts the count.
+        let mut obs = LeaseObserver::seen_since(rec.clone(), Time::from_secs(100));
+        assert_eq!(
+            obs.observe(Time::from_secs(125), &rec.renewed(), &h("b"), &t),
+            TakeoverVerdict::Wait {
+                until: Time::from_secs(145)
+            }
         );
     }
 

@@ -116,6 +116,58 @@ pub enum IsolationResponse {
     ShutDown,
 }
 
+/// What HA does with a VM whose host lost access to one of the VM's
+/// datastores while other hosts still reach it (H13, vSphere's VM Component
+/// Protection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatastoreLossResponse {
+    /// Nothing beyond the lease: the guest waits for its storage (default).
+    #[default]
+    Disabled,
+    /// Log an event after the delay; the VM stays where it is.
+    EventsOnly,
+    /// After the delay, stop the guest on the affected host and restart it
+    /// on a host that reaches all of its datastores.
+    Restart,
+}
+
+/// Datastore-loss protection settings of one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatastoreLossSettings {
+    /// The response (default: disabled).
+    pub response: DatastoreLossResponse,
+    /// How long the datastore has to come back before the response applies
+    /// (default 180 s, vSphere's VM failover delay), in seconds in config
+    /// files.
+    #[serde(with = "secs")]
+    pub delay: std::time::Duration,
+}
+
+impl Default for DatastoreLossSettings {
+    fn default() -> Self {
+        Self {
+            response: DatastoreLossResponse::Disabled,
+            delay: std::time::Duration::from_secs(180),
+        }
+    }
+}
+
+/// Durations as whole seconds in config files.
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
 /// A VM's HA-relevant configuration, as the master knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -129,6 +181,9 @@ pub struct VmConfig {
     pub isolation_response: IsolationResponse,
     /// Datastores holding the VM's disks: a restart target must mount all.
     pub datastores: BTreeSet<DatastoreId>,
+    /// Datastore-loss protection (H13).
+    #[serde(default)]
+    pub datastore_loss: DatastoreLossSettings,
 }
 
 impl VmConfig {
@@ -140,6 +195,7 @@ impl VmConfig {
             priority: RestartPriority::Medium,
             isolation_response: IsolationResponse::LeaveOn,
             datastores: [DatastoreId::new(datastore)].into_iter().collect(),
+            datastore_loss: DatastoreLossSettings::default(),
         }
     }
 }
@@ -212,4 +268,33 @@ pub enum VmProtection {
         /// The last failure.
         reason: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn datastore_loss_settings_from_config_text() {
+        let c: VmConfig = serde_json::from_str(
+            r#"{"id": "vm-a", "reservation": {"cpu_mhz": 1000, "mem_mib": 512},
+                "priority": "high", "isolation_response": "leave_on", "datastores": ["ds1"],
+                "datastore_loss": {"response": "restart", "delay": 60}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.datastore_loss.response, DatastoreLossResponse::Restart);
+        assert_eq!(c.datastore_loss.delay, Duration::from_secs(60));
+        // Absent: disabled, 180 s.
+        let c: VmConfig = serde_json::from_str(
+            r#"{"id": "vm-a", "reservation": {"cpu_mhz": 0, "mem_mib": 0},
+                "priority": "low", "isolation_response": "power_off", "datastores": []}"#,
+        )
+        .unwrap();
+        assert_eq!(c.datastore_loss, DatastoreLossSettings::default());
+        assert_eq!(c.datastore_loss.delay, Duration::from_secs(180));
+        let e = serde_json::from_str::<DatastoreLossSettings>(r#"{"response": "migrate"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown variant `migrate`"), "{e}");
+    }
 }

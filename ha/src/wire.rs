@@ -27,11 +27,11 @@
 //! the channel (H15's second half) belongs to the transport, not to this
 //! module.
 
-use crate::types::{HostId, VmConfig, VmId};
+use crate::types::{DatastoreId, HostId, VmConfig, VmId};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use thiserror::Error;
 
@@ -125,6 +125,21 @@ pub enum Body {
         /// Why (from the VMM or the lease).
         reason: String,
     },
+    /// Slave to master: the datastores this host mounts but cannot reach
+    /// now (full set; empty when all are back). Sent on change and with
+    /// every heartbeat while non-empty or recently changed.
+    DatastoreAccess {
+        /// The unreachable datastores.
+        lost: BTreeSet<DatastoreId>,
+    },
+    /// Master to slave: stop this VM, its datastore is lost here and
+    /// reachable elsewhere (datastore-loss protection, response "restart").
+    DatastoreLossStop {
+        /// The VM.
+        vm: VmId,
+        /// The lost datastore.
+        datastore: DatastoreId,
+    },
 }
 
 /// What the MAC covers.
@@ -199,6 +214,24 @@ pub fn open(secret: &ClusterSecret, bytes: &[u8]) -> Result<Signed, WireError> {
     mac.update(env.payload.as_bytes());
     mac.verify_slice(&tag).map_err(|_| WireError::BadMac)?;
     serde_json::from_str(&env.payload).map_err(WireError::BadPayload)
+}
+
+/// HMAC-SHA256 of `data` with the cluster secret, as lower-case hex (the
+/// runtime's command channel signs challenge + request with it).
+pub fn mac_hex(secret: &ClusterSecret, data: &[u8]) -> String {
+    let mut mac = mac_for(secret);
+    mac.update(data);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Verifies (in constant time) a [`mac_hex`] tag.
+pub fn verify_hex(secret: &ClusterSecret, data: &[u8], tag: &str) -> bool {
+    let Ok(tag) = hex::decode(tag) else {
+        return false;
+    };
+    let mut mac = mac_for(secret);
+    mac.update(data);
+    mac.verify_slice(&tag).is_ok()
 }
 
 /// Per-sender replay protection.

@@ -10,6 +10,7 @@
 //! | 2 | command-line usage error |
 //! | 3 | the guest asked for a reboot (and `--on-reboot exit`) |
 //! | 4 | the guest crashed: triple fault, KVM internal/emulation error, failed entry |
+//! | 5 | the VM's disk lease was lost or could not be renewed in time (`--lease`, see `lease`) |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -26,6 +27,8 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_REBOOT: i32 = 3;
 /// Exit status: guest crashed.
 pub const EXIT_CRASH: i32 = 4;
+/// Exit status: the disk lease was lost or expired; the guest was stopped.
+pub const EXIT_LEASE: i32 = 5;
 
 /// Why a VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +54,13 @@ pub enum ExitReason {
     Snapshotted,
     /// Migrated away: the target acknowledged that the guest runs there.
     Migrated,
+    /// Reset from the host (`POST /vm/reset`, e.g. by HA VM monitoring): the
+    /// VMM boots the guest again in the same process whatever the reboot
+    /// policy, with the same config (disks, MACs). Never ends the process.
+    Reset {
+        /// Why, as given by the requester (logged).
+        reason: String,
+    },
 }
 
 impl ExitReason {
@@ -60,7 +70,8 @@ impl ExitReason {
             Self::PowerOff | Self::HostPowerOff | Self::Snapshotted | Self::Migrated => {
                 EXIT_POWEROFF
             }
-            Self::Reboot => EXIT_REBOOT,
+            // Not an exit in practice: the run loop boots the guest again.
+            Self::Reboot | Self::Reset { .. } => EXIT_REBOOT,
             Self::Crash { .. } => EXIT_CRASH,
             Self::VmmError(_) => EXIT_ERROR,
         }

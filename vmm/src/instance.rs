@@ -82,6 +82,9 @@ pub enum Error {
     /// Virtio device problems.
     #[error(transparent)]
     Virtio(#[from] AttachError),
+    /// Disk lease problems.
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
     /// Event loop problems.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
@@ -105,7 +108,10 @@ pub enum Error {
 /// Runs the VM described by `cfg` until it stops for good (power-off,
 /// crash, error, or a reboot when the policy is `exit`). With
 /// `on_reboot = restart`, a reboot rebuilds the VM from scratch (memory,
-/// kernel, devices) in this process and boots again.
+/// kernel, devices) in this process and boots again; a reset requested
+/// through the control API (`POST /vm/reset`) does the same whatever the
+/// policy. Disks and NICs come from the same config, so the guest keeps its
+/// disk contents and MAC addresses.
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, Error> {
     run_with(cfg, &RunOptions::default())
 }
@@ -119,6 +125,8 @@ pub fn run_with(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, Error> 
     let max = vm::kvm_max_vcpus(&kvm).min(config::MAX_VCPUS_SUPPORTED);
     config::validate_vcpus(cfg.vcpus, max)?;
     install_kick_handler()?;
+    // Declared before the terminal guard so it is dropped (released) last.
+    let _lease = start_lease(opts)?;
     let _terminal = match cfg.console {
         ConsoleMode::Stdio => TerminalGuard::enter()?,
         _ => None,
@@ -132,6 +140,9 @@ pub fn run_with(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, Error> 
             (ExitReason::Reboot, OnReboot::Restart) => {
                 tracing::info!(stage = "reboot", "guest rebooted; restarting it");
             }
+            (ExitReason::Reset { reason }, _) => {
+                tracing::warn!(stage = "reset", %reason, boots, "guest reset from the host; booting it again");
+            }
             _ => return Ok(reason),
         }
     }
@@ -143,6 +154,15 @@ pub fn preflight(cfg: &VmConfig) -> Result<(), Error> {
     boot::check_images(cfg)?;
     memory::check_host_memory_now(cfg.memory_bytes)?;
     Ok(())
+}
+
+/// Takes over the lease the agent acquired, once the VM is known to be
+/// buildable; the guard renews it until the VM ends.
+fn start_lease(opts: &RunOptions) -> Result<Option<crate::lease::LeaseGuard>, Error> {
+    match &opts.lease {
+        Some(spec) => Ok(Some(crate::lease::start(spec.clone())?)),
+        None => Ok(None),
+    }
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -183,6 +203,9 @@ pub struct RunOptions {
     /// Told once the vCPU threads run (an incoming migration acknowledges
     /// the source only then).
     pub on_running: Option<std::sync::mpsc::Sender<()>>,
+    /// Hold this disk lease while the VM runs (HA): renew it, stop when it
+    /// is lost or cannot be renewed in time, release it at the end.
+    pub lease: Option<crate::lease::LeaseSpec>,
 }
 
 impl Default for RunOptions {
@@ -192,6 +215,7 @@ impl Default for RunOptions {
             watchdog_threshold: watchdog::DEFAULT_THRESHOLD,
             migration: None,
             on_running: None,
+            lease: None,
         }
     }
 }
@@ -232,6 +256,7 @@ fn run_from(
     }
     let kvm = vm::open_kvm()?;
     install_kick_handler()?;
+    let _lease = start_lease(opts)?;
     let _terminal = match cfg.console {
         ConsoleMode::Stdio => TerminalGuard::enter()?,
         _ => None,
@@ -249,6 +274,10 @@ fn run_from(
             (ExitReason::Reboot, OnReboot::Restart) => {
                 preflight(&cfg)?;
                 tracing::info!(stage = "reboot", "guest rebooted; booting it afresh");
+            }
+            (ExitReason::Reset { reason }, _) => {
+                preflight(&cfg)?;
+                tracing::warn!(stage = "reset", %reason, "guest reset from the host; booting it afresh");
             }
             _ => return Ok(reason),
         }

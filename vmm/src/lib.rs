@@ -23,6 +23,7 @@
 //! - [`watchdog`]: stall detection for vCPU threads and the event loop.
 //! - [`migration_hook`]: the trait the control API's `/vm/migrate` routes
 //!   call; the `vigil` binary installs `migration`'s implementation.
+//! - [`lease`]: the VM's disk lease, renewed by the VMM (HA, `--lease`).
 //!
 //! Virtio-mmio devices (block, net, vsock) live in one folder each under
 //! `devices/virtio/`; MMIO exits go to [`devices::mmio::MmioBus`], queue
@@ -52,6 +53,7 @@ pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod instance;
+pub mod lease;
 pub mod machine;
 pub mod memory;
 pub mod migration_hook;

@@ -7,7 +7,8 @@ use crate::config::ClusterConfig;
 use crate::lease::LeaseRecord;
 use crate::time::Time;
 use crate::types::{
-    DatastoreId, HostHaState, HostId, IsolationResponse, VmConfig, VmId, VmProtection,
+    DatastoreId, DatastoreLossResponse, HostHaState, HostId, IsolationResponse, VmConfig, VmId,
+    VmProtection,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,8 +62,11 @@ pub enum VmEvent {
         /// When the successful write was issued.
         issued_at: Time,
     },
-    /// A heartbeat from the guest tools or the monitored application.
+    /// A heartbeat from the guest tools.
     ToolsHeartbeat,
+    /// A heartbeat from the monitored application inside the guest (VM and
+    /// application monitoring).
+    AppHeartbeat,
     /// Disk or network I/O was seen since the last report.
     IoActivity,
     /// A read of the lease shows another owner or generation.
@@ -93,10 +97,23 @@ pub enum Command {
         /// The VM.
         vm: VmId,
     },
-    /// Leave HA for maintenance.
+    /// Leave HA for maintenance. On the master, admission control is
+    /// checked first (the cluster without this host must still satisfy the
+    /// policy); a slave's runtime asks the master with `CheckMaintenance`
+    /// before sending this.
     EnterMaintenance,
+    /// Master only: may `host` enter maintenance mode under admission
+    /// control? `Ok` with a note, or `Admission` with the arithmetic.
+    CheckMaintenance {
+        /// The host that wants to enter maintenance.
+        host: HostId,
+    },
     /// Come back from maintenance.
     ExitMaintenance,
+    /// A VM was registered (or its HA settings changed) after HA was
+    /// enabled: add it to the cluster view (the runtime finds registrations
+    /// on the datastores).
+    RegisterVm(VmConfig),
 }
 
 /// Everything the agent can be told.
@@ -138,6 +155,14 @@ pub enum Input {
         /// Its lease record, or the I/O error.
         result: Result<Option<LeaseRecord>, String>,
     },
+    /// This host's access to one of its datastores, as the runtime's probe
+    /// finds it (report every probe or at least every change).
+    DatastoreAccess {
+        /// The datastore.
+        datastore: DatastoreId,
+        /// Whether a read and a write of a probe file completed in time.
+        accessible: bool,
+    },
 }
 
 /// Why the agent powers a VM off.
@@ -154,6 +179,11 @@ pub enum PowerOffReason {
     StaleCopy,
     /// The lease was not renewed for `stop_time`.
     LeaseExpired,
+    /// Datastore-loss protection: a datastore of the VM is lost here and
+    /// reachable from another host, which will restart it. The lease may be
+    /// on the lost datastore: release it if the write succeeds, otherwise
+    /// let it lapse.
+    DatastoreLost,
 }
 
 /// Everything the agent can ask for.
@@ -216,10 +246,14 @@ pub enum Action {
         /// Why.
         reason: PowerOffReason,
     },
-    /// Reset (power-cycle) a hung guest (VM monitoring, H11).
+    /// Reset (power-cycle) a hung guest (VM monitoring, H11): the runtime
+    /// calls the VMM's `POST /vm/reset` with `reason`.
     ResetVm {
         /// The VM.
         vm: VmId,
+        /// Why (which heartbeat, how long, the idle I/O window), for the
+        /// VMM's log.
+        reason: String,
     },
     /// Ask the guest to shut down.
     ShutdownVm {
@@ -375,6 +409,8 @@ pub enum HaEvent {
     VmReset {
         /// The VM.
         vm: VmId,
+        /// Why.
+        reason: String,
     },
     /// VM monitoring found the guest hung again but has used its resets.
     VmResetLimitReached {
@@ -384,7 +420,8 @@ pub enum HaEvent {
         resets: u32,
     },
     /// The periodic summary line (seed 003: find leaks after the fact). The
-    /// runtime adds process memory figures when it logs it.
+    /// runtime adds process memory figures (`health::HostSummary`) and
+    /// writes the line to its log and the rotating `health::SummaryLog`.
     Summary {
         /// Time since HA was enabled on this host.
         uptime: Duration,
@@ -394,6 +431,43 @@ pub enum HaEvent {
         vms_running: usize,
         /// Master only: VMs protected in the cluster.
         vms_protected: Option<usize>,
+    },
+    /// This host lost access to one of its datastores.
+    DatastoreInaccessible {
+        /// The datastore.
+        datastore: DatastoreId,
+    },
+    /// This host reaches the datastore again.
+    DatastoreAccessible {
+        /// The datastore.
+        datastore: DatastoreId,
+    },
+    /// Master: a VM's datastore has been lost on its host for the VM's
+    /// delay while another host reaches it; `response` is applied.
+    DatastoreLossResponse {
+        /// The VM.
+        vm: VmId,
+        /// Where it runs.
+        host: HostId,
+        /// The lost datastore.
+        datastore: DatastoreId,
+        /// What is done: an event only, or a restart elsewhere.
+        response: DatastoreLossResponse,
+    },
+    /// Master: a VM's datastore is lost on its host, but no other live host
+    /// reaches all of the VM's datastores either: nothing to gain by moving it.
+    DatastoreLossNoTarget {
+        /// The VM.
+        vm: VmId,
+        /// The lost datastore.
+        datastore: DatastoreId,
+    },
+    /// This host stopped a VM on its master's datastore-loss order.
+    DatastoreLossStopped {
+        /// The VM.
+        vm: VmId,
+        /// The lost datastore.
+        datastore: DatastoreId,
     },
     /// An incoming message was dropped.
     MessageRejected {

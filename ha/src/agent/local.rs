@@ -79,11 +79,8 @@ impl Agent {
             VmEvent::PoweredOn => {
                 self.starting.remove(&vm);
                 self.off_reasons.remove(&vm);
-                let monitor = self
-                    .cluster()
-                    .monitoring
-                    .get(&vm)
-                    .map(|s| VmMonitor::new(*s, now));
+                let settings = self.cluster().monitoring_for(&vm);
+                let monitor = settings.enabled().then(|| VmMonitor::new(settings, now));
                 self.local.insert(
                     vm,
                     LocalVm {
@@ -108,7 +105,9 @@ impl Agent {
                         ),
                     ) => PowerState::OffByIsolation,
                     (_, Some(PowerOffReason::StaleCopy)) => PowerState::Stale,
-                    (_, Some(PowerOffReason::LeaseExpired)) => PowerState::OffByHa,
+                    (_, Some(PowerOffReason::LeaseExpired | PowerOffReason::DatastoreLost)) => {
+                        PowerState::OffByHa
+                    }
                 };
                 if power == PowerState::OffByIsolation && self.state == HostHaState::Isolated {
                     self.released.insert(vm.clone());
@@ -140,12 +139,12 @@ impl Agent {
                 }
                 return;
             }
-            VmEvent::ToolsHeartbeat | VmEvent::IoActivity => {
+            VmEvent::ToolsHeartbeat | VmEvent::AppHeartbeat | VmEvent::IoActivity => {
                 if let Some(m) = self.local.get_mut(&vm).and_then(|v| v.monitor.as_mut()) {
-                    if event == VmEvent::ToolsHeartbeat {
-                        m.heartbeat(now);
-                    } else {
-                        m.io_activity(now);
+                    match event {
+                        VmEvent::ToolsHeartbeat => m.heartbeat(now),
+                        VmEvent::AppHeartbeat => m.app_heartbeat(now),
+                        _ => m.io_activity(now),
                     }
                 }
                 return;
@@ -202,9 +201,12 @@ impl Agent {
                 stops.push((id.clone(), PowerOffReason::IsolationShutdownTimeout));
             } else if let (false, Some(m)) = (off_ordered, v.monitor.as_mut()) {
                 match m.evaluate(now) {
-                    MonitorDecision::Reset => {
+                    MonitorDecision::Reset { reason } => {
                         v.limit_reported = false;
-                        resets.push(HaEvent::VmReset { vm: id.clone() });
+                        resets.push(HaEvent::VmReset {
+                            vm: id.clone(),
+                            reason,
+                        });
                     }
                     MonitorDecision::ResetLimitReached { resets: n } if !v.limit_reported => {
                         v.limit_reported = true;
@@ -218,9 +220,18 @@ impl Agent {
             }
         }
         for ev in resets {
-            if let HaEvent::VmReset { vm } = &ev {
-                tracing::warn!(host = %self.cfg.host, vm = %vm, "guest heartbeat lost and no I/O: resetting");
-                out.push(Action::ResetVm { vm: vm.clone() });
+            match &ev {
+                HaEvent::VmReset { vm, reason } => {
+                    tracing::warn!(host = %self.cfg.host, vm = %vm, %reason, "resetting guest");
+                    out.push(Action::ResetVm {
+                        vm: vm.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+                HaEvent::VmResetLimitReached { vm, resets } => {
+                    tracing::error!(host = %self.cfg.host, vm = %vm, resets, "guest hung again but its resets are used up: left alone for an operator");
+                }
+                _ => {}
             }
             out.push(Action::Event(ev));
         }

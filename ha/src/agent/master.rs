@@ -77,6 +77,14 @@ pub(super) struct MasterState {
     pub(super) leases: BTreeMap<VmId, (LeaseRecord, Time)>,
     pub(super) ds_first_read: BTreeMap<DatastoreId, Time>,
     pub(super) ds_error: BTreeSet<DatastoreId>,
+    /// Datastores each host reports unreachable, with the time this master
+    /// learned it (datastore-loss protection, `vmcp.rs`).
+    pub(super) ds_lost: BTreeMap<HostId, BTreeMap<DatastoreId, Time>>,
+    /// Responses applied: (vm, host, datastore) -> when (stop orders are
+    /// re-sent while the VM still runs there).
+    pub(super) ds_loss_handled: BTreeMap<(VmId, HostId, DatastoreId), Time>,
+    /// VMs reported as having no host to go to (reported once).
+    pub(super) ds_loss_no_target: BTreeSet<(VmId, DatastoreId)>,
 }
 
 impl MasterState {
@@ -135,6 +143,9 @@ impl MasterState {
             leases: BTreeMap::new(),
             ds_first_read: BTreeMap::new(),
             ds_error: BTreeSet::new(),
+            ds_lost: BTreeMap::new(),
+            ds_loss_handled: BTreeMap::new(),
+            ds_loss_no_target: BTreeSet::new(),
         }
     }
 

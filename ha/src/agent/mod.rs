@@ -17,13 +17,28 @@
 //! | `PersistProtectedList` / `ReadProtectedList` | writes / reads the list file (readers keep the highest `version`) | `ProtectedListRead(Option<_>)` |
 //! | `ReadLeases { leases }` | reads each VM's lease record | one `LeaseRead` per VM |
 //! | `StartVm { vm }` | acquires the VM's lease (`lease::LeaseObserver`: waits `takeover_time` of an unchanged record), then starts the VMM | `Vm { PoweredOn }` or `Vm { StartFailed }` |
-//! | `PowerOffVm` / `ShutdownVm` / `ResetVm` | acts on the VMM; releases the lease on power-off unless the reason is `StaleCopy` | `Vm { PoweredOff }` when it is off |
+//! | `PowerOffVm` / `ShutdownVm` | acts on the VMM; releases the lease on power-off unless the reason is `StaleCopy` (with `DatastoreLost` the release may fail: the lease then lapses) | `Vm { PoweredOff }` when it is off |
+//! | `ResetVm { vm, reason }` | `POST /vm/reset {"reason": reason}` on the VM's API socket (the VMM boots the guest again in the same process; the lease is kept) | nothing (the VM stays `PoweredOn`) |
 //! | `CommandDone` / `Event` | answers the CLI / logs | nothing |
+//!
+//! Operator commands come in as `Input::Command` and are answered with one
+//! `CommandDone`. Before sending `EnterMaintenance` to a slave, the CLI asks
+//! the master with `CheckMaintenance { host }` (admission control decides
+//! on the master; the master checks itself on `EnterMaintenance`). The
+//! master's `Agent::capacity` is what `cluster status` shows.
 //!
 //! Unprompted, the runtime also reports, for each local VM: lease renewals
 //! (`LeaseRenewed { issued_at }` every `renew_interval`), a lease read that
-//! shows another owner (`LeaseLost`), crashes, and, when VM monitoring is on,
-//! guest tools heartbeats and disk/network I/O. At agent start it reports
+//! shows another owner (`LeaseLost`), crashes, and, when VM monitoring is on
+//! (`ClusterConfig::monitoring_for`), guest tools heartbeats
+//! (`ToolsHeartbeat`, when `GET /vm/heartbeat` shows a newer one), application
+//! heartbeats (`AppHeartbeat`) and disk/network I/O (`IoActivity`, when the
+//! sum of `GET /vm/counters` grew: `monitoring::IoTracker` does the
+//! comparison and survives the counters' restart at a reset), polled every
+//! few seconds. It also probes each datastore this host mounts (a small
+//! read and write with a timeout, every few seconds) and reports
+//! `DatastoreAccess { datastore, accessible }` (at least on every change)
+//! for datastore-loss protection (`vmcp.rs`). At agent start it reports
 //! every VM already running (`PoweredOn`) so a restarted agent adopts them.
 //!
 //! # Roles
@@ -33,7 +48,7 @@
 //! classification, restart queue), `placement.rs` where restarts and
 //! power-ons go, `local.rs` what every host does with its own VMs (restart
 //! orders, isolation responses, lease enforcement, VM monitoring),
-//! `isolation.rs` isolation detection.
+//! `isolation.rs` isolation detection, `vmcp.rs` datastore-loss protection.
 //!
 //! # A failover, end to end
 //! ```text
@@ -55,6 +70,7 @@ mod isolation;
 mod local;
 mod master;
 mod placement;
+mod vmcp;
 
 pub use api::*;
 
@@ -132,6 +148,10 @@ pub struct Agent {
     last_tick: Time,
     enabled_at: Time,
     next_summary: Time,
+    /// Local datastores the runtime's probe finds unreachable, since when.
+    ds_lost: BTreeMap<DatastoreId, Time>,
+    /// When the set last changed.
+    ds_access_changed: Option<Time>,
 }
 
 impl Agent {
@@ -161,6 +181,8 @@ impl Agent {
             last_tick: Time::ZERO,
             enabled_at: Time::ZERO,
             next_summary: Time::ZERO,
+            ds_lost: BTreeMap::new(),
+            ds_access_changed: None,
         }
     }
 
@@ -226,6 +248,10 @@ impl Agent {
                     m.on_lease_read(now, vm, result);
                 }
             }
+            Input::DatastoreAccess {
+                datastore,
+                accessible,
+            } => self.on_datastore_access(now, datastore, accessible, &mut out),
         }
         out
     }
@@ -338,6 +364,13 @@ impl Agent {
                 out.push(Action::CommandDone(Ok("HA disabled".into())));
             }
             Command::EnterMaintenance => {
+                if self.state == HostHaState::Master {
+                    let me = self.cfg.host.clone();
+                    if let Err(e) = self.check_maintenance(now, &me) {
+                        out.push(Action::CommandDone(Err(e)));
+                        return;
+                    }
+                }
                 self.master_state = None;
                 self.master = None;
                 self.set_state(HostHaState::Maintenance, out);
@@ -348,6 +381,32 @@ impl Agent {
                     self.start_election(now, out);
                 }
                 out.push(Action::CommandDone(Ok("out of maintenance".into())));
+            }
+            Command::RegisterVm(vm) => {
+                let cluster = self.cluster.as_mut().expect("HA enabled");
+                match vm
+                    .datastores
+                    .iter()
+                    .find(|d| !cluster.hosts.values().any(|h| h.datastores.contains(*d)))
+                {
+                    Some(d) => out.push(Action::CommandDone(Err(CommandError::InvalidConfig(
+                        format!(
+                            "VM {} is on datastore {d}, which no host of the cluster mounts",
+                            vm.id
+                        ),
+                    )))),
+                    None => {
+                        let msg = format!("VM {} registered", vm.id);
+                        cluster.vms.insert(vm.id.clone(), vm);
+                        out.push(Action::CommandDone(Ok(msg)));
+                    }
+                }
+            }
+            Command::CheckMaintenance { host } => {
+                let r = self
+                    .check_maintenance(now, &host)
+                    .map(|()| format!("{host} may enter maintenance mode"));
+                out.push(Action::CommandDone(r));
             }
             Command::PowerOffVm { vm } => self.user_power_off(vm, out),
             Command::PowerOnVm { vm, host } => self.user_power_on(now, vm, host, out),
@@ -383,7 +442,10 @@ impl Agent {
         match self.state {
             HostHaState::Election => self.tick_election(now, out),
             HostHaState::Slave => self.tick_slave(now, out),
-            HostHaState::Master => self.tick_master(now, out),
+            HostHaState::Master => {
+                self.tick_master(now, out);
+                self.tick_datastore_loss(now, out);
+            }
             _ => {}
         }
         if matches!(self.state, HostHaState::Master | HostHaState::Isolated) {
@@ -430,6 +492,9 @@ impl Agent {
         if matches!(self.state, HostHaState::Slave | HostHaState::Master) {
             let now = self.last_tick;
             self.report_local(now, out);
+            if self.ds_access_report_due(now) {
+                self.report_ds_access(now, out);
+            }
         }
     }
 
@@ -626,6 +691,17 @@ impl Agent {
             Body::RestartFailed { vm, reason } => {
                 if self.state == HostHaState::Master {
                     self.master_restart_failed(now, &from, vm, reason, out);
+                }
+            }
+            Body::DatastoreAccess { lost } => {
+                if self.state == HostHaState::Master {
+                    self.master_ds_access(now, &from, lost);
+                }
+            }
+            Body::DatastoreLossStop { vm, datastore } => {
+                // Only our master may order.
+                if self.master.as_ref() == Some(&from) && self.state == HostHaState::Slave {
+                    self.on_datastore_loss_stop(vm, datastore, out);
                 }
             }
         }

@@ -5,7 +5,7 @@
 
 use super::master::{Restart, VmEntry};
 use super::{Action, Agent, CommandError, HaEvent};
-use crate::admission::{admit, HostCapacity};
+use crate::admission::{self, admit, AdmissionPolicy, CapacityReport, HostCapacity};
 use crate::time::Time;
 use crate::types::{HostHaState, HostId, Resources, RestartPriority, VmId};
 use crate::wire::{Body, PowerState, Role};
@@ -13,7 +13,7 @@ use crate::wire::{Body, PowerState, Role};
 impl Agent {
     /// Hosts that may receive a restart: this master and the live slaves
     /// following it, never a host in maintenance.
-    fn placement_candidates(&self, now: Time) -> Vec<HostId> {
+    pub(super) fn placement_candidates(&self, now: Time) -> Vec<HostId> {
         let Some(m) = &self.master_state else {
             return Vec::new();
         };
@@ -34,10 +34,21 @@ impl Agent {
 
     /// Chooses a host for `vm`: mounts its datastores, has the reservation
     /// free, has a restart slot; most free memory first. `avoid` is used only
-    /// if nothing else fits.
-    fn place(&self, now: Time, vm: &VmId, avoid: Option<&HostId>) -> Result<HostId, String> {
+    /// if nothing else fits. With dedicated failover hosts, a restart goes to
+    /// one of them first, and an operator power-on never goes there.
+    fn place(
+        &self,
+        now: Time,
+        vm: &VmId,
+        avoid: Option<&HostId>,
+        restart: bool,
+    ) -> Result<HostId, String> {
         let cluster = self.cluster();
         let m = self.master_state.as_ref().ok_or("not master")?;
+        let failover_hosts = match &cluster.admission {
+            AdmissionPolicy::DedicatedFailoverHosts(f) => f.clone(),
+            _ => Default::default(),
+        };
         let cfg = cluster
             .vms
             .get(vm)
@@ -48,6 +59,15 @@ impl Agent {
             let Some(spec) = cluster.hosts.get(&h) else {
                 continue;
             };
+            let lost = self.lost_on(&h);
+            if let Some(d) = cfg.datastores.iter().find(|d| lost.contains(*d)) {
+                why.push(format!("{h}: cannot reach datastore {d}"));
+                continue;
+            }
+            if !restart && failover_hosts.contains(&h) {
+                why.push(format!("{h}: dedicated failover host"));
+                continue;
+            }
             if !cfg.datastores.is_subset(&spec.datastores) {
                 why.push(format!("{h}: does not mount the VM's datastores"));
                 continue;
@@ -68,8 +88,10 @@ impl Agent {
             best.push((free, h));
         }
         best.sort_by(|a, b| {
-            b.0.mem_mib
-                .cmp(&a.0.mem_mib)
+            failover_hosts
+                .contains(&b.1)
+                .cmp(&failover_hosts.contains(&a.1))
+                .then(b.0.mem_mib.cmp(&a.0.mem_mib))
                 .then(b.0.cpu_mhz.cmp(&a.0.cpu_mhz))
                 .then(a.1.cmp(&b.1))
         });
@@ -113,7 +135,7 @@ impl Agent {
         // Higher priority first; VM id keeps the order deterministic.
         due.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         for (_, vm, from, attempt) in due {
-            match self.place(now, &vm, Some(&from)) {
+            match self.place(now, &vm, Some(&from), true) {
                 Ok(target) => {
                     let attempt = attempt + 1;
                     let m = self.master_state.as_mut().expect("master");
@@ -158,6 +180,60 @@ impl Agent {
         }
     }
 
+    /// What admission control counts (master only): the live hosts that may
+    /// take VMs, and the reservations of VMs powered on or starting.
+    fn admission_inputs(&self, now: Time) -> (Vec<HostCapacity>, Vec<Resources>) {
+        let cluster = self.cluster();
+        let hosts = self
+            .placement_candidates(now)
+            .iter()
+            .filter_map(|h| {
+                cluster.hosts.get(h).map(|s| HostCapacity {
+                    id: h.clone(),
+                    capacity: s.capacity,
+                })
+            })
+            .collect();
+        let powered_on = self
+            .master_state
+            .iter()
+            .flat_map(|m| m.vms.iter())
+            .filter(|(_, e)| {
+                e.power == Some(PowerState::On) || matches!(e.restart, Restart::InFlight { .. })
+            })
+            .filter_map(|(id, _)| cluster.vms.get(id).map(|c| c.reservation))
+            .collect();
+        (hosts, powered_on)
+    }
+
+    /// Current and failover capacity under the active admission policy, for
+    /// `vigil cluster status` (master only; `None` elsewhere). Print it with
+    /// `Display`, or serialise it.
+    pub fn capacity(&self, now: Time) -> Option<CapacityReport> {
+        if self.state != HostHaState::Master {
+            return None;
+        }
+        let (hosts, powered_on) = self.admission_inputs(now);
+        Some(admission::capacity(
+            &self.cluster().admission,
+            &hosts,
+            &powered_on,
+        ))
+    }
+
+    /// Whether `host` may enter maintenance mode under admission control
+    /// (master only).
+    pub(super) fn check_maintenance(&self, now: Time, host: &HostId) -> Result<(), CommandError> {
+        if self.state != HostHaState::Master {
+            return Err(CommandError::NotMaster {
+                master: self.master.clone(),
+            });
+        }
+        let (hosts, powered_on) = self.admission_inputs(now);
+        admission::admit_maintenance(&self.cluster().admission, &hosts, &powered_on, host)
+            .map_err(|e| CommandError::Admission(e.to_string()))
+    }
+
     /// Operator power-on: admission control, then placement (master only).
     pub(super) fn user_power_on(
         &mut self,
@@ -188,23 +264,7 @@ impl Agent {
             }
         }
         let cands = self.placement_candidates(now);
-        let hosts: Vec<HostCapacity> = cands
-            .iter()
-            .filter_map(|h| {
-                cluster.hosts.get(h).map(|s| HostCapacity {
-                    id: h.clone(),
-                    capacity: s.capacity,
-                })
-            })
-            .collect();
-        let powered_on: Vec<Resources> = m
-            .vms
-            .iter()
-            .filter(|(_, e)| {
-                e.power == Some(PowerState::On) || matches!(e.restart, Restart::InFlight { .. })
-            })
-            .filter_map(|(id, _)| cluster.vms.get(id).map(|c| c.reservation))
-            .collect();
+        let (hosts, powered_on) = self.admission_inputs(now);
         if let Err(e) = admit(
             &cluster.admission,
             &hosts,
@@ -227,7 +287,7 @@ impl Agent {
                 })));
                 return;
             }
-            None => match self.place(now, &vm, None) {
+            None => match self.place(now, &vm, None, false) {
                 Ok(h) => h,
                 Err(reason) => {
                     out.push(Action::CommandDone(Err(CommandError::NoPlacement {

@@ -12,6 +12,7 @@ mod scenarios_failover;
 mod scenarios_isolation;
 mod scenarios_misc;
 mod scenarios_security;
+mod scenarios_vmcp;
 
 use crate::admission::AdmissionPolicy;
 use crate::agent::{
@@ -44,6 +45,8 @@ pub(crate) struct SimHost {
     pub mgmt: bool,
     /// Can reach the datastores.
     pub storage: bool,
+    /// Datastores this host cannot reach (the others it can, if `storage`).
+    pub lost_ds: BTreeSet<DatastoreId>,
     pub vms: BTreeMap<VmId, SimVm>,
     starting: BTreeMap<VmId, (LeaseObserver, Time)>,
     /// The next this-many starts fail.
@@ -108,6 +111,7 @@ pub(crate) struct Spec {
     pub timings: Timings,
     pub admission: AdmissionPolicy,
     pub monitoring: BTreeMap<VmId, crate::monitoring::MonitoringSettings>,
+    pub monitoring_default: crate::monitoring::MonitoringSettings,
 }
 
 pub(crate) fn h(s: &str) -> HostId {
@@ -132,6 +136,7 @@ pub(crate) fn uniform(n: usize) -> Spec {
         timings: Timings::default(),
         admission: AdmissionPolicy::Disabled,
         monitoring: BTreeMap::new(),
+        monitoring_default: Default::default(),
     }
 }
 
@@ -163,6 +168,7 @@ impl Sim {
             admission: spec.admission.clone(),
             heartbeat_datastores: 2,
             monitoring: spec.monitoring.clone(),
+            monitoring_default: spec.monitoring_default,
         };
         let mut datastores = BTreeMap::new();
         for s in cluster.hosts.values() {
@@ -202,6 +208,7 @@ impl Sim {
                     frozen: false,
                     mgmt: true,
                     storage: true,
+                    lost_ds: BTreeSet::new(),
                     vms: BTreeMap::new(),
                     starting: BTreeMap::new(),
                     fail_starts: 0,
@@ -350,7 +357,7 @@ impl Sim {
             Action::WriteHeartbeat { datastores, record } => {
                 if self.hosts[id].storage {
                     for d in datastores {
-                        if self.cluster.hosts[id].datastores.contains(&d) {
+                        if self.ds_ok(id, &d) {
                             self.datastores
                                 .entry(d)
                                 .or_default()
@@ -362,8 +369,7 @@ impl Sim {
             }
             Action::ReadDatastores { datastores } => {
                 for d in datastores {
-                    let ok =
-                        self.hosts[id].storage && self.cluster.hosts[id].datastores.contains(&d);
+                    let ok = self.ds_ok(id, &d);
                     let result = if ok {
                         Ok(self
                             .datastores
@@ -383,8 +389,8 @@ impl Sim {
                 }
             }
             Action::PersistProtectedList { datastores, list } => {
-                if self.hosts[id].storage {
-                    for d in datastores {
+                for d in datastores {
+                    if self.ds_ok(id, &d) {
                         self.datastores.entry(d).or_default().protected = Some(list.clone());
                     }
                 }
@@ -393,6 +399,7 @@ impl Sim {
                 let list = if self.hosts[id].storage {
                     datastores
                         .iter()
+                        .filter(|d| self.ds_ok(id, d))
                         .filter_map(|d| self.datastores.get(d).and_then(|s| s.protected.clone()))
                         .max_by_key(|l| l.version)
                 } else {
@@ -402,8 +409,7 @@ impl Sim {
             }
             Action::ReadLeases { leases } => {
                 for (v, d) in leases {
-                    let ok =
-                        self.hosts[id].storage && self.cluster.hosts[id].datastores.contains(&d);
+                    let ok = self.ds_ok(id, &d);
                     let result = if ok {
                         Ok(self
                             .datastores
@@ -421,8 +427,12 @@ impl Sim {
                 // copy runs on a live host that still reaches storage (its
                 // lease is alive). Copies on cut or frozen hosts are fenced by
                 // the lease instead, which `check_invariants` verifies.
+                let lease_ds = self.lease_ds(&vm.id);
                 for (other, hs) in &self.hosts {
-                    let live = hs.up && !hs.frozen && hs.storage && hs.vms.contains_key(&vm.id);
+                    let live = hs.up
+                        && !hs.frozen
+                        && self.ds_ok(other, &lease_ds)
+                        && hs.vms.contains_key(&vm.id);
                     assert!(
                         !(live && other != id),
                         "t={now}: {} ordered on {id} while running on live {other}",
@@ -458,7 +468,7 @@ impl Sim {
                     }
                 }
             }
-            Action::ResetVm { vm } => self.resets.push((now, id.clone(), vm)),
+            Action::ResetVm { vm, .. } => self.resets.push((now, id.clone(), vm)),
             Action::CommandDone(r) => self.commands.push((id.clone(), r)),
             Action::Event(ev) => self.events.push(Ev {
                 at: now,
@@ -514,7 +524,7 @@ impl Sim {
             }
             for (v, sv) in &hs.vms {
                 running.entry(v).or_default().push(id);
-                if hs.storage {
+                if self.ds_ok(id, &self.lease_ds(v)) {
                     let rec = self
                         .datastores
                         .get(&self.lease_ds(v))
@@ -639,6 +649,31 @@ impl Sim {
 
     pub fn set_storage(&mut self, id: &str, on: bool) {
         self.hosts.get_mut(&h(id)).expect("host").storage = on;
+    }
+
+    /// Whether host `id` reaches datastore `d` now.
+    pub fn ds_ok(&self, id: &HostId, d: &DatastoreId) -> bool {
+        let hs = &self.hosts[id];
+        hs.storage && !hs.lost_ds.contains(d) && self.cluster.hosts[id].datastores.contains(d)
+    }
+
+    /// Cuts (or restores) one host's path to one datastore; its runtime's
+    /// probe reports the change to its agent at once.
+    pub fn cut_datastore(&mut self, id: &str, d: &str, cut: bool) {
+        let ds = DatastoreId::new(d);
+        let hs = self.hosts.get_mut(&h(id)).expect("host");
+        if cut {
+            hs.lost_ds.insert(ds.clone());
+        } else {
+            hs.lost_ds.remove(&ds);
+        }
+        self.feed(
+            &h(id),
+            Input::DatastoreAccess {
+                datastore: ds,
+                accessible: !cut,
+            },
+        );
     }
 
     pub fn partition(&mut self, side_b: &[&str]) {

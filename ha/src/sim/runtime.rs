@@ -13,7 +13,7 @@ use std::time::Duration;
 impl Sim {
     pub(super) fn stop_vm(&mut self, id: &HostId, vm: &VmId, release: bool) {
         let ds = self.lease_ds(vm);
-        let storage = self.hosts[id].storage;
+        let storage = self.ds_ok(id, &ds);
         if let Some(v) = self.hosts.get_mut(id).expect("host").vms.remove(vm) {
             if release && storage {
                 if let Some(rec) = self
@@ -47,6 +47,14 @@ impl Sim {
         let running: Vec<VmId> = self.hosts[id].vms.keys().cloned().collect();
         for v in running {
             let ds = self.lease_ds(&v);
+            if !self.ds_ok(id, &ds) {
+                // Renewals fail: the agent's lease deadline stops the guest.
+                let shut = self.hosts[id].vms[&v].shutdown_at;
+                if shut.is_some_and(|t| now >= t) {
+                    self.stop_vm(id, &v, true);
+                }
+                continue;
+            }
             let rec = self
                 .datastores
                 .get(&ds)
@@ -102,6 +110,22 @@ impl Sim {
         let starting: Vec<VmId> = self.hosts[id].starting.keys().cloned().collect();
         for v in starting {
             let ds = self.lease_ds(&v);
+            if !self.ds_ok(id, &ds) {
+                let since = self.hosts[id].starting[&v].1;
+                if now.since(since) >= Duration::from_secs(10) {
+                    self.hosts.get_mut(id).expect("host").starting.remove(&v);
+                    self.feed(
+                        id,
+                        Input::Vm {
+                            vm: v,
+                            event: VmEvent::StartFailed {
+                                reason: "datastore unreachable".into(),
+                            },
+                        },
+                    );
+                }
+                continue;
+            }
             let rec = self
                 .datastores
                 .entry(ds.clone())

@@ -12,6 +12,7 @@ fn hosts_with(names: &[(&'static str, Vec<&'static str>)]) -> Spec {
         timings: Timings::default(),
         admission: AdmissionPolicy::Disabled,
         monitoring: BTreeMap::new(),
+        monitoring_default: Default::default(),
     }
 }
 

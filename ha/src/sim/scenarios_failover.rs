@@ -708,3 +708,128 @@ fn scarce_capacity_goes_to_the_highest_priority() {
     );
     assert_eq!(sim.restart_orders(), vec![(vm("vm-z-high"), h("host-2"))]);
 }
+
+/// Dedicated failover hosts (H12): an operator power-on never lands there,
+/// a restart goes there first.
+#[test]
+fn dedicated_failover_host_takes_restarts_not_power_ons() {
+    let mut spec = uniform(3);
+    spec.admission = AdmissionPolicy::DedicatedFailoverHosts([h("host-1")].into_iter().collect());
+    spec.vms = vec![
+        (vmc("vm-a", 1000, 1024), "host-2"),
+        (vmc("vm-b", 1000, 1024), "host-3"),
+    ];
+    let mut sim = Sim::new(spec);
+    let master = sim.settle();
+    assert_eq!(master, h("host-3"));
+    // With vm-b off, host-1 and host-3 are both empty and host-1 would win
+    // the tie; a power-on is placed elsewhere, and naming host-1 is refused.
+    sim.command("host-3", Command::PowerOffVm { vm: vm("vm-b") })
+        .unwrap();
+    sim.run_secs(3);
+    let err = sim
+        .command(
+            "host-3",
+            Command::PowerOnVm {
+                vm: vm("vm-b"),
+                host: Some(h("host-1")),
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("host-1 is a dedicated failover host"), "{err}");
+    let ok = sim
+        .command(
+            "host-3",
+            Command::PowerOnVm {
+                vm: vm("vm-b"),
+                host: None,
+            },
+        )
+        .unwrap();
+    assert!(!ok.contains("host-1"), "{ok}");
+    sim.run_until(Duration::from_secs(30), "vm-b on", |s| {
+        s.running_on("vm-b").len() == 1
+    });
+    assert_ne!(sim.running_on("vm-b"), vec![h("host-1")]);
+    assert_eq!(sim.running_on("vm-b"), vec![h("host-3")]);
+
+    // A small failover host: by free memory, host-3 would take vm-a's
+    // restart; the failover host takes it first.
+    let mut spec = uniform(3);
+    spec.hosts[0].1 = Resources::new(4000, 4096);
+    spec.admission = AdmissionPolicy::DedicatedFailoverHosts([h("host-1")].into_iter().collect());
+    spec.vms = vec![(vmc("vm-a", 1000, 1024), "host-2")];
+    let mut sim = Sim::new(spec);
+    sim.settle();
+    sim.crash("host-2");
+    sim.run_until(Duration::from_secs(90), "vm-a restarted", |s| {
+        s.running_on("vm-a").len() == 1
+    });
+    assert_eq!(sim.running_on("vm-a"), vec![h("host-1")]);
+}
+
+/// Entering maintenance mode is refused by admission control with the
+/// arithmetic, and the master shows current and failover capacity.
+#[test]
+fn maintenance_refused_by_admission_and_capacity_shown() {
+    let mut spec = uniform(3);
+    spec.admission = AdmissionPolicy::PercentageReserved {
+        cpu_pct: 25,
+        mem_pct: 40,
+    };
+    spec.vms = vec![
+        (vmc("vm-1", 4000, 40_000), "host-1"),
+        (vmc("vm-2", 4000, 40_000), "host-2"),
+    ];
+    let mut sim = Sim::new(spec);
+    assert_eq!(sim.settle(), h("host-3"));
+    sim.run_secs(3);
+    let cap = sim.hosts[&h("host-3")]
+        .agent
+        .capacity(sim.now)
+        .expect("master")
+        .to_string();
+    assert!(
+        cap.contains(
+            "48000 MHz / 196608 MiB on 3 host(s); 2 powered-on VM(s) reserve 8000 MHz / 80000 MiB"
+        ),
+        "{cap}"
+    );
+    assert!(cap.contains("memory 59% free (need 40%)"), "{cap}");
+    assert!(sim.hosts[&h("host-1")].agent.capacity(sim.now).is_none());
+    // Without any one host, 80000 of 131072 MiB is reserved: 39 % free.
+    let err = sim
+        .command("host-3", Command::CheckMaintenance { host: h("host-1") })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("host host-1 cannot enter maintenance mode: without it, admission control (percentage reserved)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("memory free (1 - 80000/131072 MiB) = 39% (need 40%)"),
+        "{err}"
+    );
+    let err = sim
+        .command("host-3", Command::EnterMaintenance)
+        .unwrap_err();
+    assert!(matches!(err, CommandError::Admission(_)), "{err}");
+    assert_eq!(sim.hosts[&h("host-3")].agent.state(), HostHaState::Master);
+    // A slave cannot decide; it names the master.
+    assert_eq!(
+        sim.command("host-1", Command::CheckMaintenance { host: h("host-1") })
+            .unwrap_err(),
+        CommandError::NotMaster {
+            master: Some(h("host-3"))
+        }
+    );
+    // With one VM off, there is room: allowed.
+    sim.command("host-2", Command::PowerOffVm { vm: vm("vm-2") })
+        .unwrap();
+    sim.run_secs(3);
+    let ok = sim
+        .command("host-3", Command::CheckMaintenance { host: h("host-1") })
+        .unwrap();
+    assert_eq!(ok, "host-1 may enter maintenance mode");
+}

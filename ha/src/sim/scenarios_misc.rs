@@ -2,7 +2,7 @@
 //! and smaller behaviours.
 
 use super::*;
-use crate::monitoring::{MonitoringSettings, Sensitivity};
+use crate::monitoring::{MonitoringMode, MonitoringSettings, Sensitivity};
 
 #[test]
 fn vm_monitoring_resets_hung_guest_at_most_three_times() {
@@ -12,6 +12,7 @@ fn vm_monitoring_resets_hung_guest_at_most_three_times() {
         (vmc("vm-b", 1000, 1024), "host-1"),
     ];
     let settings = MonitoringSettings {
+        mode: MonitoringMode::Vm,
         sensitivity: Sensitivity::High,
         ..Default::default()
     };
@@ -73,6 +74,62 @@ fn vm_monitoring_resets_hung_guest_at_most_three_times() {
     );
 }
 
+/// The cluster default turns on VM and application monitoring; one VM opts
+/// out. The application in vm-a stops heartbeating while its tools go on:
+/// vm-a is reset with that reason; vm-b (monitoring disabled for it) never is.
+#[test]
+fn cluster_default_application_monitoring_and_per_vm_opt_out() {
+    let mut spec = uniform(2);
+    spec.vms = vec![
+        (vmc("vm-a", 1000, 1024), "host-1"),
+        (vmc("vm-b", 1000, 1024), "host-1"),
+    ];
+    spec.monitoring
+        .insert(vm("vm-b"), MonitoringSettings::default());
+    spec.monitoring_default = MonitoringSettings {
+        mode: MonitoringMode::VmAndApplication,
+        sensitivity: Sensitivity::High,
+        ..Default::default()
+    };
+    let mut sim = Sim::new(spec);
+    sim.settle();
+    let start = sim.now;
+    while sim.now < start + Duration::from_secs(400) {
+        if sim.now.as_millis().is_multiple_of(1000) {
+            for v in ["vm-a", "vm-b"] {
+                sim.feed(
+                    &h("host-1"),
+                    Input::Vm {
+                        vm: vm(v),
+                        event: VmEvent::ToolsHeartbeat,
+                    },
+                );
+            }
+            if sim.now < start + Duration::from_secs(200) {
+                sim.feed(
+                    &h("host-1"),
+                    Input::Vm {
+                        vm: vm("vm-a"),
+                        event: VmEvent::AppHeartbeat,
+                    },
+                );
+            }
+        }
+        sim.tick();
+    }
+    let resets = sim.events_where(|e| matches!(e.ev, HaEvent::VmReset { .. }));
+    assert_eq!(resets.len(), 1, "{resets:?}");
+    let HaEvent::VmReset { vm: v, reason } = &resets[0].ev else {
+        unreachable!()
+    };
+    assert_eq!(v, &vm("vm-a"));
+    assert!(
+        reason.contains("no application heartbeat for 30 s"),
+        "{reason}"
+    );
+    assert_eq!(sim.resets.len(), 1);
+}
+
 #[test]
 fn heartbeat_datastores_prefer_shared_and_most_seen() {
     let spec = Spec {
@@ -98,6 +155,7 @@ fn heartbeat_datastores_prefer_shared_and_most_seen() {
         timings: Timings::default(),
         admission: AdmissionPolicy::Disabled,
         monitoring: BTreeMap::new(),
+        monitoring_default: Default::default(),
     };
     let mut sim = Sim::new(spec);
     let ds = |v: &[&str]| v.iter().map(|s| DatastoreId::new(*s)).collect::<Vec<_>>();
@@ -238,4 +296,48 @@ fn enable_ha_refuses_a_config_that_does_not_validate() {
     );
     assert_eq!(agent.state(), HostHaState::Uninitialized);
     sim.run_secs(1);
+}
+
+#[test]
+fn vm_registered_after_enable_is_powered_on_and_restarted() {
+    let mut sim = Sim::new(uniform(3));
+    assert_eq!(sim.settle(), h("host-3"));
+    let late = vmc("vm-late", 1000, 1024);
+    // Unknown until registered.
+    let on = || Command::PowerOnVm {
+        vm: vm("vm-late"),
+        host: Some(h("host-1")),
+    };
+    assert_eq!(
+        sim.command("host-3", on()).unwrap_err(),
+        crate::agent::CommandError::UnknownVm(vm("vm-late"))
+    );
+    // Every agent learns of it (the runtime finds it on the datastore).
+    for host in ["host-1", "host-2", "host-3"] {
+        let r = sim.command(host, Command::RegisterVm(late.clone()));
+        assert_eq!(r.unwrap(), "VM vm-late registered");
+    }
+    let mut bad = late.clone();
+    bad.id = vm("vm-nowhere");
+    bad.datastores = [crate::types::DatastoreId::new("ds-none")]
+        .into_iter()
+        .collect();
+    let e = sim
+        .command("host-3", Command::RegisterVm(bad))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ds-none, which no host of the cluster mounts"),
+        "{e}"
+    );
+    sim.command("host-3", on()).unwrap();
+    sim.run_until(Duration::from_secs(30), "vm-late on host-1", |s| {
+        s.running_on("vm-late") == vec![h("host-1")]
+    });
+    sim.run_secs(3);
+    sim.crash("host-1");
+    sim.run_until(Duration::from_secs(60), "vm-late restarted", |s| {
+        let on = s.running_on("vm-late");
+        on.len() == 1 && on[0] != h("host-1")
+    });
 }

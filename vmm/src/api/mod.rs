@@ -14,6 +14,7 @@
 //! | PUT | /vm/migrate `{"to": "ADDR:PORT", ...}` | starts a live migration (see `migration::vmm`) | 202 |
 //! | GET | /vm/migrate | its progress, then its outcome and summary | 200 |
 //! | PUT | /vm/migrate/cancel | cancels it; the VM keeps running here | 200 |
+//! | POST | /vm/reset `{"reason": "..."}` (body optional) | hard reset: the guest boots again in this process, same disks and MACs; the reason is logged | 202 |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed request or body), 404
 //! (unknown path), 405 (known path, wrong method), 409 (not possible in the
@@ -172,6 +173,7 @@ pub fn route(m: &Arc<Machine>, req: &Request) -> (u16, Value, After) {
         ("/vm/migrate", "GET"),
         ("/vm/migrate", "PUT"),
         ("/vm/migrate/cancel", "PUT"),
+        ("/vm/reset", "POST"),
     ];
     let path = req.path.trim_end_matches('/');
     let path = if path.is_empty() { "/" } else { path };
@@ -214,6 +216,7 @@ pub fn route(m: &Arc<Machine>, req: &Request) -> (u16, Value, After) {
         "/vm/counters" => ok(json!({ "devices": m.counters() })),
         "/vm/watchdog" => ok(json!(*m.watchdog.lock().unwrap_or_else(|p| p.into_inner()))),
         "/vm/migrate" | "/vm/migrate/cancel" => migrate(m, req, path),
+        "/vm/reset" => reset(m, req),
         _ => err(404, format!("no such endpoint {path}")),
     }
 }
@@ -324,6 +327,64 @@ fn snapshot(m: &Arc<Machine>, req: &Request) -> (u16, Value, After) {
     }
 }
 
+/// Default reason of a reset whose request names none.
+pub const DEFAULT_RESET_REASON: &str = "requested through the control API";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// The reason of a reset request: the body's `reason`, or the default for an
+/// empty body. Control characters are replaced so the log stays one line.
+fn reset_reason(body: &[u8]) -> Result<String, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DEFAULT_RESET_REASON.to_string());
+    }
+    let b: ResetBody = serde_json::from_slice(body).map_err(|e| {
+        format!("bad reset request body ({e}): send nothing, or {{\"reason\": \"why\"}}")
+    })?;
+    let reason = b
+        .reason
+        .map(|r| r.trim().replace(char::is_control, " "))
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| DEFAULT_RESET_REASON.to_string());
+    if reason.len() > 512 {
+        return Err(format!(
+            "reset reason is {} bytes long; at most 512",
+            reason.len()
+        ));
+    }
+    Ok(reason)
+}
+
+fn reset(m: &Arc<Machine>, req: &Request) -> (u16, Value, After) {
+    let reason = match reset_reason(&req.body) {
+        Ok(r) => r,
+        Err(e) => return err(400, e),
+    };
+    if m.exit.should_stop() {
+        return err(
+            409,
+            "the VM is already stopping; a reset needs a running (or paused) VM",
+        );
+    }
+    tracing::warn!(%reason, "VM reset requested");
+    let m2 = m.clone();
+    let r2 = reason.clone();
+    (
+        202,
+        json!({ "state": "resetting", "reason": reason,
+                "note": "the guest is stopped and booted again in this process; the API socket is back once the new guest runs" }),
+        Some(Box::new(move || {
+            m2.exit.request(ExitReason::Reset { reason: r2 });
+            m2.gate.stop();
+        })),
+    )
+}
+
 fn shutdown(m: &Arc<Machine>, req: &Request) -> (u16, Value, After) {
     let timeout_s = match req.query_param("timeout_s") {
         None => DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -399,4 +460,26 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || server.serve(&m, &stop))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_reason_from_body() {
+        assert_eq!(reset_reason(b"").unwrap(), DEFAULT_RESET_REASON);
+        assert_eq!(reset_reason(b" \r\n").unwrap(), DEFAULT_RESET_REASON);
+        assert_eq!(reset_reason(b"{}").unwrap(), DEFAULT_RESET_REASON);
+        assert_eq!(
+            reset_reason(br#"{"reason": "tools heartbeat lost\nno I/O"}"#).unwrap(),
+            "tools heartbeat lost no I/O"
+        );
+        let e = reset_reason(br#"{"why": 1}"#).unwrap_err();
+        assert!(e.starts_with("bad reset request body"), "{e}");
+        let long = format!(r#"{{"reason": "{}"}}"#, "x".repeat(600));
+        assert!(reset_reason(long.as_bytes())
+            .unwrap_err()
+            .contains("600 bytes"));
+    }
 }

@@ -168,7 +168,8 @@ impl Block {
                 }
                 Err(e) => self.io_error("read", e),
             },
-            VIRTIO_BLK_T_OUT if self.read_only => {
+            // The disk lease's fence (HA): a copy past its stop time never writes.
+            VIRTIO_BLK_T_OUT if self.read_only || !crate::lease::writes_allowed() => {
                 BlockCounters::add(&c.errors, 1);
                 (VIRTIO_BLK_S_IOERR, 1)
             }

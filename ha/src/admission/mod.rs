@@ -2,10 +2,18 @@
 //! still restart every protected VM after the failures the policy promises to
 //! survive. Every refusal carries the arithmetic, so an operator can see why.
 //!
-//! Admission control only gates *operator* actions (power-on, migration into
-//! the cluster). HA restarts after a failure never consult it: refusing a
-//! restart to keep spare capacity for a hypothetical second failure would be
-//! absurd while the first one is being handled.
+//! Admission control only gates *operator* actions: a power-on ([`admit`]),
+//! a migration into the cluster (also [`admit`], with the target host), a
+//! reservation increase ([`admit_reservation_change`]) and entering
+//! maintenance mode ([`admit_maintenance`]). HA restarts after a failure
+//! never consult it: refusing a restart to keep spare capacity for a
+//! hypothetical second failure would be absurd while the first one is being
+//! handled. [`capacity`] renders current and failover capacity under the
+//! active policy for `vigil cluster status`.
+//!
+//! Units: CPU in MHz, memory in MiB, as reservations are written. Percentages
+//! shown are rounded to the nearest percent, but the decision compares
+//! exactly (86.9 % free does not satisfy an 87 % policy).
 
 use crate::types::{HostId, Resources};
 use serde::{Deserialize, Serialize};
@@ -13,10 +21,11 @@ use std::collections::BTreeSet;
 use thiserror::Error;
 
 /// The admission-control policy of a cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdmissionPolicy {
     /// No check: any power-on is allowed.
+    #[default]
     Disabled,
     /// Slot policy: the cluster must keep enough slots to restart every
     /// powered-on VM after losing its `n` largest hosts.
@@ -33,7 +42,7 @@ pub enum AdmissionPolicy {
 }
 
 /// A host as admission control sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostCapacity {
     /// The host.
     pub id: HostId,
@@ -70,6 +79,21 @@ pub enum AdmissionError {
         /// The arithmetic.
         detail: String,
     },
+    /// Entering maintenance mode would break the policy.
+    #[error("host {host} cannot enter maintenance mode: without it, {source}")]
+    Maintenance {
+        /// The host.
+        host: HostId,
+        /// The check that fails without the host.
+        #[source]
+        source: Box<AdmissionError>,
+    },
+}
+
+/// True if `used` of `total` leaves at least `pct` percent free, compared
+/// exactly (no rounding).
+fn pct_ok(used: u64, total: u64, pct: u32) -> bool {
+    used <= total && u128::from(total - used) * 100 >= u128::from(pct) * u128::from(total)
 }
 
 /// The slot size: the largest CPU and the largest memory reservation among
@@ -95,7 +119,7 @@ pub fn host_slots(host: &Resources, slot: &Resources) -> Option<u64> {
 }
 
 /// The slot arithmetic of a cluster, for the CLI and for refusals.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlotReport {
     /// The slot size.
     pub slot: Resources,
@@ -194,7 +218,9 @@ pub fn admit(
             let used = vms.iter().fold(Resources::default(), |a, v| a.add(v));
             let cpu_free = free_percentage(used.cpu_mhz, total.cpu_mhz);
             let mem_free = free_percentage(used.mem_mib, total.mem_mib);
-            if cpu_free >= u64::from(*cpu_pct) && mem_free >= u64::from(*mem_pct) {
+            if pct_ok(used.cpu_mhz, total.cpu_mhz, *cpu_pct)
+                && pct_ok(used.mem_mib, total.mem_mib, *mem_pct)
+            {
                 return Ok(());
             }
             Err(AdmissionError::InsufficientPercentage {
@@ -229,14 +255,55 @@ pub fn admit(
     }
 }
 
+/// Decides whether a powered-on VM's reservation may grow from what it is
+/// to `new`: `others` are the other powered-on VMs, `host` where it runs.
+pub fn admit_reservation_change(
+    policy: &AdmissionPolicy,
+    hosts: &[HostCapacity],
+    others: &[Resources],
+    new: Resources,
+    host: Option<&HostId>,
+) -> Result<(), AdmissionError> {
+    // Where the VM already runs is not a new placement: a VM left on a
+    // dedicated failover host (after a failover) may still change.
+    let target = match policy {
+        AdmissionPolicy::DedicatedFailoverHosts(_) => None,
+        _ => host,
+    };
+    admit(policy, hosts, others, new, target)
+}
+
+/// Decides whether `host` may enter maintenance mode: the cluster without
+/// it must still satisfy the policy for every powered-on VM (its own VMs
+/// are migrated to the others first). A dedicated failover host may always
+/// leave (it runs nothing), but the policy then has one fewer to restart on.
+pub fn admit_maintenance(
+    policy: &AdmissionPolicy,
+    hosts: &[HostCapacity],
+    powered_on: &[Resources],
+    host: &HostId,
+) -> Result<(), AdmissionError> {
+    let rest: Vec<HostCapacity> = hosts.iter().filter(|h| &h.id != host).cloned().collect();
+    let Some((last, before)) = powered_on.split_last() else {
+        return Ok(());
+    };
+    admit(policy, &rest, before, *last, None).map_err(|e| AdmissionError::Maintenance {
+        host: host.clone(),
+        source: Box::new(e),
+    })
+}
+
+mod capacity;
+pub use capacity::{capacity, CapacityReport, FailoverCapacity};
+
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     const GHZ: u64 = 1000;
     const GB: u64 = 1024;
 
-    fn seed_hosts() -> Vec<HostCapacity> {
+    pub(super) fn seed_hosts() -> Vec<HostCapacity> {
         vec![
             HostCapacity {
                 id: "host1".into(),
@@ -253,7 +320,7 @@ mod tests {
         ]
     }
 
-    fn seed_vms() -> Vec<Resources> {
+    pub(super) fn seed_vms() -> Vec<Resources> {
         vec![
             Resources::new(4 * GHZ, 2 * GB),
             Resources::new(2 * GHZ, 4 * GB),
@@ -415,5 +482,92 @@ mod tests {
             None
         )
         .is_ok());
+    }
+
+    #[test]
+    fn percentage_compares_exactly() {
+        let hosts = vec![HostCapacity {
+            id: "a".into(),
+            capacity: Resources::new(1000, 1000),
+        }];
+        let p = AdmissionPolicy::PercentageReserved {
+            cpu_pct: 0,
+            mem_pct: 87,
+        };
+        // 130 of 1000 leaves 87.0 %: admitted; 131 leaves 86.9 %, shown
+        // rounded as 87 %, but refused.
+        assert!(admit(&p, &hosts, &[], Resources::new(0, 130), None).is_ok());
+        let e = admit(&p, &hosts, &[], Resources::new(0, 131), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("memory free (1 - 131/1000 MiB) = 87% (need 87%)"),
+            "{e}"
+        );
+        // No hosts at all: any reservation is refused.
+        assert!(admit(&p, &[], &[], Resources::new(0, 1), None).is_err());
+    }
+
+    #[test]
+    fn reservation_increase_and_migration_in() {
+        let hosts = seed_hosts();
+        let p = AdmissionPolicy::HostFailuresTolerated(1);
+        let vms = seed_vms();
+        // VM1 and VM2 run; VM2 growing from 2 GHz / 4 GB to 2 GHz / 7 GB
+        // makes the slot 4 GHz / 7 GB: 1 + 0 + 2 slots, 1 after losing host3,
+        // for 2 VMs.
+        let e = admit_reservation_change(
+            &p,
+            &hosts,
+            &vms[..1],
+            Resources::new(2 * GHZ, 7 * GB),
+            Some(&"host3".into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("slot = 4000 MHz / 7168 MiB"), "{e}");
+        assert!(e.contains("host1=1, host2=0, host3=2 (total 3)"), "{e}");
+        assert!(
+            e.contains("1 slot(s) remain, but 2 powered-on VM(s)"),
+            "{e}"
+        );
+        assert!(admit_reservation_change(
+            &p,
+            &hosts,
+            &vms[..1],
+            Resources::new(2 * GHZ, 5 * GB),
+            None
+        )
+        .is_ok());
+        // A VM migrating in lands on a named host: a dedicated failover host
+        // refuses it like a power-on.
+        let d = AdmissionPolicy::DedicatedFailoverHosts(["host1".into()].into_iter().collect());
+        assert!(matches!(
+            admit(&d, &hosts, &[], vms[0], Some(&"host1".into())),
+            Err(AdmissionError::DedicatedFailoverHost { .. })
+        ));
+        // ...but a VM already there (after a failover) may change its reservation.
+        assert!(admit_reservation_change(&d, &hosts, &[], vms[0], Some(&"host1".into())).is_ok());
+    }
+
+    #[test]
+    fn maintenance_mode_refused_with_the_reason() {
+        let hosts = seed_hosts();
+        let p = AdmissionPolicy::PercentageReserved {
+            cpu_pct: 25,
+            mem_pct: 50,
+        };
+        let vms = seed_vms();
+        // Without host1 (128 GB), 12 GB of 20 GB is reserved: 40 % free < 50 %.
+        let e = admit_maintenance(&p, &hosts, &vms, &"host1".into()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "host host1 cannot enter maintenance mode: without it, admission control (percentage \
+             reserved): CPU free (1 - 7000/32000 MHz) = 78% (need 25%), memory free (1 - \
+             12288/20480 MiB) = 40% (need 50%)"
+        );
+        // host2 may go: 12 of 142 GB reserved.
+        assert!(admit_maintenance(&p, &hosts, &vms, &"host2".into()).is_ok());
+        // Nothing powered on: always allowed.
+        assert!(admit_maintenance(&p, &hosts, &[], &"host1".into()).is_ok());
     }
 }

@@ -1,0 +1,275 @@
+//! `vigil agent`, `vigil cluster init|status` and `vigil vm
+//! register|start|stop|list`: the HA commands (see `ha::runtime`).
+//!
+//! `cluster status` and `vm start|stop|list` ask this host's agent over its
+//! authenticated command channel; an agent that is not the master redirects
+//! to the master. `vm register` writes the VM's files on the datastore, where
+//! every agent finds them.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use ha::runtime::control::Request;
+use ha::runtime::files::{vm_dir, write_json, ClusterFile, HostConfig, VmHaSettings};
+use serde_json::Value;
+use vmm::control::EXIT_ERROR;
+
+use crate::cli::{AgentArgs, ClusterAction, ClusterArgs, VmAction, VmArgs};
+use crate::logging;
+use crate::run::chain;
+
+fn fail(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("vigil: {msg}");
+    EXIT_ERROR
+}
+
+/// Runs `vigil agent`.
+pub fn agent(args: AgentArgs) -> i32 {
+    let level = args.log_level.as_deref().or(Some("info"));
+    if let Err(e) = logging::init(level, args.log_file.as_deref()) {
+        return fail(chain(&e));
+    }
+    match ha::runtime::run(&args.config) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "agent failed");
+            fail(chain(&e))
+        }
+    }
+}
+
+/// Runs `vigil cluster ...`.
+pub fn cluster(args: ClusterArgs) -> i32 {
+    match args.action {
+        ClusterAction::Init {
+            cluster,
+            datastore,
+            secret,
+        } => match init(&cluster, &datastore, &secret) {
+            Ok(msg) => {
+                println!("{msg}");
+                0
+            }
+            Err(e) => fail(e),
+        },
+        ClusterAction::Status { config, json } => {
+            let host = match HostConfig::load(&config) {
+                Ok(h) => h,
+                Err(e) => return fail(chain(&e)),
+            };
+            match ha::runtime::ask(&host, &Request::Status) {
+                Ok((from, v)) => {
+                    if json {
+                        println!("{v}");
+                    } else {
+                        print!("{}", render_status(&from, &v));
+                    }
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+fn init(cluster: &Path, datastores: &[PathBuf], secret: &Path) -> Result<String, String> {
+    let c = ClusterFile::load(cluster).map_err(|e| chain(&e))?;
+    if datastores.is_empty() {
+        return Err("give at least one --datastore to hold the cluster file".into());
+    }
+    for ds in datastores {
+        if !ds.is_dir() {
+            return Err(format!("datastore {} is not a directory", ds.display()));
+        }
+        write_json(&ds.join(".vigil/cluster.json"), &c).map_err(|e| chain(&e))?;
+    }
+    let made = if secret.exists() {
+        false
+    } else {
+        let key = ha::runtime::control::random_hex(32).map_err(|e| e.to_string())?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(secret)
+            .map_err(|e| format!("cannot create {}: {e}", secret.display()))?;
+        f.write_all(key.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", secret.display()))?;
+        true
+    };
+    Ok(format!(
+        "cluster of {} hosts written to {} datastore(s); secret {} {} (copy it to every host, root-only)",
+        c.hosts.len(),
+        datastores.len(),
+        secret.display(),
+        if made { "created" } else { "kept" }
+    ))
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn render_status(from: &str, v: &Value) -> String {
+    let mut out = format!(
+        "answered by {from} ({}); master: {}\n",
+        s(&v["state"]),
+        s(&v["master"])
+    );
+    out.push_str("HOST                 STATE\n");
+    if let Some(m) = v["hosts"].as_object() {
+        for (h, st) in m {
+            out.push_str(&format!("{h:<20} {}\n", s(st)));
+        }
+    }
+    out.push_str("VM                   PROTECTION           HOST\n");
+    if let Some(m) = v["vms"].as_object() {
+        for (vm, p) in m {
+            let host = p.get("host").map(s).unwrap_or_else(|| "-".into());
+            let extra = p
+                .get("reason")
+                .map(|r| format!(" ({})", s(r)))
+                .unwrap_or_default();
+            out.push_str(&format!("{vm:<20} {:<20} {host}{extra}\n", s(&p["state"])));
+        }
+    }
+    if let Some(c) = v["capacity"]["text"].as_str() {
+        out.push_str("CAPACITY\n");
+        out.push_str(c.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Runs `vigil vm register|start|stop|list`.
+pub fn vm(args: VmArgs) -> i32 {
+    let config = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/etc/vigil/host.toml"));
+    let host = match HostConfig::load(&config) {
+        Ok(h) => h,
+        Err(e) => {
+            return fail(format!(
+                "{} (this host's agent configuration; give it with --config host.toml)",
+                chain(&e)
+            ))
+        }
+    };
+    let res = match (args.action, args.args.as_slice()) {
+        (VmAction::Register, [ds, file]) => register(&host, ds, Path::new(file), &args),
+        (VmAction::Register, _) => Err("usage: vigil vm register DATASTORE VM.toml".into()),
+        (VmAction::Start, [name]) => {
+            let req = Request::Start {
+                vm: name.clone(),
+                host: args.host.clone(),
+            };
+            ha::runtime::ask(&host, &req).map(|(_, v)| s(&v))
+        }
+        (VmAction::Stop, [name]) => stop(&host, name),
+        (VmAction::List, []) => ha::runtime::ask(&host, &Request::Status).map(|(from, v)| {
+            if args.json {
+                v["vms"].to_string()
+            } else {
+                render_status(&from, &v)
+                    .lines()
+                    .skip_while(|l| !l.starts_with("VM "))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+        }),
+        (a, _) => Err(format!("usage: vigil vm {a:?} NAME").to_lowercase()),
+    };
+    match res {
+        Ok(msg) => {
+            println!("{msg}");
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// Asks the master where the VM runs, then that host to power it off.
+fn stop(host: &HostConfig, name: &str) -> Result<String, String> {
+    let (_, status) = ha::runtime::ask(host, &Request::Status)?;
+    let runs_on = status["vms"][name]["host"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("VM {name} is not running (per the master)"))?;
+    let cluster = host.cluster_file().map_err(|e| chain(&e))?;
+    let secret = ha::wire::ClusterSecret::new(host.secret().map_err(|e| chain(&e))?);
+    let req = Request::Stop { vm: name.into() };
+    ha::runtime::ask_at(&cluster, &secret, &runs_on, &req).map(|(_, v)| s(&v))
+}
+
+fn register(host: &HostConfig, ds: &str, file: &Path, args: &VmArgs) -> Result<String, String> {
+    let ds_path = host.datastore(ds).map_err(|e| chain(&e))?;
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let name = match table.get("name") {
+        Some(toml::Value::String(n)) if !n.is_empty() && !n.contains('/') => n.clone(),
+        _ => {
+            return Err(format!(
+                "{}: a registered VM needs a `name` (no `/`)",
+                file.display()
+            ))
+        }
+    };
+    let dir = vm_dir(ds_path, &name);
+    if dir.join("vm.toml").exists() {
+        return Err(format!(
+            "VM {name} is already registered on {ds} ({})",
+            dir.display()
+        ));
+    }
+    // Kernel and initrd are host files: make them absolute. Disks stay as
+    // written, resolved in the VM's directory on the datastore.
+    let base = file.parent().unwrap_or(Path::new("."));
+    for key in ["kernel", "initrd"] {
+        if let Some(toml::Value::String(p)) = table.get(key) {
+            let abs = std::path::absolute(base.join(p)).map_err(|e| e.to_string())?;
+            table.insert(key.into(), toml::Value::String(abs.display().to_string()));
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let vm_toml = dir.join("vm.toml");
+    std::fs::write(
+        &vm_toml,
+        toml::to_string(&table).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("{}: {e}", vm_toml.display()))?;
+    let cfg = match vmm::VmConfig::load(Some(&vm_toml), Default::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&vm_toml);
+            return Err(format!(
+                "the registered copy {} does not load: {}",
+                vm_toml.display(),
+                chain(&e)
+            ));
+        }
+    };
+    let settings = VmHaSettings {
+        priority: args.priority.unwrap_or_default(),
+        isolation_response: args.isolation_response.unwrap_or_default(),
+        cpu_mhz: args.cpu_mhz.unwrap_or(0),
+        mem_mib: args.mem_mib.unwrap_or(cfg.memory_bytes >> 20),
+        datastore_loss: ha::types::DatastoreLossSettings {
+            response: args.datastore_loss.unwrap_or_default(),
+            delay: args
+                .datastore_loss_delay_s
+                .map(std::time::Duration::from_secs)
+                .unwrap_or(ha::types::DatastoreLossSettings::default().delay),
+        },
+    };
+    let ha = dir.join("ha.toml");
+    std::fs::write(&ha, toml::to_string(&settings).map_err(|e| e.to_string())?)
+        .map_err(|e| format!("{}: {e}", ha.display()))?;
+    Ok(format!("VM {name} registered on {ds} ({})", dir.display()))
+}

@@ -1,0 +1,456 @@
+//! End-to-end HA scenarios with real guests: agents as real processes in the
+//! network-namespace lab (`tests/ha_lab`), VMs started through the cluster,
+//! each guest running the `disk-write` workload on a disk that lives on the
+//! shared datastore.
+//!
+//! The split-brain checker runs after every scenario: the guest's disk
+//! writer tags every record with its boot (one tag per running copy) and a
+//! sequence number; a tag that writes again after another copy took over
+//! means two copies ran at once. During each scenario the lab also samples
+//! where VMMs run and fails if one VM runs on two hosts at the same moment.
+
+use std::path::Path;
+use std::time::Duration;
+
+mod common;
+mod ha_lab;
+use ha_lab::Lab;
+
+/// Fast timings for tests only (validated by the agent like any other).
+const TIMINGS: &str = "heartbeat_interval_ms = 200\nhost_timeout_ms = 1000\n\
+    election_window_ms = 1000\nisolation_detect_ms = 2000\nping_timeout_ms = 500\n\
+    ds_heartbeat_interval_ms = 300\nds_liveness_timeout_ms = 1500\n\
+    restart_retry_base_ms = 1000\nshutdown_timeout_ms = 5000\n\
+    lease_renew_interval_ms = 500\nlease_io_timeout_ms = 500\nlease_kill_time_ms = 500\n\
+    lease_stop_time_ms = 2000\nlease_takeover_time_ms = 3000";
+
+/// A guest boot, with others booting at the same time, plus a failover.
+const BOOT: Duration = common::GUEST_TIMEOUT;
+const T: Duration = Duration::from_secs(60);
+
+/// Writes the VM's disk on the datastore and returns its config.
+fn guest_vm(lab: &Lab, name: &str) -> String {
+    let cfg = common::guest_config();
+    let out = cfg.parent().unwrap().join("out");
+    let dir = lab.store("ds1").join("vms").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = std::fs::File::create(dir.join("disk.img")).unwrap();
+    disk.set_len(4 << 20).unwrap();
+    format!(
+        "name = {name:?}\nvcpus = 1\nmemory = \"128M\"\nkernel = {:?}\ninitrd = {:?}\n\
+         cmdline = {:?}\n[[disks]]\npath = \"disk.img\"\n",
+        out.join("vmlinux"),
+        out.join("initramfs.cpio"),
+        common::guest_cmdline("vigil.run=disk-write:dev=/dev/vda,rate=20,report=60"),
+    )
+}
+
+/// The master's view of a VM: (protection state, host).
+fn vm_state(lab: &Lab, at: usize, vm: &str) -> Option<(String, String)> {
+    let v = lab.status(at)?;
+    let p = &v["vms"][vm];
+    Some((
+        p["state"].as_str()?.to_string(),
+        p["host"].as_str().unwrap_or("").to_string(),
+    ))
+}
+
+/// Waits until the master reports `vm` protected on a host in `hosts`, its
+/// VMM runs there, and its guest has started writing; returns the host.
+fn wait_running(lab: &Lab, at: usize, vm: &str, hosts: &[usize], timeout: Duration) -> usize {
+    let i = lab.wait(
+        &format!("{vm} protected on one of {hosts:?}"),
+        timeout,
+        |l| {
+            let (st, h) = vm_state(l, at, vm)?;
+            let i: usize = h.strip_prefix("host-")?.parse().ok()?;
+            (st == "protected" && hosts.contains(&i) && l.vmm_pid(i, vm).is_some()).then_some(i)
+        },
+    );
+    wait_writing(lab, i, vm, 1);
+    i
+}
+
+/// Waits until the guest on host `i` has resumed its disk journal `n` times
+/// there (the workload prints VIGIL-DISK-RESUME once per boot).
+fn wait_writing(lab: &Lab, i: usize, vm: &str, n: usize) {
+    let console = lab.hosts[i - 1].run_dir.join(format!("{vm}.console"));
+    lab.wait(&format!("{vm}'s disk writer on host-{i}"), BOOT, |_| {
+        let c = std::fs::read_to_string(&console).unwrap_or_default();
+        (c.matches("VIGIL-DISK-RESUME").count() >= n).then_some(())
+    });
+}
+
+/// The split-brain checker over a VM's journal: returns the writers (boot
+/// tags, in order of appearance) and panics if a writer came back after
+/// another took over, or if sequence numbers went backwards.
+fn check_journal(disk: &Path) -> Vec<String> {
+    let data = std::fs::read(disk).unwrap();
+    let mut writers: Vec<[u8; 16]> = Vec::new();
+    let mut last_seq = 0u64;
+    let mut records = 0;
+    for (k, rec) in data.chunks(512).enumerate() {
+        if rec.len() < 512 || &rec[0..8] != b"VIGILJ01" {
+            break;
+        }
+        let tag: [u8; 16] = rec[8..24].try_into().unwrap();
+        let seq = u64::from_le_bytes(rec[24..32].try_into().unwrap());
+        assert!(
+            records == 0 || seq > last_seq,
+            "split brain or corruption: record {k} has seq {seq} after {last_seq}"
+        );
+        match writers.iter().position(|w| *w == tag) {
+            Some(p) if p + 1 == writers.len() => {}
+            Some(p) => panic!(
+                "split brain: writer {} wrote record {k} (seq {seq}) after writer {} took over",
+                p,
+                writers.len() - 1
+            ),
+            None => writers.push(tag),
+        }
+        last_seq = seq;
+        records += 1;
+    }
+    assert!(records > 0, "no journal records on {}", disk.display());
+    writers
+        .iter()
+        .map(|t| String::from_utf8_lossy(t).into_owned())
+        .collect()
+}
+
+/// Fails if `vm` has a running VMM on two hosts at once.
+fn assert_single(lab: &Lab, vm: &str) {
+    let on = lab.running_on(vm);
+    assert!(
+        on.len() <= 1,
+        "{vm} runs on hosts {on:?} at once\n{}",
+        lab.logs()
+    );
+}
+
+/// Waits `d` while checking, every 200 ms, that `vm` never runs twice.
+fn watch(lab: &Lab, vm: &str, d: Duration) {
+    let end = std::time::Instant::now() + d;
+    while std::time::Instant::now() < end {
+        assert_single(lab, vm);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn start_cluster(name: &str) -> Lab {
+    let mut lab = Lab::new(name, 3, TIMINGS);
+    lab.start_all();
+    lab.wait("host-3 master", T, |l| {
+        let v = l.status(1)?;
+        (v["host"] == "host-3"
+            && v["hosts"]["host-1"] == "slave"
+            && v["hosts"]["host-2"] == "slave")
+            .then_some(())
+    });
+    lab
+}
+
+/// Powers `vm` on at `host` through the cluster. Right after an election
+/// the master may not have heard the slave's first heartbeat as a slave:
+/// such refusals are retried for a few seconds.
+fn start_vm(lab: &Lab, vm: &str, host: usize) {
+    let h = format!("host-{host}");
+    let mut last = String::new();
+    for _ in 0..20 {
+        let (ok, out, err) = lab.vigil(1, &["vm", "start", vm, "--host", &h]);
+        if ok {
+            return;
+        }
+        last = format!("{out}{err}");
+        assert!(last.contains("not a live member"), "vm start {vm}: {last}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("vm start {vm}: {last}");
+}
+
+#[test]
+fn failed_host_vm_restarts_on_a_peer_and_a_restarted_agent_adopts_its_vmm() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("fo");
+    let toml = guest_vm(&lab, "vm1");
+    lab.register("vm1", &toml, &["--priority", "high"]);
+    start_vm(&lab, "vm1", 1);
+    wait_running(&lab, 1, "vm1", &[1], BOOT);
+    let pid = lab.vmm_pid(1, "vm1").unwrap();
+
+    // The agent dies: the VM keeps running and renewing its lease; the new
+    // agent adopts the same VMM process.
+    lab.kill_agent(1);
+    let lease = lab.store("ds1").join("vms/vm1/lease");
+    let before = vmm::lease::read_record(&lease).unwrap().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = vmm::lease::read_record(&lease).unwrap().unwrap();
+    assert_eq!(
+        lab.vmm_pid(1, "vm1"),
+        Some(pid),
+        "the VMM died with its agent"
+    );
+    assert!(after.counter > before.counter, "the VMM stopped renewing");
+    lab.start_agent(1);
+    lab.wait("vm1 adopted by the new agent", T, |l| {
+        let v = l.status(1)?;
+        (v["hosts"]["host-1"] == "slave" && v["vms"]["vm1"]["host"] == "host-1").then_some(())
+    });
+    assert_eq!(lab.vmm_pid(1, "vm1"), Some(pid));
+    watch(&lab, "vm1", Duration::from_secs(3));
+
+    // The host dies: the master restarts the VM on a peer, after the lease
+    // takeover time.
+    lab.kill_host(1);
+    let end = std::time::Instant::now() + BOOT;
+    let to = loop {
+        assert_single(&lab, "vm1");
+        if let Some((st, h)) = vm_state(&lab, 2, "vm1") {
+            if st == "protected" && (h == "host-2" || h == "host-3") {
+                break h.strip_prefix("host-").unwrap().parse::<usize>().unwrap();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "vm1 not restarted\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let rec = vmm::lease::read_record(&lease).unwrap().unwrap();
+    assert_eq!(rec.owner.as_deref(), Some(format!("host-{to}").as_str()));
+    assert_eq!(rec.generation, 2);
+    wait_writing(&lab, to, "vm1", 1);
+    watch(&lab, "vm1", Duration::from_secs(2));
+    lab.kill_host(to);
+    let writers = check_journal(&lab.store("ds1").join("vms/vm1/disk.img"));
+    assert_eq!(writers.len(), 2, "one writer per copy: {writers:?}");
+}
+
+#[test]
+fn master_failure_new_master_restarts_its_vm() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("ma");
+    let toml = guest_vm(&lab, "vm2");
+    lab.register("vm2", &toml, &[]);
+    start_vm(&lab, "vm2", 3);
+    wait_running(&lab, 1, "vm2", &[3], BOOT);
+    lab.kill_host(3);
+    lab.wait("host-2 master", T, |l| {
+        let v = l.status(1)?;
+        (v["host"] == "host-2").then_some(())
+    });
+    let end = std::time::Instant::now() + BOOT;
+    let to = loop {
+        assert_single(&lab, "vm2");
+        if let Some((st, h)) = vm_state(&lab, 1, "vm2") {
+            if st == "protected" && (h == "host-1" || h == "host-2") {
+                break h.strip_prefix("host-").unwrap().parse::<usize>().unwrap();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "vm2 not restarted\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    wait_writing(&lab, to, "vm2", 1);
+    lab.kill_host(to);
+    let writers = check_journal(&lab.store("ds1").join("vms/vm2/disk.img"));
+    assert_eq!(writers.len(), 2, "{writers:?}");
+}
+
+fn host_of(lab: &Lab, at: usize, vm: &str) -> Option<(String, usize)> {
+    let (st, h) = vm_state(lab, at, vm)?;
+    Some((st, h.strip_prefix("host-")?.parse().ok()?))
+}
+
+#[test]
+fn isolated_host_applies_each_isolation_response() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("is");
+    for (vm, resp) in [
+        ("vm-off", "power-off"),
+        ("vm-shut", "shut-down"),
+        ("vm-on", "leave-on"),
+    ] {
+        let toml = guest_vm(&lab, vm);
+        lab.register(vm, &toml, &["--isolation-response", resp]);
+        start_vm(&lab, vm, 1);
+    }
+    for vm in ["vm-off", "vm-shut", "vm-on"] {
+        wait_running(&lab, 2, vm, &[1], BOOT);
+    }
+    lab.cut_network(1);
+    // host-1 hears nobody and its isolation address does not answer.
+    let log = lab.hosts[0].dir.join("agent.log");
+    lab.wait("host-1 declares itself isolated", T, |_| {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        l.contains("IsolationDeclared").then_some(())
+    });
+    // Power-off and shut-down (no guest tools in this guest: the VMM powers
+    // it off at once) release the VMs: they run again on a peer.
+    let end = std::time::Instant::now() + BOOT;
+    let mut moved = std::collections::BTreeMap::new();
+    while moved.len() < 2 {
+        for vm in ["vm-off", "vm-shut", "vm-on"] {
+            assert_single(&lab, vm);
+        }
+        for vm in ["vm-off", "vm-shut"] {
+            if let Some((st, h)) = host_of(&lab, 2, vm) {
+                if st == "protected" && h != 1 && lab.vmm_pid(h, vm).is_some() {
+                    moved.insert(vm, h);
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "released VMs not restarted\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(lab.vmm_pid(1, "vm-off").is_none() && lab.vmm_pid(1, "vm-shut").is_none());
+    // Leave-on: still running on the isolated host, never restarted.
+    watch(&lab, "vm-on", Duration::from_secs(8));
+    assert_eq!(lab.running_on("vm-on"), vec![1]);
+    // The isolation ends: host-1 rejoins; every VM runs once.
+    lab.heal_network(1);
+    lab.wait("host-1 back as a slave", T, |l| {
+        (l.status(2)?["hosts"]["host-1"] == "slave").then_some(())
+    });
+    for vm in ["vm-off", "vm-shut", "vm-on"] {
+        assert_single(&lab, vm);
+        assert_eq!(lab.running_on(vm).len(), 1, "{vm}");
+    }
+    for (vm, h) in &moved {
+        wait_writing(&lab, *h, vm, 1);
+    }
+    for i in 1..=3 {
+        lab.kill_host(i);
+    }
+    for vm in ["vm-off", "vm-shut"] {
+        let w = check_journal(&lab.store("ds1").join(format!("vms/{vm}/disk.img")));
+        assert_eq!(w.len(), 2, "{vm}: {w:?}");
+    }
+    let w = check_journal(&lab.store("ds1").join("vms/vm-on/disk.img"));
+    assert_eq!(w.len(), 1, "vm-on: {w:?}");
+}
+
+#[test]
+fn partition_gives_two_masters_then_one_and_no_vm_runs_twice() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("pa");
+    let toml = guest_vm(&lab, "vm3");
+    lab.register("vm3", &toml, &[]);
+    start_vm(&lab, "vm3", 1);
+    wait_running(&lab, 2, "vm3", &[1], BOOT);
+    lab.partition(&[&[2, 3], &[1]]);
+    lab.wait("a master on each side", T, |l| {
+        let a = l.status(1)?;
+        let b = l.status(2)?;
+        (a["host"] == "host-1" && a["state"] == "master" && b["host"] == "host-3").then_some(())
+    });
+    // The VM keeps running on host-1 (its lease is renewed); the other side
+    // does not restart it.
+    watch(&lab, "vm3", Duration::from_secs(10));
+    assert_eq!(lab.running_on("vm3"), vec![1]);
+    lab.heal_all();
+    lab.wait("one master after healing", T, |l| {
+        let ms: Vec<String> = (1..=3)
+            .filter_map(|i| {
+                l.status(i)
+                    .map(|v| v["host"].as_str().unwrap_or("").to_string())
+            })
+            .collect();
+        (ms.len() == 3 && ms.iter().all(|m| m == "host-3")).then_some(())
+    });
+    lab.wait("vm3 protected on host-1 in the healed cluster", T, |l| {
+        let (st, h) = host_of(l, 3, "vm3")?;
+        (st == "protected" && h == 1).then_some(())
+    });
+    watch(&lab, "vm3", Duration::from_secs(3));
+    lab.kill_host(1);
+    let w = check_journal(&lab.store("ds1").join("vms/vm3/disk.img"));
+    assert_eq!(w.len(), 1, "{w:?}");
+}
+
+#[test]
+fn frozen_host_returns_and_powers_off_its_stale_copy() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("fr");
+    let toml = guest_vm(&lab, "vm4");
+    lab.register("vm4", &toml, &[]);
+    start_vm(&lab, "vm4", 1);
+    wait_running(&lab, 2, "vm4", &[1], BOOT);
+    assert!(lab.vmm_pid(1, "vm4").is_some());
+    // host-1 hangs (every process stopped; its kernel still answers pings):
+    // the master sees it unresponsive, waits for the lease to go stale, and
+    // restarts the VM elsewhere.
+    lab.freeze_host(1);
+    let to = lab.wait("vm4 restarted on a peer", BOOT, |l| {
+        let (st, h) = host_of(l, 2, "vm4")?;
+        (st == "protected" && h != 1 && l.vmm_pid(h, "vm4").is_some()).then_some(h)
+    });
+    wait_writing(&lab, to, "vm4", 1);
+    // host-1 comes back: its VMM finds the lease past its stop time / taken
+    // and ends without another disk write.
+    lab.thaw_host(1);
+    lab.wait("the stale copy gone", T, |l| {
+        l.vmm_pid(1, "vm4").is_none().then_some(())
+    });
+    let lease = vmm::lease::read_record(&lab.store("ds1").join("vms/vm4/lease"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.owner, Some(format!("host-{to}")));
+    watch(&lab, "vm4", Duration::from_secs(3));
+    lab.kill_host(to);
+    let w = check_journal(&lab.store("ds1").join("vms/vm4/disk.img"));
+    assert_eq!(w.len(), 2, "{w:?}");
+}
+
+#[test]
+fn host_that_loses_its_datastore_stops_its_vm_and_a_peer_runs_it() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("ds");
+    let toml = guest_vm(&lab, "vm5");
+    lab.register("vm5", &toml, &[]);
+    start_vm(&lab, "vm5", 1);
+    wait_running(&lab, 2, "vm5", &[1], BOOT);
+    // host-1 keeps its network but loses the datastores: its VMM cannot
+    // renew the lease and stops the guest at the stop time; the master
+    // restarts the VM where the datastore is reachable.
+    lab.cut_storage(1);
+    let to = {
+        let end = std::time::Instant::now() + BOOT;
+        loop {
+            assert_single(&lab, "vm5");
+            if let Some((st, h)) = host_of(&lab, 2, "vm5") {
+                if st == "protected" && h != 1 && lab.vmm_pid(h, "vm5").is_some() {
+                    break h;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "vm5 not restarted\n{}",
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // Stopped for its lease, by the VMM itself or by its agent, whichever
+    // noticed the stop time first (both count from the same renewal).
+    let vmm_out = std::fs::read_to_string(lab.hosts[0].run_dir.join("vm5.out")).unwrap_or_default();
+    let agent = std::fs::read_to_string(lab.hosts[0].dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        vmm_out.contains("not renewed for 2000 ms") || agent.contains("LeaseExpiredStop"),
+        "{vmm_out}\n{agent}"
+    );
+    wait_writing(&lab, to, "vm5", 1);
+    lab.heal_storage(1);
+    watch(&lab, "vm5", Duration::from_secs(3));
+    lab.kill_host(to);
+    let w = check_journal(&lab.store("ds1").join("vms/vm5/disk.img"));
+    assert_eq!(w.len(), 2, "{w:?}");
+}
