@@ -87,12 +87,12 @@ class Lab:
         sh("ip", "netns", "add", sw)
         sh("ip", "-n", sw, "link", "set", "lo", "up")
         sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", sw, "addr", "add", "10.77.0.1/24", "dev", "br0")
+        sh("ip", "-n", sw, "addr", "add", "198.19.77.1/24", "dev", "br0")
         sh("ip", "-n", sw, "link", "set", "br0", "up")
         cluster = ""
         for n, h in enumerate(HOSTS, start=1):
             ns = f"{self.tag}-{h}"
-            ip = f"10.77.0.{10 + n}"
+            ip = f"198.19.77.{10 + n}"
             d = f"{self.root}/{h}"
             os.makedirs(f"{d}/run")
             sh("ip", "netns", "add", ns)
@@ -100,7 +100,7 @@ class Lab:
             sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{n}", "netns", sw)
             sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "route", "add", "default", "via", "10.77.0.1")
+            sh("ip", "-n", ns, "route", "add", "default", "via", "198.19.77.1")
             sh("ip", "-n", sw, "link", "set", f"p{n}", "master", "br0", "up")
             ds = ""
             for name in ("ds1", "ds2"):
@@ -126,7 +126,7 @@ class Lab:
     def start_agent(self, h):
         ns = self.hosts[h]["ns"]
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "route", "replace", "default", "via", "10.77.0.1")
+        sh("ip", "-n", ns, "route", "replace", "default", "via", "198.19.77.1")
         self.agents[h] = subprocess.Popen(
             ["nsenter", f"--net=/var/run/netns/{ns}", VIGIL, "agent",
              "--log-file", f"{self.hosts[h]['dir']}/agent.log",

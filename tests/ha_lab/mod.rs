@@ -3,9 +3,9 @@
 //!
 //! ```text
 //!   netns TAG-h1 (host-1)        netns TAG-sw0 (switch)         netns TAG-sw1, TAG-sw2
-//!   eth0 10.77.0.11/24  <-veth->  p1 ─┐                          (spare switches for
-//!   netns TAG-h2 (host-2)             ├─ br0 10.77.0.1/24         partitions, each with its
-//!   eth0 10.77.0.12/24  <-veth->  p2 ─┘  (the isolation address)  own br0 10.77.0.1/24)
+//!   eth0 198.19.77.11/24  <-veth->  p1 ─┐                          (spare switches for
+//!   netns TAG-h2 (host-2)             ├─ br0 198.19.77.1/24         partitions, each with its
+//!   eth0 198.19.77.12/24  <-veth->  p2 ─┘  (the isolation address)  own br0 198.19.77.1/24)
 //! ```
 //!
 //! - kill a host: SIGKILL every process in its namespace (agent and VMMs);
@@ -13,7 +13,7 @@
 //! - cut its management network: detach its port from the switch (it
 //!   reaches nobody, not even the isolation address); heal: reattach;
 //! - partition: move ports to separate switches (each side keeps a
-//!   reachable 10.77.0.1, as a real partition keeps its gateway); heal:
+//!   reachable 198.19.77.1, as a real partition keeps its gateway); heal:
 //!   back to switch 0;
 //! - cut its datastore access: each host sees the shared datastores through
 //!   its own bind mounts (`hosts/host-N/ds/NAME`); a cut mounts an empty
@@ -170,7 +170,7 @@ impl Lab {
             };
             ex(&["link", "set", "lo", "up"]);
             ex(&["link", "add", "br0", "type", "bridge"]);
-            ex(&["addr", "add", "10.77.0.1/24", "dev", "br0"]);
+            ex(&["addr", "add", "198.19.77.1/24", "dev", "br0"]);
             ex(&["link", "set", "br0", "up"]);
         }
         for ds in &datastores {
@@ -180,7 +180,7 @@ impl Lab {
         for i in 1..=n {
             let name = format!("host-{i}");
             let ns = format!("{tag}-h{i}");
-            let ip = format!("10.77.0.{}", 10 + i);
+            let ip = format!("198.19.77.{}", 10 + i);
             let dir = root.join(&name);
             let run_dir = dir.join("run");
             std::fs::create_dir_all(&run_dir).unwrap();
@@ -211,7 +211,7 @@ impl Lab {
                 "add",
                 "default",
                 "via",
-                "10.77.0.1",
+                "198.19.77.1",
             ]);
             sh(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"]);
             let mut ds_lines = String::new();
@@ -298,7 +298,7 @@ impl Lab {
                 "replace",
                 "default",
                 "via",
-                "10.77.0.1",
+                "198.19.77.1",
             ]);
             self.hosts[i - 1].dead = false;
         }

@@ -428,14 +428,14 @@ mod tests {
         let p = d.join("cluster.toml");
         std::fs::write(
             &p,
-            "[hosts.host-a]\naddress = \"10.77.0.2\"\nport = 47300\ncpu_mhz = 4000\nmem_mib = 4096\ndatastores = [\"ds1\", \"ds2\"]\n",
+            "[hosts.host-a]\naddress = \"198.19.77.2\"\nport = 47300\ncpu_mhz = 4000\nmem_mib = 4096\ndatastores = [\"ds1\", \"ds2\"]\n",
         )
         .unwrap();
         let c = ClusterFile::load(&p).unwrap();
         assert_eq!(c.heartbeat_datastores, 2);
         assert_eq!(
             c.agent_addr("host-a").unwrap().to_string(),
-            "10.77.0.2:47300"
+            "198.19.77.2:47300"
         );
         let cfg = c.to_config(BTreeMap::new());
         assert_eq!(cfg.hosts[&HostId::new("host-a")].datastores.len(), 2);
