@@ -2,10 +2,10 @@
 //! namespace running its own `vigil agent`, sharing datastore directories.
 //!
 //! ```text
-//!   netns TAG-h1 (host-1)        netns TAG-sw0 (switch)         netns TAG-sw1, TAG-sw2
-//!   eth0 198.19.77.11/24  <-veth->  p1 ─┐                          (spare switches for
-//!   netns TAG-h2 (host-2)             ├─ br0 198.19.77.1/24         partitions, each with its
-//!   eth0 198.19.77.12/24  <-veth->  p2 ─┘  (the isolation address)  own br0 198.19.77.1/24)
+//!   netns TAG-h1 (host-1)           netns TAG-sw0 (switch)            netns TAG-sw1, TAG-sw2
+//!   eth0 198.19.77.11/24  <-veth->  p1 ─┐                             (spare switches for
+//!   netns TAG-h2 (host-2)               ├─ br0 198.19.77.1/24         partitions, each with its
+//!   eth0 198.19.77.12/24  <-veth->  p2 ─┘  (the isolation address)    own br0 198.19.77.1/24)
 //! ```
 //!
 //! - kill a host: SIGKILL every process in its namespace (agent and VMMs);
