@@ -12,10 +12,8 @@
 //!
 //! Needs root for the tap device (removed on drop, also when the test fails).
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -56,9 +54,7 @@ impl Drop for Tap {
 }
 
 struct Guest {
-    child: Child,
-    stdin: ChildStdin,
-    out: Arc<Mutex<Vec<u8>>>,
+    vm: common::Console,
     api: PathBuf,
     dir: PathBuf,
     _tap: Tap,
@@ -78,44 +74,22 @@ impl Guest {
         let tap = Tap::new(&format!("vhpr{}", std::process::id() % 100_000));
         let api = dir.join("api.sock");
         let cmdline = common::guest_cmdline("vigil.run=disk-write:count=3,rate=10");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
-            .args([
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--console",
-                "stdio",
-            ])
-            .args(["--cmdline", &cmdline])
-            .args(["--api-socket", api.to_str().unwrap()])
-            .args(["--disk", &format!("path={}", disk.display())])
-            .args(["--net", &format!("tap={},mac={MAC}", tap.0)])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start the vigil binary");
-        let out = Arc::new(Mutex::new(Vec::new()));
-        for mut r in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let c = out.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = r.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    c.lock().unwrap().extend_from_slice(&chunk[..n]);
-                }
-            });
-        }
-        let stdin = child.stdin.take().unwrap();
+        let vm = common::Console::spawn(
+            Command::new(env!("CARGO_BIN_EXE_vigil"))
+                .args([
+                    "run",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--console",
+                    "stdio",
+                ])
+                .args(["--cmdline", &cmdline])
+                .args(["--api-socket", api.to_str().unwrap()])
+                .args(["--disk", &format!("path={}", disk.display())])
+                .args(["--net", &format!("tap={},mac={MAC}", tap.0)]),
+        );
         Guest {
-            child,
-            stdin,
-            out,
+            vm,
             api,
             dir,
             _tap: tap,
@@ -124,34 +98,15 @@ impl Guest {
 
     /// Console and VMM log, interleaved.
     fn output(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+        self.vm.text()
     }
 
-    /// Waits for `needle` after byte `from`; returns the offset just past it.
     fn wait_for(&self, needle: &str, from: usize, timeout: Duration) -> usize {
-        let start = Instant::now();
-        loop {
-            let o = self.output();
-            if let Some(i) = o.get(from..).and_then(|s| s.find(needle)) {
-                return from + i + needle.len();
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "no {needle:?} within {timeout:?}:\n{o}"
-            );
-            assert!(
-                self.output().len() < 4 << 20,
-                "runaway output:\n{}",
-                &o[..4096]
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.vm.wait_for(needle, from, timeout)
     }
 
     fn type_line(&mut self, line: &str) {
-        self.stdin.write_all(line.as_bytes()).unwrap();
-        self.stdin.write_all(b"\n").unwrap();
-        self.stdin.flush().unwrap();
+        self.vm.type_line(line)
     }
 
     /// The MAC the guest sees on eth0, read from its shell (once the shell
@@ -176,8 +131,7 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.vm.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -200,7 +154,7 @@ fn reset_boots_the_guest_again_with_its_disk_and_mac() {
     // The same process boots the guest again: a second boot marker.
     let second_boot = g.wait_for("VIGIL-BOOT-OK", mark, BOOT_TIMEOUT);
     assert!(
-        g.child.try_wait().unwrap().is_none(),
+        g.vm.child.try_wait().unwrap().is_none(),
         "the VMM exited on a reset:\n{}",
         g.output()
     );
@@ -220,7 +174,7 @@ fn reset_boots_the_guest_again_with_its_disk_and_mac() {
     assert!(out.status.success(), "vigil vm shutdown failed: {out:?}");
     let start = Instant::now();
     let status = loop {
-        if let Some(s) = g.child.try_wait().unwrap() {
+        if let Some(s) = g.vm.child.try_wait().unwrap() {
             break s;
         }
         assert!(

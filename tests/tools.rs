@@ -10,10 +10,8 @@
 //! 4. `vigil vm shutdown` powers the guest off through the tools (graceful),
 //!    and `vigil run` exits with status 0.
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -22,9 +20,7 @@ const BOOT_TIMEOUT: Duration = common::GUEST_TIMEOUT;
 const STEP_TIMEOUT: Duration = common::QUICK_TIMEOUT;
 
 struct Guest {
-    child: Child,
-    stdin: ChildStdin,
-    console: Arc<Mutex<Vec<u8>>>,
+    vm: common::Console,
     api: PathBuf,
     dir: PathBuf,
 }
@@ -37,66 +33,30 @@ impl Guest {
         std::fs::create_dir_all(&dir).unwrap();
         let api = dir.join("api.sock");
         let vsock = format!("cid=3,socket={}", dir.join("vsock").display());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
-            .args([
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--console",
-                "stdio",
-            ])
-            .args(["--api-socket", api.to_str().unwrap(), "--vsock", &vsock])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start the vigil binary");
-        let console = Arc::new(Mutex::new(Vec::new()));
-        for mut r in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let c = console.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = r.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    c.lock().unwrap().extend_from_slice(&chunk[..n]);
-                }
-            });
-        }
-        let stdin = child.stdin.take().unwrap();
-        Guest {
-            child,
-            stdin,
-            console,
-            api,
-            dir,
-        }
+        let vm = common::Console::spawn(
+            Command::new(env!("CARGO_BIN_EXE_vigil"))
+                .args([
+                    "run",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--console",
+                    "stdio",
+                ])
+                .args(["--api-socket", api.to_str().unwrap(), "--vsock", &vsock]),
+        );
+        Guest { vm, api, dir }
     }
 
     fn console(&self) -> String {
-        String::from_utf8_lossy(&self.console.lock().unwrap()).into_owned()
+        self.vm.text()
     }
 
     fn wait_console(&self, needle: &str, from: usize, timeout: Duration) {
-        let start = Instant::now();
-        while !self.console()[from..].contains(needle) {
-            assert!(
-                start.elapsed() < timeout,
-                "no {needle:?} on the console within {timeout:?}:\n{}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.vm.wait_for(needle, from, timeout);
     }
 
     fn type_line(&mut self, line: &str) {
-        self.stdin.write_all(line.as_bytes()).unwrap();
-        self.stdin.write_all(b"\n").unwrap();
-        self.stdin.flush().unwrap();
+        self.vm.type_line(line)
     }
 
     fn heartbeat(&self) -> serde_json::Value {
@@ -128,8 +88,7 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.vm.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -173,7 +132,7 @@ fn tools_heartbeat_loss_reconnect_and_graceful_shutdown() {
     assert!(out.status.success(), "vigil vm shutdown failed: {out:?}");
     let start = Instant::now();
     let status = loop {
-        if let Some(s) = g.child.try_wait().unwrap() {
+        if let Some(s) = g.vm.child.try_wait().unwrap() {
             break s;
         }
         assert!(

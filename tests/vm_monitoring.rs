@@ -14,10 +14,8 @@
 //!    after the failure interval, up to 3 resets in the window;
 //! 3. the 4th hang in the window is left alone (reset limit reached).
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ha::monitoring::{
@@ -35,9 +33,7 @@ const GRACE: Duration = Duration::from_secs(60);
 const STEP_TIMEOUT: Duration = Duration::from_secs(240);
 
 struct Guest {
-    child: Child,
-    stdin: ChildStdin,
-    out: Arc<Mutex<Vec<u8>>>,
+    vm: common::Console,
     api: PathBuf,
     dir: PathBuf,
 }
@@ -54,66 +50,37 @@ impl Guest {
             .set_len(1 << 20)
             .unwrap();
         let api = dir.join("api.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
-            .args([
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--console",
-                "stdio",
-            ])
-            .args(["--api-socket", api.to_str().unwrap()])
-            .args(["--disk", &format!("path={}", disk.display())])
-            .args([
-                "--vsock",
-                &format!("cid=3,socket={}", dir.join("vsock").display()),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start the vigil binary");
-        let out = Arc::new(Mutex::new(Vec::new()));
-        for mut r in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let c = out.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = r.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    c.lock().unwrap().extend_from_slice(&chunk[..n]);
-                }
-            });
-        }
-        let stdin = child.stdin.take().unwrap();
-        Guest {
-            child,
-            stdin,
-            out,
-            api,
-            dir,
-        }
+        let vm = common::Console::spawn(
+            Command::new(env!("CARGO_BIN_EXE_vigil"))
+                .args([
+                    "run",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--console",
+                    "stdio",
+                ])
+                .args(["--api-socket", api.to_str().unwrap()])
+                .args(["--disk", &format!("path={}", disk.display())])
+                .args([
+                    "--vsock",
+                    &format!("cid=3,socket={}", dir.join("vsock").display()),
+                ]),
+        );
+        Guest { vm, api, dir }
     }
 
     fn output(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+        self.vm.text()
     }
 
     fn type_line(&mut self, line: &str) {
-        self.stdin.write_all(line.as_bytes()).unwrap();
-        self.stdin.write_all(b"\n").unwrap();
-        self.stdin.flush().unwrap();
+        self.vm.type_line(line)
     }
 }
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.vm.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -315,5 +282,5 @@ fn monitoring_resets_a_hung_idle_guest_spares_a_busy_one_and_stops_at_three() {
     });
     assert_eq!(w.resets.len(), 3, "{:?}", w.resets);
     assert_eq!(count(&g.output(), "VIGIL-BOOT-OK"), 4);
-    assert!(g.child.try_wait().unwrap().is_none(), "{}", g.output());
+    assert!(g.vm.child.try_wait().unwrap().is_none(), "{}", g.output());
 }

@@ -4,9 +4,9 @@
 //! a 2-core machine at two guests at most).
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -145,4 +145,86 @@ pub fn vigil(args: &[&str], timeout: Duration) -> Outcome {
         "vigil {args:?} did not stop within {timeout:?} and was killed\n{o:?}"
     );
     o
+}
+
+/// A `vigil run` whose console is on piped stdio: what it printed (the
+/// guest's console and the VMM's log, interleaved) and its stdin, to type
+/// into the guest's shell. Killed when dropped.
+pub struct Console {
+    pub child: Child,
+    stdin: ChildStdin,
+    out: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Console {
+    /// Spawns `cmd` (a `vigil run ... --console stdio`) with piped stdio.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start the vigil binary");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        for r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let c = out.clone();
+            std::thread::spawn(move || {
+                let mut r = r;
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = r.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    c.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+        }
+        let stdin = child.stdin.take().unwrap();
+        Console { child, stdin, out }
+    }
+
+    /// Everything printed so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Types `line` and Enter into the guest's console.
+    pub fn type_line(&mut self, line: &str) {
+        self.stdin.write_all(line.as_bytes()).unwrap();
+        self.stdin.write_all(b"\n").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Waits for `needle` after byte `from`; returns the offset just past
+    /// it. Fails the test after `timeout`, or if the output runs away.
+    pub fn wait_for(&self, needle: &str, from: usize, timeout: Duration) -> usize {
+        let start = Instant::now();
+        loop {
+            let o = self.text();
+            if let Some(i) = o.get(from..).and_then(|s| s.find(needle)) {
+                return from + i + needle.len();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no {needle:?} within {timeout:?}:\n{o}"
+            );
+            assert!(o.len() < 4 << 20, "runaway output:\n{}", &o[..4096]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the VMM (if it still runs) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
