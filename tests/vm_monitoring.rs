@@ -28,8 +28,9 @@ mod common;
 
 const FAILURE: Duration = Duration::from_secs(10);
 const IO_WINDOW: Duration = Duration::from_secs(15);
-/// Covers a guest boot on a busy nested-KVM host (tools up in ~20-40 s).
-const GRACE: Duration = Duration::from_secs(60);
+/// Covers a guest boot on a busy nested-KVM host (tools up in ~20-40 s on
+/// an idle 2-core machine, 50-60 s with other guests booting beside it).
+const GRACE: Duration = Duration::from_secs(90);
 const STEP_TIMEOUT: Duration = Duration::from_secs(240);
 
 struct Guest {
@@ -277,7 +278,7 @@ fn monitoring_resets_a_hung_idle_guest_spares_a_busy_one_and_stops_at_three() {
     let start = Instant::now();
     w.run_until(&g, "the limit", STEP_TIMEOUT, |w, _| w.limit_reached);
     // Well past the point a reset would have come: still none.
-    w.run_until(&g, "a quiet minute", Duration::from_secs(120), |_, _| {
+    w.run_until(&g, "a quiet while", Duration::from_secs(180), |_, _| {
         start.elapsed() > GRACE + FAILURE + IO_WINDOW
     });
     assert_eq!(w.resets.len(), 3, "{:?}", w.resets);
