@@ -84,7 +84,17 @@ pub fn run(args: RunArgs) -> i32 {
                     key: args.tls_key.clone().unwrap_or_default(),
                     ca: args.tls_ca.clone().unwrap_or_default(),
                 });
-            return incoming(spec, &host, ov, &args.network, tls, opts, logs_to_file);
+            let limit = args.cpu_limit.map(template_name);
+            return incoming(
+                spec,
+                &host,
+                ov,
+                &args.network,
+                limit,
+                tls,
+                opts,
+                logs_to_file,
+            );
         }
         let Some(dir) = &args.restore else {
             return EXIT_ERROR;
@@ -104,10 +114,7 @@ pub fn run(args: RunArgs) -> i32 {
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
-        cpu_template: args.cpu_template.map(|t| match t {
-            CpuTemplateArg::Baseline => CpuTemplateName::Baseline,
-            CpuTemplateArg::Host => CpuTemplateName::Host,
-        }),
+        cpu_template: args.cpu_template.map(template_name),
         console: args.console,
         on_reboot: args.on_reboot.map(|r| match r {
             OnRebootArg::Exit => OnReboot::Exit,
@@ -131,6 +138,13 @@ pub fn run(args: RunArgs) -> i32 {
     }
 }
 
+fn template_name(t: CpuTemplateArg) -> CpuTemplateName {
+    match t {
+        CpuTemplateArg::Baseline => CpuTemplateName::Baseline,
+        CpuTemplateArg::Host => CpuTemplateName::Host,
+    }
+}
+
 /// This host's name, for migration messages.
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -144,6 +158,7 @@ fn incoming(
     host: &str,
     overrides: vmm::snapshot::RestoreOverrides,
     networks: &[String],
+    cpu_limit: Option<CpuTemplateName>,
     tls: Option<migration::transport::TlsFiles>,
     run: vmm::RunOptions,
     logs_to_file: bool,
@@ -161,6 +176,7 @@ fn incoming(
         overrides,
         run,
         tls,
+        cpu_limit,
         // Without --network this host offers only the default network.
         networks: if networks.is_empty() {
             ["default".to_string()].into()
