@@ -118,7 +118,7 @@ pub struct VmFacts {
     #[serde(default)]
     pub networks: Vec<String>,
     /// Devices only the source host has: disks that are the host's block
-    /// devices (`disk PATH: block device MAJ:MIN of host-a`).
+    /// devices (`disk /dev/sdb (block device 8:16)`).
     #[serde(default)]
     pub host_local_devices: Vec<String>,
 }
@@ -650,7 +650,7 @@ mod tests {
             identity: None,
             host_device: true,
         });
-        v.host_local_devices = vec!["disk /dev/loop7: block device 7:7".into()];
+        v.host_local_devices = vec!["disk /dev/loop7 (block device 7:7)".into()];
         let f = check_all(&v, &host());
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(f[0].check, "device");

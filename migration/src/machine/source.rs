@@ -122,7 +122,7 @@ fn guest_cpu_features(m: &Machine) -> std::collections::BTreeSet<String> {
     cpuid.map(|c| super::cpu_features(&c)).unwrap_or_default()
 }
 
-/// `disk PATH: block device MAJ:MIN` if `path` is a device node: a disk
+/// `disk PATH (block device MAJ:MIN)` if `path` is a device node: a disk
 /// of this host (raw passthrough), not a file on a datastore.
 fn host_device(path: &std::path::Path) -> Option<String> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -137,7 +137,7 @@ fn host_device(path: &std::path::Path) -> Option<String> {
     };
     let rdev = md.rdev();
     Some(format!(
-        "disk {}: {kind} {}:{}",
+        "disk {} ({kind} {}:{})",
         path.display(),
         libc::major(rdev),
         libc::minor(rdev)
