@@ -655,7 +655,7 @@ mod tests {
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(f[0].check, "device");
         assert!(
-            f[0].source.contains("/dev/loop7: block device 7:7"),
+            f[0].source.contains("/dev/loop7 (block device 7:7)"),
             "{}",
             f[0]
         );

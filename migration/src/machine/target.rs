@@ -145,9 +145,10 @@ impl TargetHost for IncomingHost {
                 template_name(t)
             )
         });
-        // Commit only what the figure says fits: past a cgroup limit the
-        // kernel kills rather than failing the fault.
-        if vm.priority == Priority::High && precheck::check_memory(vm, &facts).is_none() {
+        // Commit only what the figure says fits (past a cgroup limit the
+        // kernel kills rather than failing the fault), and only for a VM
+        // no other check refuses.
+        if vm.priority == Priority::High && precheck::check_all(vm, &facts).is_empty() {
             facts.committed = Some(self.commit(vm));
         }
         facts
