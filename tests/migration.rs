@@ -1628,3 +1628,56 @@ fn a_host_block_device_disk_is_refused_as_host_local() {
     drop(src);
     drop(dev);
 }
+
+#[test]
+fn priority_high_is_refused_by_a_source_without_room_for_its_buffers() {
+    let _g = guest_lock();
+    // The running source joins a memory cgroup that leaves it less room
+    // than a high-priority migration's buffers (charges made before the
+    // move stay where they were, so the guest's memory does not count).
+    let cg = MemCgroup::new("srcroom", 24);
+    let mut src = Vmm::source("src-room-src");
+    std::fs::write(cg.procs(), src.child.id().to_string()).unwrap();
+    let mut tgt = Vmm::target("src-room-tgt", 47238);
+    let run = finish(
+        src.migrate_bg(47238, &["--priority", "high"]),
+        MIGRATE_TIMEOUT,
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let want = format!(
+        "priority high needs {} MiB of migration buffers here",
+        migration::precheck::MIGRATION_BUFFER_MIB
+    );
+    for w in [
+        "migration refused before connecting: pre-check failed on the source: memory: source ",
+        "limit 24 MiB",
+        want.as_str(),
+        "target not asked",
+        "or migrate with --priority standard",
+        "the VM keeps running on this host",
+    ] {
+        assert!(
+            run.stderr.contains(w),
+            "the error should say {w:?}: {run:?}"
+        );
+    }
+    eprintln!("refused as expected: {}", run.stderr.trim());
+    // Nothing reached the target: it still waits.
+    assert!(tgt.running(), "{}", tgt.stderr_text());
+    assert_source_survived(&mut src, None);
+    // Standard priority reserves nothing on the source: it moves.
+    let run = finish(src.migrate_bg(47238, &[]), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        src.wait_exit(STEP_TIMEOUT),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+    tgt.wait_for(STEP_TIMEOUT, "two dirtier reports on the target", |v| {
+        dirty_reports(&v.console_text()).len() >= 2
+    });
+    assert_no_lost_pages("target", &tgt.console_text());
+    drop(src);
+    drop(cg);
+}

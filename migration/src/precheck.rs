@@ -382,7 +382,7 @@ pub fn check_source_memory(
                 "{source_host} has {reservable_mib} MiB reservable ({detail}); priority high \
                  needs {MIGRATION_BUFFER_MIB} MiB of migration buffers here"
             ),
-            "-",
+            "not asked (the source refuses before connecting)",
             format!(
                 "free memory on {source_host} (or raise its memory limit), or migrate with \
                  --priority standard"

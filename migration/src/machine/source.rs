@@ -494,7 +494,8 @@ impl MigrationHook for Outgoing {
                 return Err(bad(
                     507,
                     format!(
-                        "migration refused before connecting: pre-check failed on the source: {f}"
+                        "migration refused before connecting: pre-check failed on the source: \
+                         {f}; the VM keeps running on this host"
                     ),
                 ));
             }
