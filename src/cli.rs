@@ -58,11 +58,17 @@ pub struct MigrateArgs {
     /// Verify every page end to end (the target recomputes each checksum).
     #[arg(long)]
     pub checksum: bool,
+    /// high: both hosts reserve first (the target commits all of guest
+    /// memory, the source checks room for its buffers) and the migration
+    /// is refused if either cannot; standard: the target checks room for
+    /// the memory the guest uses now and proceeds [default: standard].
+    #[arg(long, value_enum)]
+    pub priority: Option<PriorityArg>,
     /// Progress and summary as JSON lines.
     #[arg(long)]
     pub json: bool,
     /// Cancel the running migration; the VM keeps running here.
-    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "max_duration_s", "checksum"])]
+    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "max_duration_s", "checksum", "priority"])]
     pub cancel: bool,
     /// TLS 1.3: this host's certificate (PEM); with --tls-key and --tls-ca.
     #[arg(long, value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
@@ -272,6 +278,15 @@ pub enum CpuTemplateArg {
     Host,
 }
 
+/// `vigil migrate --priority` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PriorityArg {
+    /// Check room for the memory in use, reserve nothing, proceed.
+    Standard,
+    /// Reserve on both hosts first; refuse if either cannot.
+    High,
+}
+
 /// `--on-reboot` values.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum OnRebootArg {
@@ -359,6 +374,12 @@ pub struct RunArgs {
     /// NICs use a network not listed is refused by the pre-checks.
     #[arg(long, value_name = "NAME", requires = "incoming")]
     pub network: Vec<String>,
+    /// With --incoming: offer at most the CPU features of this template
+    /// (like an EVC baseline), whatever more KVM here supports. A VM
+    /// started with features beyond it is refused by the pre-checks, which
+    /// name the missing features.
+    #[arg(long, value_enum, value_name = "TEMPLATE", requires = "incoming")]
+    pub cpu_limit: Option<CpuTemplateArg>,
     /// With --incoming: require TLS 1.3, this host's certificate (PEM);
     /// with --tls-key and --tls-ca. Sources without a certificate from
     /// that CA get nothing.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use vmm::api::client;
 use vmm::control::EXIT_ERROR;
 
-use crate::cli::MigrateArgs;
+use crate::cli::{MigrateArgs, PriorityArg};
 use crate::run::chain;
 
 const POLL: Duration = Duration::from_millis(100);
@@ -39,6 +39,10 @@ pub fn migrate(args: MigrateArgs) -> i32 {
         "bandwidth_mbps": args.bandwidth,
         "max_duration_s": args.max_duration_s,
         "checksum": args.checksum,
+        "priority": match args.priority {
+            Some(PriorityArg::High) => "high",
+            Some(PriorityArg::Standard) | None => "standard",
+        },
         "tls": args.tls_cert.as_ref().map(|cert| json!({
             "cert": abs(cert),
             "key": args.tls_key.as_deref().map(abs),

@@ -7,7 +7,8 @@ use vmm::control::{ExitReason, EXIT_ERROR};
 use crate::cli::{CpuTemplateArg, OnRebootArg, RunArgs};
 use crate::logging;
 
-/// Flags that only mean something with `--restore` or `--incoming`.
+/// Flags that only mean something with `--restore` or `--incoming`, and
+/// those only with `--incoming`.
 /// (clap's `requires` is not enough: it is waived when `--restore`
 /// conflicts with another flag given, e.g. `--config`.)
 fn check_restore_only(args: &RunArgs) -> Result<(), String> {
@@ -16,6 +17,13 @@ fn check_restore_only(args: &RunArgs) -> Result<(), String> {
         return Err(
             "--tap and --vsock-socket only apply with --restore DIR or --incoming; to boot a VM \
              use --net tap=NAME and --vsock cid=N,socket=PATH"
+                .to_string(),
+        );
+    }
+    if args.incoming.is_none() && (!args.network.is_empty() || args.cpu_limit.is_some()) {
+        return Err(
+            "--network and --cpu-limit describe a migration target: they only apply with \
+             --incoming tcp:ADDR:PORT"
                 .to_string(),
         );
     }
@@ -76,15 +84,7 @@ pub fn run(args: RunArgs) -> i32 {
             vsock_socket: args.vsock_socket.clone(),
         };
         if let Some(spec) = &args.incoming {
-            let tls = args
-                .tls_cert
-                .clone()
-                .map(|cert| migration::transport::TlsFiles {
-                    cert,
-                    key: args.tls_key.clone().unwrap_or_default(),
-                    ca: args.tls_ca.clone().unwrap_or_default(),
-                });
-            return incoming(spec, &host, ov, &args.network, tls, opts, logs_to_file);
+            return incoming(spec, &host, ov, &args, opts, logs_to_file);
         }
         let Some(dir) = &args.restore else {
             return EXIT_ERROR;
@@ -104,10 +104,7 @@ pub fn run(args: RunArgs) -> i32 {
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
-        cpu_template: args.cpu_template.map(|t| match t {
-            CpuTemplateArg::Baseline => CpuTemplateName::Baseline,
-            CpuTemplateArg::Host => CpuTemplateName::Host,
-        }),
+        cpu_template: args.cpu_template.map(template_name),
         console: args.console,
         on_reboot: args.on_reboot.map(|r| match r {
             OnRebootArg::Exit => OnReboot::Exit,
@@ -131,6 +128,13 @@ pub fn run(args: RunArgs) -> i32 {
     }
 }
 
+fn template_name(t: CpuTemplateArg) -> CpuTemplateName {
+    match t {
+        CpuTemplateArg::Baseline => CpuTemplateName::Baseline,
+        CpuTemplateArg::Host => CpuTemplateName::Host,
+    }
+}
+
 /// This host's name, for migration messages.
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -143,8 +147,7 @@ fn incoming(
     spec: &str,
     host: &str,
     overrides: vmm::snapshot::RestoreOverrides,
-    networks: &[String],
-    tls: Option<migration::transport::TlsFiles>,
+    args: &RunArgs,
     run: vmm::RunOptions,
     logs_to_file: bool,
 ) -> i32 {
@@ -152,6 +155,14 @@ fn incoming(
         eprintln!("vigil: --incoming `{spec}` must be tcp:ADDR:PORT, e.g. tcp:0.0.0.0:5253");
         return EXIT_ERROR;
     };
+    let tls = args
+        .tls_cert
+        .clone()
+        .map(|cert| migration::transport::TlsFiles {
+            cert,
+            key: args.tls_key.clone().unwrap_or_default(),
+            ca: args.tls_ca.clone().unwrap_or_default(),
+        });
     let opts = migration::machine::IncomingOptions {
         listen: listen.to_string(),
         target: migration::TargetOptions {
@@ -161,11 +172,12 @@ fn incoming(
         overrides,
         run,
         tls,
+        cpu_limit: args.cpu_limit.map(template_name),
         // Without --network this host offers only the default network.
-        networks: if networks.is_empty() {
+        networks: if args.network.is_empty() {
             ["default".to_string()].into()
         } else {
-            networks.iter().cloned().collect()
+            args.network.iter().cloned().collect()
         },
     };
     let result = migration::machine::run_incoming(opts, |addr| {
@@ -281,5 +293,71 @@ mod tests {
             args.extend(extra);
             check_restore_only(&run_args(&args)).unwrap();
         }
+    }
+
+    #[test]
+    fn cpu_limit_only_with_incoming() {
+        let a = run_args(&[
+            "--incoming",
+            "tcp:127.0.0.1:47999",
+            "--cpu-limit",
+            "baseline",
+        ]);
+        assert!(matches!(
+            a.cpu_limit,
+            Some(crate::cli::CpuTemplateArg::Baseline)
+        ));
+        for extra in [["--cpu-limit", "host"], ["--network", "lab"]] {
+            let mut args = vec!["--config", "vm.toml"];
+            args.extend(extra);
+            let e = check_restore_only(&run_args(&args)).unwrap_err();
+            assert!(e.contains("only apply with --incoming"), "{e}");
+        }
+        assert!(Cli::try_parse_from([
+            "vigil",
+            "run",
+            "--incoming",
+            "tcp:127.0.0.1:1",
+            "--cpu-limit",
+            "avx"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn migrate_priority_is_high_or_standard() {
+        let parse = |extra: &[&str]| {
+            let mut all = vec![
+                "vigil",
+                "migrate",
+                "--api-socket",
+                "/tmp/s",
+                "--to",
+                "198.19.77.2:5253",
+            ];
+            all.extend(extra);
+            Cli::try_parse_from(all).map(|c| match c.command {
+                Command::Migrate(m) => m.priority,
+                _ => unreachable!(),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        assert_eq!(
+            parse(&["--priority", "high"]).unwrap(),
+            Some(crate::cli::PriorityArg::High)
+        );
+        assert!(parse(&["--priority", "urgent"]).is_err());
+        let e = Cli::try_parse_from([
+            "vigil",
+            "migrate",
+            "--api-socket",
+            "/tmp/s",
+            "--cancel",
+            "--priority",
+            "high",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot be used with"), "{e}");
     }
 }

@@ -59,6 +59,13 @@ struct Vmm {
 
 impl Vmm {
     fn spawn(name: &str, args: &[&str]) -> Self {
+        Self::spawn_with(name, args, &[], None)
+    }
+
+    /// `spawn`, with the command run through `prefix` (e.g. `unshare ...`)
+    /// and, if given, in the memory cgroup whose `cgroup.procs` is `procs`
+    /// (joined before exec, so all of the VMM's memory is charged there).
+    fn spawn_with(name: &str, args: &[&str], prefix: &[String], procs: Option<PathBuf>) -> Self {
         let dir = work_dir();
         let console = dir.join(format!("{name}.console"));
         let socket = dir.join(format!("{name}.sock"));
@@ -75,7 +82,23 @@ impl Vmm {
             dir.join(format!("{name}.log")).display().to_string(),
         ];
         all.extend(args.iter().map(|s| s.to_string()));
-        let mut child = Command::new(bin())
+        let mut cmd = match prefix.split_first() {
+            None => Command::new(bin()),
+            Some((p0, rest)) => {
+                let mut c = Command::new(p0);
+                c.args(rest).arg(bin());
+                c
+            }
+        };
+        if let Some(procs) = procs {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure only opens, writes and closes a file
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || std::fs::write(&procs, "0"));
+            }
+        }
+        let mut child = cmd
             .args(&all)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -124,10 +147,22 @@ impl Vmm {
 
     /// A target listening on `port` with more `vigil run` flags.
     fn target_with(name: &str, port: u16, extra: &[&str]) -> Self {
+        Self::target_in(name, port, extra, &[], None)
+    }
+
+    /// A target listening on `port`, started through `prefix` and in a
+    /// memory cgroup (see [`Vmm::spawn_with`]).
+    fn target_in(
+        name: &str,
+        port: u16,
+        extra: &[&str],
+        prefix: &[String],
+        procs: Option<PathBuf>,
+    ) -> Self {
         let listen = format!("tcp:127.0.0.1:{port}");
         let mut args = vec!["--incoming", listen.as_str()];
         args.extend_from_slice(extra);
-        let v = Self::spawn(name, &args);
+        let v = Self::spawn_with(name, &args, prefix, procs);
         v.wait_for(STEP_TIMEOUT, "the target to listen", |v| {
             v.stderr_text()
                 .contains("waiting for an incoming migration")
@@ -1152,4 +1187,497 @@ fn tls_migration_is_intact_and_a_stranger_gets_nothing() {
     });
     assert!(tgt.running());
     assert_no_lost_pages("target", &tgt.console_text());
+}
+
+// ---------------------------------------------------------------------
+// Pre-checks (M5) and --priority (M6): each check refusing a real guest,
+// which keeps running on the source with nothing lost.
+// ---------------------------------------------------------------------
+
+/// A memory cgroup under this test process's own, with a limit; removed
+/// on drop (its processes must have exited). cgroup v2 when its hierarchy
+/// has the memory controller, else the v1 memory hierarchy (hosts that
+/// mount the controllers the v1 way, as this project's test machines do).
+struct MemCgroup {
+    dir: PathBuf,
+}
+
+impl MemCgroup {
+    fn new(tag: &str, limit_mib: u64) -> Self {
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let field = |pred: &dyn Fn(&str) -> bool| {
+            cgroup.lines().find_map(|l| {
+                let mut it = l.splitn(3, ':');
+                let (_, c, p) = (it.next()?, it.next()?, it.next()?);
+                pred(c).then(|| p.trim_start_matches('/').to_string())
+            })
+        };
+        let v2_root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|r| {
+                std::fs::read_to_string(r.join("cgroup.controllers"))
+                    .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"))
+            });
+        let (parent, max_file) = match v2_root {
+            Some(root) => (
+                root.join(field(&|c| c.is_empty()).unwrap_or_default()),
+                "memory.max",
+            ),
+            None => (
+                PathBuf::from("/sys/fs/cgroup/memory")
+                    .join(field(&|c| c.split(',').any(|x| x == "memory")).unwrap_or_default()),
+                "memory.limit_in_bytes",
+            ),
+        };
+        let dir = parent.join(format!("vmg-e2e-{}-{tag}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| {
+            panic!(
+                "cannot create memory cgroup {}: {e} (this test needs root and a writable \
+                 cgroup v2 with the memory controller, or a v1 memory hierarchy)",
+                dir.display()
+            )
+        });
+        std::fs::write(dir.join(max_file), format!("{}", limit_mib << 20))
+            .unwrap_or_else(|e| panic!("cannot set {}/{max_file}: {e}", dir.display()));
+        Self { dir }
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        // Processes killed just now may take a moment to leave.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove cgroup {}", self.dir.display());
+    }
+}
+
+/// `vigil migrate` to `port` that the target's pre-checks refuse: exit 1,
+/// the precheck stage named, each of `want` in the error.
+fn refused(src: &Vmm, port: u16, extra: &[&str], want: &[&str]) -> String {
+    let run = finish(src.migrate_bg(port, extra), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.last()["state"], "failed", "{run:?}");
+    assert!(
+        run.stderr
+            .contains("migration failed at precheck: pre-checks failed on the target"),
+        "{run:?}"
+    );
+    for w in want {
+        assert!(
+            run.stderr.contains(w),
+            "the error should say {w:?}: {run:?}"
+        );
+    }
+    assert!(
+        run.stderr.contains("the VM keeps running on this host"),
+        "{run:?}"
+    );
+    eprintln!("refused as expected: {}", run.stderr.trim());
+    run.stderr
+}
+
+#[test]
+fn memory_precheck_and_priority_high_versus_standard() {
+    let _g = guest_lock();
+    let mut src = Vmm::source("mem-src");
+
+    // A target whose memory cgroup leaves less than the guest uses now:
+    // even standard priority is refused, with both sides' figures.
+    let tiny = MemCgroup::new("tiny", 24);
+    let mut tgt = Vmm::target_in("mem-tiny-tgt", 47230, &[], &[], Some(tiny.procs()));
+    let err = refused(
+        &src,
+        47230,
+        &[],
+        &[
+            "memory: source VM default: priority standard needs the ",
+            "MiB in use of 128 MiB guest memory",
+            "MiB reservable on",
+            "limit 24 MiB",
+            "MemAvailable",
+            "free memory on",
+        ],
+    );
+    let in_use: u64 = err
+        .split("needs the ")
+        .nth(1)
+        .and_then(|r| r.split(" MiB in use").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no in-use figure: {err}"));
+    assert!(
+        (32..=128).contains(&in_use),
+        "the guest's 32 MiB dirtier buffer alone is resident, yet in use = {in_use} MiB: {err}"
+    );
+    assert_source_survived(&mut src, Some(&mut tgt));
+    drop(tgt);
+    drop(tiny);
+
+    // A target with room for what the guest uses, not for all of guest
+    // memory and the buffers: high is refused (and told about standard) ...
+    let mid = MemCgroup::new("mid", 144);
+    let mut tgt = Vmm::target_in("mem-high-tgt", 47231, &[], &[], Some(mid.procs()));
+    refused(
+        &src,
+        47231,
+        &["--priority", "high"],
+        &[
+            "priority high needs all 128 MiB of guest memory + 32 MiB of migration buffers = 160 MiB",
+            "limit 144 MiB",
+            "or migrate with --priority standard",
+        ],
+    );
+    assert_source_survived(&mut src, Some(&mut tgt));
+    drop(tgt);
+
+    // ... and standard proceeds: the guest runs on that target, intact.
+    let mut tgt = Vmm::target_in("mem-std-tgt", 47232, &[], &[], Some(mid.procs()));
+    let run = finish(
+        src.migrate_bg(47232, &["--priority", "standard"]),
+        MIGRATE_TIMEOUT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        src.wait_exit(STEP_TIMEOUT),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+    let src_console = src.console_text();
+    tgt.wait_for(STEP_TIMEOUT, "two dirtier reports on the target", |v| {
+        dirty_reports(&v.console_text()).len() >= 2 && v.last_counter().is_some()
+    });
+    assert!(tgt.running(), "{}", tgt.stderr_text());
+    assert_no_lost_pages("target", &tgt.console_text());
+    let (sn, _) = *counters(&src_console).last().unwrap();
+    let (tn, _) = counters(&tgt.console_text())[0];
+    assert!(tn == sn + 1 || tn == sn + 2, "counter {sn} -> {tn}");
+
+    // High priority to a target with room: it commits all of guest memory
+    // before pre-copy, and the guest moves on.
+    let far = Vmm::target("mem-roomy-tgt", 47233);
+    let run = finish(
+        tgt.migrate_bg(47233, &["--priority", "high"]),
+        MIGRATE_TIMEOUT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let log = std::fs::read_to_string(work_dir().join("mem-roomy-tgt.log")).unwrap_or_default();
+    assert!(
+        log.contains("guest memory committed (priority high)"),
+        "the target did not commit guest memory:\n{log}"
+    );
+    assert_eq!(
+        tgt.wait_exit(STEP_TIMEOUT),
+        Some(0),
+        "{}",
+        tgt.stderr_text()
+    );
+    far.wait_for(
+        STEP_TIMEOUT,
+        "two dirtier reports after the second move",
+        |v| dirty_reports(&v.console_text()).len() >= 2,
+    );
+    assert_no_lost_pages("second target", &far.console_text());
+    drop(tgt);
+    drop(mid);
+}
+
+static BASE_HOST_CPU_DISK: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+
+/// A second base snapshot: the guest booted with the `host` CPU template
+/// and a disk on a datastore. Returns (snapshot, datastore directory).
+fn host_cpu_disk_snapshot() -> (PathBuf, PathBuf) {
+    if let Some(p) = BASE_HOST_CPU_DISK.get() {
+        return p.clone();
+    }
+    let dir = work_dir();
+    let ds = dir.join("ds-pre");
+    std::fs::create_dir_all(&ds).unwrap();
+    std::fs::write(
+        ds.join(migration::precheck::DATASTORE_ID_FILE),
+        format!("vmg-ds-pre-{}\n", std::process::id()),
+    )
+    .unwrap();
+    std::fs::write(ds.join("disk.img"), vec![0u8; 4 << 20]).unwrap();
+    let cmdline = common::guest_cmdline(
+        "vigil.tools=off vigil.run=dirty:mib=32,rate=0,report=1+counter:every=1",
+    );
+    let cfg = common::guest_config();
+    let disk = format!("path={}", ds.join("disk.img").display());
+    let vm = Vmm::spawn(
+        "hostcpu-boot",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--cpu-template",
+            "host",
+            "--disk",
+            &disk,
+        ],
+    );
+    vm.wait_for(BOOT_TIMEOUT, "the dirtier's first report", |v| {
+        dirty_reports(&v.console_text()).len() >= 2 && v.last_counter().is_some()
+    });
+    let snap = dir.join("base-hostcpu");
+    let (code, out, err) = vm.cli(&["snapshot", "--to", snap.to_str().unwrap(), "--stop"]);
+    assert_eq!(code, 0, "snapshot failed: {out}{err}");
+    let mut vm = vm;
+    assert_eq!(vm.wait_exit(STEP_TIMEOUT), Some(0), "{}", vm.stderr_text());
+    BASE_HOST_CPU_DISK.get_or_init(|| (snap, ds)).clone()
+}
+
+fn host_cpu_disk_source(name: &str) -> (Vmm, PathBuf) {
+    let (snap, ds) = host_cpu_disk_snapshot();
+    let v = Vmm::spawn(name, &["--restore", snap.to_str().unwrap()]);
+    v.wait_for(STEP_TIMEOUT, "the restored dirtier's report", |v| {
+        !dirty_reports(&v.console_text()).is_empty()
+    });
+    (v, ds)
+}
+
+#[test]
+fn cpu_limit_on_the_target_refuses_a_host_template_guest() {
+    let _g = guest_lock();
+    let (mut src, _) = host_cpu_disk_source("cpu-src");
+    let mut tgt = Vmm::target_with("cpu-tgt", 47234, &["--cpu-limit", "baseline"]);
+    let err = refused(
+        &src,
+        47234,
+        &[],
+        &[
+            "cpu: source template host uses ",
+            "limited to the baseline CPU template by --cpu-limit) lacks ",
+            "start the VM with the `baseline` CPU template",
+        ],
+    );
+    // The missing features are named, not only numbered: every feature
+    // the baseline template hides that KVM here offers.
+    assert!(
+        err.contains(" (cpuid.0x") && !err.contains("lacks (cpuid"),
+        "features should read `avx2 (cpuid.0x7.0.ebx[5])`: {err}"
+    );
+    assert!(!err.contains("disk:") && !err.contains("memory:"), "{err}");
+    assert_source_survived(&mut src, Some(&mut tgt));
+}
+
+/// `unshare` prefix: the target sees `over` mounted at `at` (another
+/// host's view of the datastore path).
+fn other_mount(over: &std::path::Path, at: &std::path::Path) -> Vec<String> {
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        "mount --bind \"$1\" \"$2\" && shift 2 && exec \"$@\"",
+        "sh",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([over.display().to_string(), at.display().to_string()])
+    .collect()
+}
+
+#[test]
+fn disk_precheck_refuses_a_missing_or_different_datastore() {
+    let _g = guest_lock();
+    let (mut src, ds) = host_cpu_disk_source("disk-src");
+    let ds_id = format!("vmg-ds-pre-{}", std::process::id());
+    let disk = ds.join("disk.img").display().to_string();
+
+    // The target host has nothing mounted at the datastore's path.
+    let empty = work_dir().join("not-mounted");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut tgt = Vmm::target_in("disk-none-tgt", 47235, &[], &other_mount(&empty, &ds), None);
+    refused(
+        &src,
+        47235,
+        &[],
+        &[
+            &format!("disk: source {disk} on datastore {ds_id}"),
+            &format!("target cannot resolve {disk}"),
+            &format!("mount datastore {ds_id} on "),
+        ],
+    );
+    assert_source_survived(&mut src, Some(&mut tgt));
+
+    // The target has another datastore at that path, with a file of the
+    // same name: the same path is not the same disk.
+    let other = work_dir().join("other-ds");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(
+        other.join(migration::precheck::DATASTORE_ID_FILE),
+        "vmg-other-datastore\n",
+    )
+    .unwrap();
+    std::fs::write(other.join("disk.img"), vec![0u8; 4 << 20]).unwrap();
+    let mut tgt = Vmm::target_in(
+        "disk-other-tgt",
+        47236,
+        &[],
+        &other_mount(&other, &ds),
+        None,
+    );
+    refused(
+        &src,
+        47236,
+        &[],
+        &[
+            &format!("disk: source {disk} = {ds_id}:disk.img"),
+            &format!("target {disk} = vmg-other-datastore:disk.img"),
+            &format!(
+                "has a different datastore mounted at this path: mount datastore {ds_id} there"
+            ),
+        ],
+    );
+    assert_source_survived(&mut src, Some(&mut tgt));
+}
+
+/// A loop device over a file, detached on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_host_block_device_disk_is_refused_as_host_local() {
+    let _g = guest_lock();
+    let img = work_dir().join("raw-device.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&img)
+        .output()
+        .expect("losetup");
+    assert!(
+        out.status.success(),
+        "cannot attach a loop device (the test needs root and /dev/loop-control): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let cmdline = common::guest_cmdline(
+        "vigil.tools=off vigil.run=dirty:mib=8,rate=0,report=1+counter:every=1",
+    );
+    let cfg = common::guest_config();
+    let mut src = Vmm::spawn(
+        "dev-local-src",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            &format!("path={}", dev.0),
+        ],
+    );
+    src.wait_for(BOOT_TIMEOUT, "the guest's workloads", |v| {
+        !dirty_reports(&v.console_text()).is_empty() && v.last_counter().is_some()
+    });
+    let mut tgt = Vmm::target("dev-local-tgt", 47237);
+    // The console has the guest shell's prompt among the first counter
+    // lines: continuity is checked from here on.
+    let from = src.console_text().len();
+    let err = refused(
+        &src,
+        47237,
+        &[],
+        &[
+            &format!(
+                "device: source host-local device disk {} (block device 7:",
+                dev.0
+            ),
+            "cannot provide it",
+            &format!("detach disk {}", dev.0),
+        ],
+    );
+    // One failure for the device, not a second one calling it a disk off
+    // any datastore.
+    assert!(!err.contains("is on no datastore"), "{err}");
+    let counter = src.last_counter().map(|c| c.0);
+    let reports = dirty_reports(&src.console_text()).len();
+    src.wait_for(STEP_TIMEOUT, "the source guest to go on", |v| {
+        dirty_reports(&v.console_text()).len() >= reports + 2
+            && v.last_counter().map(|c| c.0) > counter
+    });
+    assert!(src.running(), "the source VMM exited");
+    assert_no_lost_pages("source", &src.console_text());
+    assert_consecutive(&src.console_text()[from..]);
+    assert_eq!(
+        tgt.wait_exit(STEP_TIMEOUT),
+        Some(1),
+        "{}",
+        tgt.stderr_text()
+    );
+    assert!(tgt.console_text().is_empty(), "the target ran the guest");
+    drop(src);
+    drop(dev);
+}
+
+#[test]
+fn priority_high_is_refused_by_a_source_without_room_for_its_buffers() {
+    let _g = guest_lock();
+    // The running source joins a memory cgroup that leaves it less room
+    // than a high-priority migration's buffers (charges made before the
+    // move stay where they were, so the guest's memory does not count).
+    let cg = MemCgroup::new("srcroom", 24);
+    let mut src = Vmm::source("src-room-src");
+    std::fs::write(cg.procs(), src.child.id().to_string()).unwrap();
+    let mut tgt = Vmm::target("src-room-tgt", 47238);
+    let run = finish(
+        src.migrate_bg(47238, &["--priority", "high"]),
+        MIGRATE_TIMEOUT,
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let want = format!(
+        "priority high needs {} MiB of migration buffers here",
+        migration::precheck::MIGRATION_BUFFER_MIB
+    );
+    for w in [
+        "migration refused before connecting: pre-check failed on the source: memory: source ",
+        "limit 24 MiB",
+        want.as_str(),
+        "target not asked",
+        "or migrate with --priority standard",
+        "the VM keeps running on this host",
+    ] {
+        assert!(
+            run.stderr.contains(w),
+            "the error should say {w:?}: {run:?}"
+        );
+    }
+    eprintln!("refused as expected: {}", run.stderr.trim());
+    // Nothing reached the target: it still waits.
+    assert!(tgt.running(), "{}", tgt.stderr_text());
+    assert_source_survived(&mut src, None);
+    // Standard priority reserves nothing on the source: it moves.
+    let run = finish(src.migrate_bg(47238, &[]), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        src.wait_exit(STEP_TIMEOUT),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+    tgt.wait_for(STEP_TIMEOUT, "two dirtier reports on the target", |v| {
+        dirty_reports(&v.console_text()).len() >= 2
+    });
+    assert_no_lost_pages("target", &tgt.console_text());
+    drop(src);
+    drop(cg);
 }

@@ -15,10 +15,55 @@
 //! storage itself, so a host that mounted a different export at the same
 //! path sees a different UUID ("NFS storage path UUID mismatch", the 78%
 //! vMotion failure).
+//!
+//! # Memory and `--priority`
+//!
+//! The target's reservable figure is the smaller of `MemAvailable` and the
+//! room left under the memory cgroup limits of the target process
+//! (`machine::reserve`). What must fit depends on the migration's
+//! [`Priority`]:
+//!
+//! - `standard` (default): the memory the guest uses now on the source
+//!   ([`VmFacts::resident_mib`], the pages that will actually be written
+//!   on the target; the rest of guest memory is allocated as the guest
+//!   touches it, as it was on the source). Nothing is reserved ahead: the
+//!   migration proceeds, and on a host short of memory may be slow or fail
+//!   (the VM then stays on the source).
+//! - `high`: all of guest memory plus [`MIGRATION_BUFFER_MIB`] for the
+//!   stream's buffers; the target commits (faults in) all of guest memory
+//!   before it answers the pre-checks, and the source checks that it has
+//!   room for its own buffers before it connects. Either side short of
+//!   memory refuses; nothing moves.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+
+/// Memory a migration's stream needs on each side beyond guest memory,
+/// MiB: two frames of the protocol's largest payload (one being read or
+/// built, one decoded or being sent).
+pub const MIGRATION_BUFFER_MIB: u64 = 2 * (crate::protocol::MAX_PAYLOAD as u64 >> 20);
+
+/// How hard a migration holds on to resources (FEATURES.md M6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Check that the memory in use fits, reserve nothing, proceed.
+    #[default]
+    Standard,
+    /// Reserve all of guest memory and the buffers on both sides first;
+    /// refuse if either cannot.
+    High,
+}
+
+impl std::fmt::Display for Priority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Priority::Standard => "standard",
+            Priority::High => "high",
+        })
+    }
+}
 
 /// The file at a datastore root that holds its UUID.
 pub const DATASTORE_ID_FILE: &str = ".vigil-datastore";
@@ -39,6 +84,11 @@ pub struct Disk {
     pub path: PathBuf,
     /// Identity on the source; `None` if not on a datastore.
     pub identity: Option<DiskIdentity>,
+    /// Set when the disk is a device node of the source host (a raw block
+    /// device): then it is a host-local device (listed in
+    /// [`VmFacts::host_local_devices`]) and not a datastore file.
+    #[serde(default)]
+    pub host_device: bool,
 }
 
 /// What the source knows about the VM; sent in the `Precheck` message.
@@ -52,6 +102,13 @@ pub struct VmFacts {
     pub cpu_features: BTreeSet<String>,
     /// Guest memory in MiB.
     pub memory_mib: u64,
+    /// Guest memory in use on the source (resident pages), MiB; `None` when
+    /// the source cannot tell (it has swap), which counts as all of it.
+    #[serde(default)]
+    pub resident_mib: Option<u64>,
+    /// The migration's priority.
+    #[serde(default)]
+    pub priority: Priority,
     /// vCPUs.
     pub vcpus: u32,
     /// Disks.
@@ -60,7 +117,8 @@ pub struct VmFacts {
     /// Network names the NICs attach to.
     #[serde(default)]
     pub networks: Vec<String>,
-    /// Devices only one host has (passthrough, a local serial port...).
+    /// Devices only the source host has: disks that are the host's block
+    /// devices (`disk /dev/sdb (block device 8:16)`).
     #[serde(default)]
     pub host_local_devices: Vec<String>,
 }
@@ -72,8 +130,17 @@ pub struct HostFacts {
     pub host: String,
     /// CPU features this host can give a guest.
     pub cpu_features: BTreeSet<String>,
+    /// Why the CPU features are fewer than KVM offers (`--cpu-limit
+    /// baseline`), for messages.
+    pub cpu_limit: Option<String>,
     /// Memory that can be reserved for a new VM, MiB.
     pub reservable_mib: u64,
+    /// Where [`HostFacts::reservable_mib`] comes from, for messages.
+    pub memory_detail: String,
+    /// With `high` priority: whether the target committed guest memory
+    /// (`Err`: why not). `None`: nothing was committed (standard, or the
+    /// figure already said no).
+    pub committed: Option<Result<(), String>>,
     /// Identity of each of the VM's disk paths on this host (`Err`: why it
     /// could not be read).
     pub disks: Vec<(PathBuf, Result<DiskIdentity, String>)>,
@@ -171,6 +238,7 @@ pub fn host_facts_for(
         reservable_mib,
         disks,
         networks,
+        ..Default::default()
     }
 }
 
@@ -198,22 +266,127 @@ pub fn check_cpu(vm: &VmFacts, host: &HostFacts) -> Option<Failure> {
     if missing.is_empty() {
         return None;
     }
+    let named: Vec<String> = missing
+        .iter()
+        .map(|k| match crate::machine::cpuid_names::name(k) {
+            Some(n) => format!("{n} ({k})"),
+            None => k.to_string(),
+        })
+        .collect();
+    let named = named.join(", ");
+    let target = match &host.cpu_limit {
+        Some(l) => format!("{} ({l}) lacks {named}", host.host),
+        None => format!("{} lacks {named}", host.host),
+    };
     Some(fail(
         "cpu",
-        format!("template {} uses {}", vm.cpu_template, missing.join(",")),
-        format!("{} lacks {}", host.host, missing.join(",")),
+        format!("template {} uses {named}", vm.cpu_template),
+        target,
         "start the VM with the `baseline` CPU template (power cycle), or choose a host with these features",
     ))
 }
 
-/// The target can reserve the guest's memory.
+/// What the target must be able to reserve for `vm`, MiB, and how that
+/// figure is made up (for messages).
+pub fn memory_needed(vm: &VmFacts) -> (u64, String) {
+    match vm.priority {
+        Priority::High => (
+            vm.memory_mib + MIGRATION_BUFFER_MIB,
+            format!(
+                "priority high needs all {} MiB of guest memory + {MIGRATION_BUFFER_MIB} MiB \
+                 of migration buffers = {} MiB",
+                vm.memory_mib,
+                vm.memory_mib + MIGRATION_BUFFER_MIB
+            ),
+        ),
+        Priority::Standard => match vm.resident_mib {
+            Some(r) => {
+                let r = r.min(vm.memory_mib);
+                (
+                    r,
+                    format!(
+                        "priority standard needs the {r} MiB in use of {} MiB guest memory",
+                        vm.memory_mib
+                    ),
+                )
+            }
+            None => (
+                vm.memory_mib,
+                format!(
+                    "priority standard needs all {} MiB of guest memory (in-use figure unknown)",
+                    vm.memory_mib
+                ),
+            ),
+        },
+    }
+}
+
+/// The target can reserve the guest's memory (what counts depends on the
+/// priority, see the module docs), and with `high` it did.
 pub fn check_memory(vm: &VmFacts, host: &HostFacts) -> Option<Failure> {
-    (vm.memory_mib > host.reservable_mib).then(|| {
+    let (need, why) = memory_needed(vm);
+    let remedy = |extra: &str| {
+        format!(
+            "free memory on {} (move or stop VMs, or raise its memory limit) or choose another \
+             host{extra}",
+            host.host
+        )
+    };
+    let high_hint = if vm.priority == Priority::High {
+        format!(
+            ", or migrate with --priority standard (it needs only the memory in use{})",
+            vm.resident_mib
+                .map(|r| format!(", {} MiB", r.min(vm.memory_mib)))
+                .unwrap_or_default()
+        )
+    } else {
+        String::new()
+    };
+    if need > host.reservable_mib {
+        return Some(fail(
+            "memory",
+            format!("VM {}: {why}", vm.name),
+            format!(
+                "{} MiB reservable on {} ({})",
+                host.reservable_mib, host.host, host.memory_detail
+            ),
+            remedy(&high_hint),
+        ));
+    }
+    match &host.committed {
+        Some(Err(e)) => Some(fail(
+            "memory",
+            format!("VM {}: {why}", vm.name),
+            format!(
+                "{} could not commit {} MiB of guest memory: {e} ({} MiB reservable: {})",
+                host.host, vm.memory_mib, host.reservable_mib, host.memory_detail
+            ),
+            remedy(&high_hint),
+        )),
+        _ => None,
+    }
+}
+
+/// The source has room for its side of a `high` priority migration (its
+/// stream buffers); `reservable_mib`/`detail` are the source's figure.
+pub fn check_source_memory(
+    vm: &VmFacts,
+    source_host: &str,
+    reservable_mib: u64,
+    detail: &str,
+) -> Option<Failure> {
+    (vm.priority == Priority::High && MIGRATION_BUFFER_MIB > reservable_mib).then(|| {
         fail(
             "memory",
-            format!("{} MiB", vm.memory_mib),
-            format!("{} MiB reservable on {}", host.reservable_mib, host.host),
-            "free memory on the target (move or stop VMs) or choose another host",
+            format!(
+                "{source_host} has {reservable_mib} MiB reservable ({detail}); priority high \
+                 needs {MIGRATION_BUFFER_MIB} MiB of migration buffers here"
+            ),
+            "not asked (the source refuses before connecting)",
+            format!(
+                "free memory on {source_host} (or raise its memory limit), or migrate with \
+                 --priority standard"
+            ),
         )
     })
 }
@@ -221,7 +394,8 @@ pub fn check_memory(vm: &VmFacts, host: &HostFacts) -> Option<Failure> {
 /// Every disk is the same file on the target.
 pub fn check_disks(vm: &VmFacts, host: &HostFacts) -> Vec<Failure> {
     let mut out = Vec::new();
-    for d in &vm.disks {
+    // Device-node disks are the device check's (host-local devices).
+    for d in vm.disks.iter().filter(|d| !d.host_device) {
         let path = d.path.display().to_string();
         let Some(src) = &d.identity else {
             out.push(fail(
@@ -293,8 +467,14 @@ pub fn check_devices(vm: &VmFacts, host: &HostFacts) -> Vec<Failure> {
             fail(
                 "device",
                 format!("host-local device {d}"),
-                format!("{} cannot provide it", host.host),
-                format!("detach {d} from the VM before migrating"),
+                format!(
+                    "{} cannot provide it (a device node names a different device on each host)",
+                    host.host
+                ),
+                format!(
+                    "detach {d} from the VM (or copy its data to a disk image on a shared \
+                     datastore) before migrating"
+                ),
             )
         })
         .collect()
@@ -336,9 +516,11 @@ mod tests {
             disks: vec![Disk {
                 path: "/srv/ds1/web1.img".into(),
                 identity: Some(id("uuid-1", "web1.img")),
+                host_device: false,
             }],
             networks: vec!["Prod".into()],
             host_local_devices: vec![],
+            ..Default::default()
         }
     }
 
@@ -349,6 +531,8 @@ mod tests {
             reservable_mib: 4096,
             disks: vec![("/srv/ds1/web1.img".into(), Ok(id("uuid-1", "web1.img")))],
             networks: set(&["Prod"]),
+            memory_detail: "MemAvailable 4096 MiB".into(),
+            ..Default::default()
         }
     }
 
@@ -391,6 +575,125 @@ mod tests {
             "{}",
             f[0]
         );
+    }
+
+    #[test]
+    fn standard_needs_what_is_in_use_high_needs_all_and_buffers() {
+        let mut v = vm();
+        v.resident_mib = Some(300);
+        let mut h = host();
+        h.reservable_mib = 512;
+        assert_eq!(
+            check_memory(&v, &h),
+            None,
+            "standard: 300 MiB in use fits 512"
+        );
+        v.priority = Priority::High;
+        let f = check_memory(&v, &h).expect("high: 1024 + buffers does not fit 512");
+        let need = 1024 + MIGRATION_BUFFER_MIB;
+        assert!(f.source.contains(&format!("= {need} MiB")), "{f}");
+        assert!(
+            f.target
+                .contains("512 MiB reservable on host-b (MemAvailable"),
+            "{f}"
+        );
+        assert!(f.remedy.contains("--priority standard"), "{f}");
+        assert!(f.remedy.contains("300 MiB"), "{f}");
+        // Standard without an in-use figure (a source with swap) needs all.
+        v.priority = Priority::Standard;
+        v.resident_mib = None;
+        let f = check_memory(&v, &h).expect("1024 MiB does not fit 512");
+        assert!(f.source.contains("all 1024 MiB"), "{f}");
+        assert!(!f.remedy.contains("--priority"), "{f}");
+    }
+
+    #[test]
+    fn high_fails_when_the_target_could_not_commit() {
+        let mut v = vm();
+        v.priority = Priority::High;
+        let mut h = host();
+        h.committed = Some(Ok(()));
+        assert_eq!(check_memory(&v, &h), None);
+        h.committed = Some(Err("Cannot allocate memory".into()));
+        let f = check_memory(&v, &h).unwrap();
+        assert!(f.target.contains("could not commit 1024 MiB"), "{f}");
+        assert!(f.target.contains("Cannot allocate memory"), "{f}");
+    }
+
+    #[test]
+    fn source_checks_its_buffers_only_with_high() {
+        let mut v = vm();
+        assert_eq!(
+            check_source_memory(&v, "host-a", 1, "MemAvailable 1 MiB"),
+            None
+        );
+        v.priority = Priority::High;
+        let f = check_source_memory(&v, "host-a", 1, "MemAvailable 1 MiB").unwrap();
+        assert_eq!(f.check, "memory");
+        assert!(
+            f.source
+                .contains("host-a has 1 MiB reservable (MemAvailable 1 MiB)")
+                && f.source.contains(&format!("{MIGRATION_BUFFER_MIB} MiB")),
+            "{f}"
+        );
+        assert_eq!(
+            check_source_memory(&v, "host-a", MIGRATION_BUFFER_MIB, "x"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_device_node_disk_is_a_host_local_device_not_a_disk_failure() {
+        let mut v = vm();
+        v.disks.push(Disk {
+            path: "/dev/loop7".into(),
+            identity: None,
+            host_device: true,
+        });
+        v.host_local_devices = vec!["disk /dev/loop7 (block device 7:7)".into()];
+        let f = check_all(&v, &host());
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].check, "device");
+        assert!(
+            f[0].source.contains("/dev/loop7 (block device 7:7)"),
+            "{}",
+            f[0]
+        );
+        assert!(f[0].remedy.contains("detach disk /dev/loop7"), "{}", f[0]);
+    }
+
+    #[test]
+    fn cpu_failure_names_features_and_the_limit() {
+        let mut v = vm();
+        v.cpu_template = "host".into();
+        v.cpu_features = set(&["cpuid.0x7.0.ebx[5]", "cpuid.0x1.0.edx[26]"]);
+        let mut h = host();
+        h.cpu_features = set(&["cpuid.0x1.0.edx[26]"]);
+        h.cpu_limit = Some("limited to the baseline CPU template by --cpu-limit".into());
+        let f = check_cpu(&v, &h).unwrap();
+        assert!(
+            f.source
+                .contains("template host uses avx2 (cpuid.0x7.0.ebx[5])"),
+            "{f}"
+        );
+        assert!(f.target.contains("--cpu-limit) lacks avx2"), "{f}");
+        assert!(!f.target.contains("sse2"), "{f}");
+    }
+
+    #[test]
+    fn priority_defaults_to_standard_on_the_wire() {
+        let v: VmFacts = serde_json::from_str(
+            r#"{"name":"a","cpu_template":"baseline",
+            "cpu_features":[],"memory_mib":64,"vcpus":1}"#,
+        )
+        .unwrap();
+        assert_eq!((v.priority, v.resident_mib), (Priority::Standard, None));
+        let v: VmFacts = serde_json::from_str(
+            r#"{"name":"a","cpu_template":"baseline",
+            "cpu_features":[],"memory_mib":64,"vcpus":1,"priority":"high"}"#,
+        )
+        .unwrap();
+        assert_eq!(v.priority, Priority::High);
     }
 
     #[test]

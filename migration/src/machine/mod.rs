@@ -24,6 +24,8 @@
 //! carries exactly what a snapshot saves.
 
 pub mod announce;
+pub mod cpuid_names;
+pub mod reserve;
 pub mod source;
 pub mod target;
 

@@ -16,7 +16,7 @@ use vmm::machine::Machine;
 use vmm::migration_hook::{HookError, MigrationHook};
 use vmm::ExitReason;
 
-use crate::precheck::{self, Disk, VmFacts};
+use crate::precheck::{self, Disk, Priority, VmFacts};
 use crate::progress::{CancelToken, Progress, Stage, Summary};
 use crate::source::{migrate, SourceOptions};
 use crate::vm::{DirtyBitmap, MigratableVm, Region, VmError};
@@ -28,6 +28,7 @@ pub struct SourceVm {
     /// Whether a non-resident page of guest memory is certainly zero
     /// (no swap on this host; see [`SourceVm::read_pages`]).
     skip_absent: bool,
+    priority: Priority,
 }
 
 /// Whether this host has no swap: then a page of an anonymous private
@@ -57,7 +58,34 @@ impl SourceVm {
             m,
             layout,
             skip_absent: no_swap(),
+            priority: Priority::Standard,
         }
+    }
+
+    /// The same, for a migration of `priority` (sent with the facts).
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Guest memory in use (resident), MiB, rounded up; `None` with swap
+    /// (a swapped-out page is not resident but will be sent).
+    fn resident_mib(&self) -> Option<u64> {
+        if !self.skip_absent {
+            return None;
+        }
+        let mut pages = 0u64;
+        for r in &self.layout {
+            // One mincore call per 64 MiB keeps the vector small.
+            let mut off = 0;
+            while off < r.size {
+                let len = (r.size - off).min(64 << 20) as usize;
+                let v = self.residency(r.gpa + off, len)?;
+                pages += v.iter().filter(|b| *b & 1 != 0).count() as u64;
+                off += len as u64;
+            }
+        }
+        Some((pages * PAGE as u64).div_ceil(1 << 20))
     }
 
     /// Residency of each page of `[gpa, gpa + len)` (bit 0 set: resident),
@@ -94,9 +122,32 @@ fn guest_cpu_features(m: &Machine) -> std::collections::BTreeSet<String> {
     cpuid.map(|c| super::cpu_features(&c)).unwrap_or_default()
 }
 
+/// `disk PATH (block device MAJ:MIN)` if `path` is a device node: a disk
+/// of this host (raw passthrough), not a file on a datastore.
+fn host_device(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = std::fs::metadata(path).ok()?;
+    let ft = md.file_type();
+    let kind = if ft.is_block_device() {
+        "block device"
+    } else if ft.is_char_device() {
+        "character device"
+    } else {
+        return None;
+    };
+    let rdev = md.rdev();
+    Some(format!(
+        "disk {} ({kind} {}:{})",
+        path.display(),
+        libc::major(rdev),
+        libc::minor(rdev)
+    ))
+}
+
 /// What the target's pre-checks need to know about `m`.
 pub fn facts(m: &Machine) -> VmFacts {
     let c = &m.config;
+    let devices: Vec<Option<String>> = c.disks.iter().map(|d| host_device(&d.path)).collect();
     VmFacts {
         name: c.name.clone(),
         cpu_template: serde_json::to_value(c.cpu_template)
@@ -109,19 +160,26 @@ pub fn facts(m: &Machine) -> VmFacts {
         disks: c
             .disks
             .iter()
-            .map(|d| Disk {
+            .zip(&devices)
+            .map(|(d, dev)| Disk {
                 path: std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone()),
                 identity: precheck::disk_identity(&d.path).ok(),
+                host_device: dev.is_some(),
             })
             .collect(),
         networks: c.nics.iter().map(|n| n.network.clone()).collect(),
-        host_local_devices: Vec::new(),
+        host_local_devices: devices.into_iter().flatten().collect(),
+        ..Default::default()
     }
 }
 
 impl MigratableVm for SourceVm {
     fn facts(&self) -> VmFacts {
-        facts(&self.m)
+        VmFacts {
+            priority: self.priority,
+            resident_mib: self.resident_mib(),
+            ..facts(&self.m)
+        }
     }
 
     fn memory_layout(&self) -> Vec<Region> {
@@ -233,6 +291,10 @@ pub struct MigrateRequest {
     /// Verify every page end to end.
     #[serde(default)]
     pub checksum: bool,
+    /// `standard` (default) or `high` (reserve on both sides first, refuse
+    /// if either cannot).
+    #[serde(default)]
+    pub priority: Priority,
     /// Encrypt and authenticate the stream with TLS 1.3 (mutual
     /// certificates from the cluster CA).
     #[serde(default)]
@@ -421,6 +483,23 @@ impl MigrationHook for Outgoing {
         if self.lock().running {
             return Err(bad(409, "a migration of this VM is already running"));
         }
+        if req.priority == Priority::High {
+            let room = super::reserve::reservable();
+            let vm = VmFacts {
+                priority: req.priority,
+                ..facts(m)
+            };
+            if let Some(f) = precheck::check_source_memory(&vm, &self.host, room.mib, &room.detail)
+            {
+                return Err(bad(
+                    507,
+                    format!(
+                        "migration refused before connecting: pre-check failed on the source: \
+                         {f}; the VM keeps running on this host"
+                    ),
+                ));
+            }
+        }
         let stream = connect(&req.to)?;
         let cancel = CancelToken::new();
         {
@@ -438,12 +517,13 @@ impl MigrationHook for Outgoing {
         let outcome_read = self.outcome_read.clone();
         let m = m.clone();
         let to = req.to.clone();
+        let priority = req.priority;
         let spawned = std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
                 let span = tracing::info_span!("migrate", vm = %m.config.name, to = %to);
                 let _e = span.enter();
-                let mut vm = SourceVm::new(m.clone());
+                let mut vm = SourceVm::new(m.clone()).with_priority(priority);
                 let sh = shared.clone();
                 let to2 = to.clone();
                 let mut progress = |p: &Progress| {

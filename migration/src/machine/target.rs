@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use vmm::memory::GuestMemory;
 use vmm::snapshot::{RestoreOverrides, VmState};
 use vmm::{ExitReason, RunOptions};
 
-use crate::precheck::{self, HostFacts, VmFacts};
+use crate::precheck::{self, HostFacts, Priority, VmFacts};
 use crate::progress::CancelToken;
 use crate::protocol::PAGE_SIZE;
 use crate::target::{receive, TargetOptions};
@@ -36,6 +36,9 @@ pub struct IncomingOptions {
     pub run: RunOptions,
     /// Networks this host offers (`network=` names of NICs).
     pub networks: BTreeSet<String>,
+    /// Offer guests at most the CPU features of this template (`--cpu-limit`,
+    /// like an EVC baseline): a guest started with more is refused.
+    pub cpu_limit: Option<vmm::config::CpuTemplateName>,
     /// Require TLS 1.3 with a client certificate from the cluster CA.
     pub tls: Option<crate::transport::TlsFiles>,
 }
@@ -68,43 +71,87 @@ pub enum IncomingError {
 /// This host, as the target's pre-checks and VM creation see it.
 pub struct IncomingHost {
     opts: IncomingOptions,
+    /// Guest memory committed by a `high` priority pre-check, for
+    /// [`TargetHost::create_vm`].
+    reserved: Mutex<Option<GuestMemory>>,
 }
 
 impl IncomingHost {
     /// A host that creates VMs with `opts`.
     pub fn new(opts: IncomingOptions) -> Self {
-        Self { opts }
+        Self {
+            opts,
+            reserved: Mutex::new(None),
+        }
+    }
+
+    /// `high` priority: allocate and fault in all of guest memory now.
+    fn commit(&self, vm: &VmFacts) -> Result<(), String> {
+        let mem = vmm::memory::create_guest_memory(vm.memory_mib << 20)
+            .map_err(|e| crate::error_chain(&e))?;
+        super::reserve::commit(&mem).map_err(|e| format!("faulting it in: {e}"))?;
+        tracing::info!(vm = %vm.name, mib = vm.memory_mib, "guest memory committed (priority high)");
+        *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
     }
 }
 
-fn host_cpu_features() -> BTreeSet<String> {
+/// The CPU features this host offers: KVM's supported CPUID, through the
+/// `limit` template's masks if one is set.
+fn host_cpu_features(limit: Option<vmm::config::CpuTemplateName>) -> BTreeSet<String> {
     vmm::vm::open_kvm()
         .ok()
         .and_then(|kvm| {
             kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
                 .ok()
         })
-        .map(|c| super::cpu_features(&c))
+        .map(|c| match limit {
+            None => super::cpu_features(&c),
+            Some(t) => {
+                let mut entries = c.as_slice().to_vec();
+                vmm::cpu::templates::apply(&mut entries, vmm::cpu::templates::template(t));
+                kvm_bindings::CpuId::from_entries(&entries)
+                    .map(|c| super::cpu_features(&c))
+                    .unwrap_or_default()
+            }
+        })
         .unwrap_or_default()
 }
 
-fn reservable_mib() -> u64 {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let info = vmm::memory::parse_meminfo(&text);
-    (info.mem_available_kib + info.swap_free_kib) >> 10
+/// A template's name as the CLI and config spell it.
+fn template_name(t: vmm::config::CpuTemplateName) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 impl TargetHost for IncomingHost {
     type Vm = IncomingShell;
 
     fn host_facts(&self, vm: &VmFacts) -> HostFacts {
-        precheck::host_facts_for(
+        let room = super::reserve::reservable();
+        let mut facts = precheck::host_facts_for(
             &self.opts.target.host,
-            host_cpu_features(),
-            reservable_mib(),
+            host_cpu_features(self.opts.cpu_limit),
+            room.mib,
             self.opts.networks.clone(),
             vm,
-        )
+        );
+        facts.memory_detail = room.detail;
+        facts.cpu_limit = self.opts.cpu_limit.map(|t| {
+            format!(
+                "limited to the {} CPU template by --cpu-limit",
+                template_name(t)
+            )
+        });
+        // Commit only what the figure says fits (past a cgroup limit the
+        // kernel kills rather than failing the fault), and only for a VM
+        // no other check refuses.
+        if vm.priority == Priority::High && precheck::check_all(vm, &facts).is_empty() {
+            facts.committed = Some(self.commit(vm));
+        }
+        facts
     }
 
     fn create_vm(&mut self, vm: &VmFacts, layout: &[Region]) -> Result<IncomingShell, VmError> {
@@ -121,9 +168,19 @@ impl TargetHost for IncomingHost {
             )
             .into());
         }
-        let mem = vmm::memory::create_guest_memory(bytes)?;
+        let reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let committed = reserved.is_some();
+        let mem = match reserved {
+            Some(m) => m,
+            None => vmm::memory::create_guest_memory(bytes)?,
+        };
         Ok(IncomingShell {
             mem: Some(mem),
+            committed,
             state: None,
             overrides: self.opts.overrides.clone(),
             run: self.opts.run.clone(),
@@ -136,6 +193,9 @@ impl TargetHost for IncomingHost {
 /// it. Dropped before [`IncomingVm::start`], it frees its memory.
 pub struct IncomingShell {
     mem: Option<GuestMemory>,
+    /// The memory was committed ahead (`high` priority): zero pages are
+    /// written, not discarded, so it stays committed.
+    committed: bool,
     state: Option<VmState>,
     overrides: RestoreOverrides,
     run: RunOptions,
@@ -168,7 +228,16 @@ impl IncomingVm for IncomingShell {
     }
 
     fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), VmError> {
-        vmm::memory::discard_range(self.mem()?, gpa, u64::from(pages) * PAGE_SIZE as u64)?;
+        let len = u64::from(pages) * PAGE_SIZE as u64;
+        if self.committed {
+            static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+            for p in 0..u64::from(pages) {
+                self.mem()?
+                    .write_slice(&ZERO, GuestAddress(gpa + p * PAGE_SIZE as u64))?;
+            }
+            return Ok(());
+        }
+        vmm::memory::discard_range(self.mem()?, gpa, len)?;
         Ok(())
     }
 

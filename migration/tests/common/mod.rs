@@ -203,9 +203,11 @@ impl MigratableVm for FakeVm {
                     datastore: "ds-uuid".into(),
                     relative: "fake.img".into(),
                 }),
+                host_device: false,
             }],
             networks: vec!["Prod".into()],
             host_local_devices: vec![],
+            ..Default::default()
         }
     }
     fn memory_layout(&self) -> Vec<Region> {
@@ -281,6 +283,7 @@ impl FakeHost {
                 reservable_mib: 1 << 20,
                 disks: vec![],
                 networks: ["Prod".to_string()].into(),
+                ..Default::default()
             },
             seen: Arc::default(),
             fail_restore: false,

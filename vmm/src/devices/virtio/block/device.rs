@@ -3,6 +3,7 @@
 
 use std::any::Any;
 use std::fs::{File, OpenOptions};
+use std::io::Seek;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -106,13 +107,13 @@ impl Block {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let size = file
-            .metadata()
+        // Seeking to the end sizes a block device too (its metadata says 0).
+        let size = (&file)
+            .seek(std::io::SeekFrom::End(0))
             .map_err(|source| BlockError::Size {
                 path: path.to_path_buf(),
                 source,
-            })?
-            .len();
+            })?;
         Ok(Self {
             id,
             path: path.to_path_buf(),
