@@ -148,6 +148,33 @@ pub enum ClusterAction {
         #[arg(long)]
         json: bool,
     },
+    /// Put a host into maintenance mode, or take it out (`enter|exit
+    /// HOST`). A host in maintenance runs no VMs and receives no restarts.
+    /// Entering is refused while VMs run there (unless --power-off) and
+    /// when admission control says the other hosts could not honour the
+    /// policy without it.
+    Maintenance {
+        /// enter or exit.
+        action: MaintenanceAction,
+        /// The host (its name in the cluster file).
+        host: String,
+        /// enter: power off the VMs running on the host first (they become
+        /// unprotected, as with `vigil vm stop`).
+        #[arg(long)]
+        power_off: bool,
+        /// This host's agent configuration.
+        #[arg(long, value_name = "host.toml", default_value = "/etc/vigil/host.toml")]
+        config: PathBuf,
+    },
+}
+
+/// `vigil cluster maintenance` actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MaintenanceAction {
+    /// Enter maintenance mode.
+    Enter,
+    /// Exit maintenance mode.
+    Exit,
 }
 
 /// `vigil vm ACTION --api-socket PATH [--json]` (one VM's VMM), or

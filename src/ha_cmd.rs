@@ -1,10 +1,13 @@
-//! `vigil agent`, `vigil cluster init|status` and `vigil vm
+//! `vigil agent`, `vigil cluster init|status|maintenance` and `vigil vm
 //! register|start|stop|list`: the HA commands (see `ha::runtime`).
 //!
 //! `cluster status` and `vm start|stop|list` ask this host's agent over its
 //! authenticated command channel; an agent that is not the master redirects
-//! to the master. `vm register` writes the VM's files on the datastore, where
-//! every agent finds them.
+//! to the master. `cluster status` then asks every other host for what VM
+//! monitoring did to its VMs. `cluster maintenance enter HOST` asks the
+//! master's admission control first, powers the host's VMs off if told to,
+//! then asks HOST itself (which refuses while VMs run there). `vm register`
+//! writes the VM's files on the datastore, where every agent finds them.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -15,7 +18,7 @@ use ha::runtime::files::{vm_dir, write_json, ClusterFile, HostConfig, VmHaSettin
 use serde_json::Value;
 use vmm::control::EXIT_ERROR;
 
-use crate::cli::{AgentArgs, ClusterAction, ClusterArgs, VmAction, VmArgs};
+use crate::cli::{AgentArgs, ClusterAction, ClusterArgs, MaintenanceAction, VmAction, VmArgs};
 use crate::logging;
 use crate::run::chain;
 
@@ -59,7 +62,8 @@ pub fn cluster(args: ClusterArgs) -> i32 {
                 Err(e) => return fail(chain(&e)),
             };
             match ha::runtime::ask(&host, &Request::Status) {
-                Ok((from, v)) => {
+                Ok((from, mut v)) => {
+                    v["monitoring"] = monitoring(&host, &from, &v);
                     if json {
                         println!("{v}");
                     } else {
@@ -70,7 +74,115 @@ pub fn cluster(args: ClusterArgs) -> i32 {
                 Err(e) => fail(e),
             }
         }
+        ClusterAction::Maintenance {
+            action,
+            host: target,
+            power_off,
+            config,
+        } => {
+            let host = match HostConfig::load(&config) {
+                Ok(h) => h,
+                Err(e) => return fail(chain(&e)),
+            };
+            match maintenance(&host, action, &target, power_off) {
+                Ok(msg) => {
+                    println!("{msg}");
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
     }
+}
+
+/// Asks every host but `answered` (whose status `v` is) what VM
+/// monitoring did to its VMs: `{VM: {host, resets, last_reason, ...}}`.
+/// A host that does not answer is skipped (the master's host list says
+/// what state it is in).
+fn monitoring(host: &HostConfig, answered: &str, v: &Value) -> Value {
+    let mut all = serde_json::Map::new();
+    let mut add = |h: &str, local: &Value| {
+        if let Some(m) = local["monitoring"].as_object() {
+            for (vm, rec) in m {
+                let mut rec = rec.clone();
+                rec["host"] = Value::String(h.to_string());
+                all.insert(vm.clone(), rec);
+            }
+        }
+    };
+    add(answered, v);
+    let (Ok(cluster), Ok(secret)) = (host.cluster_file(), host.secret()) else {
+        return Value::Object(all);
+    };
+    let secret = ha::wire::ClusterSecret::new(secret);
+    for h in cluster.hosts.keys().filter(|h| h.as_str() != answered) {
+        if let Ok((_, local)) = ha::runtime::ask_at(&cluster, &secret, h, &Request::LocalStatus) {
+            add(h, &local);
+        }
+    }
+    Value::Object(all)
+}
+
+/// `vigil cluster maintenance enter|exit HOST`.
+fn maintenance(
+    host: &HostConfig,
+    action: MaintenanceAction,
+    target: &str,
+    power_off: bool,
+) -> Result<String, String> {
+    let cluster = host.cluster_file().map_err(|e| chain(&e))?;
+    let secret = ha::wire::ClusterSecret::new(host.secret().map_err(|e| chain(&e))?);
+    if cluster.agent_addr(target).is_none() {
+        return Err(format!("host {target} is not in the cluster file"));
+    }
+    let at = |req: &Request| ha::runtime::ask_at(&cluster, &secret, target, req);
+    if action == MaintenanceAction::Exit {
+        return at(&Request::ExitMaintenance).map(|(_, v)| format!("{target}: {}", s(&v)));
+    }
+    // The master's admission control decides first (the host's VMs count
+    // as moved to the others, or as off with --power-off).
+    let (_, ok) = ha::runtime::ask(
+        host,
+        &Request::CheckMaintenance {
+            host: target.into(),
+            power_off,
+        },
+    )?;
+    let mut notes = vec![s(&ok)];
+    if power_off {
+        let (_, local) = at(&Request::LocalStatus)?;
+        let vms: Vec<String> = local["local_vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        for vm in &vms {
+            at(&Request::Stop { vm: vm.clone() })?;
+            notes.push(format!("powered off {vm}"));
+        }
+        // The host reports them off to the master with its next heartbeat.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let (_, local) = at(&Request::LocalStatus)?;
+            if local["local_vms"].as_array().is_none_or(|a| a.is_empty()) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{target}: its VMs did not stop within 60 s: {}",
+                    local["local_vms"]
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        if !vms.is_empty() {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+    }
+    let (_, v) = at(&Request::EnterMaintenance)?;
+    notes.push(format!("{target}: {}", s(&v)));
+    Ok(notes.join("\n"))
 }
 
 fn init(cluster: &Path, datastores: &[PathBuf], secret: &Path) -> Result<String, String> {
@@ -136,6 +248,22 @@ fn render_status(from: &str, v: &Value) -> String {
                 .map(|r| format!(" ({})", s(r)))
                 .unwrap_or_default();
             out.push_str(&format!("{vm:<20} {:<20} {host}{extra}\n", s(&p["state"])));
+        }
+    }
+    if let Some(m) = v["monitoring"].as_object().filter(|m| !m.is_empty()) {
+        out.push_str("VM MONITORING        HOST       RESETS  STATE\n");
+        for (vm, r) in m {
+            let state = if r["limit_reached"] == true {
+                "hung again, reset limit reached: left alone"
+            } else {
+                "reset"
+            };
+            out.push_str(&format!(
+                "{vm:<20} {:<10} {:<7} {state}; last: {}\n",
+                s(&r["host"]),
+                s(&r["resets"]),
+                s(&r["last_reason"])
+            ));
         }
     }
     if let Some(c) = v["capacity"]["text"].as_str() {

@@ -326,13 +326,35 @@ fn relay_app_heartbeats(fd: i32, apps: &mut proto::AppTable, conn: &mut Option<C
 }
 
 /// `app-heartbeat`: sends `HB <name>` to the daemon, once or every few
-/// seconds. Exits 1 if the daemon is not there.
+/// seconds. Exits 1 if the daemon is not there. As a workload (one
+/// key=value list) it beats every `every` seconds (default 1), `count`
+/// times (default 0: forever), waits for the daemon's socket at start, and
+/// prints `VIGIL-APP-HEARTBEAT-DONE sent=N` when it stops beating.
 pub fn app_heartbeat(args: Args) -> i32 {
     let mut name: &[u8] = b"app";
     let mut socket: &[u8] = proto::APP_SOCKET.as_bytes();
     let mut every = 0u64;
     let mut count = 1u64;
     let mut i = 2;
+    // As a workload (`vigil.run=app-heartbeat:name=web,every=2,count=10`)
+    // the options come as one key=value list.
+    let workload = args.get(2).is_some_and(|a| !a.starts_with(b"--"));
+    if let Some(list) = args.get(2).filter(|_| workload) {
+        count = 0;
+        for (k, v) in vigil_tools::args::KeyValues::new(list) {
+            match (k, parse_u64(v)) {
+                (b"name", _) if proto::valid_app_name(v) => name = v,
+                (b"socket", _) if SockAddr::unix(v).is_some() => socket = v,
+                (b"every", Some(n)) => every = n,
+                (b"count", Some(n)) => count = n,
+                _ => return crate::bad_option("app-heartbeat", k, v),
+            }
+        }
+        if every == 0 {
+            every = 1;
+        }
+        i = args.len();
+    }
     while let Some(a) = args.get(i) {
         let v = args.get(i + 1).unwrap_or(b"");
         match a {
@@ -372,12 +394,22 @@ pub fn app_heartbeat(args: Args) -> i32 {
     msg.s("HB ").b(name).nl();
     let mut sent = 0u64;
     loop {
-        if let Err(e) = sys::sendto(fd, msg.as_bytes(), sys::MSG_NOSIGNAL, addr.as_bytes()) {
-            rt::warn_errno("app-heartbeat: the tools daemon is not listening", e);
-            return 1;
+        match sys::sendto(fd, msg.as_bytes(), sys::MSG_NOSIGNAL, addr.as_bytes()) {
+            Ok(_) => sent += 1,
+            // A workload starts with the daemon and may be first: it waits
+            // for the daemon's socket rather than fail.
+            Err(_) if workload && sent == 0 => {}
+            Err(e) => {
+                rt::warn_errno("app-heartbeat: the tools daemon is not listening", e);
+                return 1;
+            }
         }
-        sent += 1;
         if (count != 0 && sent >= count) || every == 0 {
+            if workload {
+                let mut l = Line::new();
+                l.s("VIGIL-APP-HEARTBEAT-DONE sent=").u(sent).nl();
+                rt::out(&l);
+            }
             return 0;
         }
         sys::sleep_ns(every * 1_000_000_000);

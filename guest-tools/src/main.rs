@@ -11,6 +11,7 @@ mod disk;
 mod diskseq;
 mod echo;
 mod rt;
+mod stoptools;
 mod sys;
 
 use rt::Args;
@@ -21,6 +22,8 @@ usage: vigil-tools COMMAND [OPTIONS]
   daemon [--connect vsock[:CID:PORT]|unix:PATH] [--app-socket @NAME|PATH]
          [--interval-ms N] [--dry-run-poweroff]
   app-heartbeat [--name NAME] [--every SECONDS] [--count N] [--socket @NAME|PATH]
+  app-heartbeat name=NAME,every=SECONDS,count=N[,socket=...]   as a workload
+  stop-tools [after=10,signal=kill]   kills the tools daemon after a delay
   poweroff --now|--dry-run   the daemon's clean power-off, run by hand
   dirty [mib=64,rate=0,report=10,stall=500,passes=0]
   disk-write [dev=/dev/vda,rate=10,count=0,tag=TEXT,report=10]
@@ -53,6 +56,7 @@ pub fn main(args: Args) -> i32 {
         b"disk-seq" => diskseq::run(opts),
         b"echo" => echo::run(opts),
         b"counter" => counter::run(opts),
+        b"stop-tools" => stoptools::run(opts),
         b"help" | b"--help" | b"-h" => {
             let _ = sys::write_all(1, USAGE.as_bytes());
             0

@@ -18,6 +18,7 @@ pub const EAGAIN: i32 = 11;
 pub const O_RDONLY: usize = 0;
 pub const O_RDWR: usize = 2;
 pub const O_CLOEXEC: usize = 0o2_000_000;
+pub const O_DIRECTORY: usize = 0o200_000;
 pub const O_DSYNC: usize = 0o10_000;
 pub const O_DIRECT: usize = 0o40_000;
 
@@ -58,6 +59,8 @@ const NR_BIND: usize = 49;
 const NR_LISTEN: usize = 50;
 const NR_SETSOCKOPT: usize = 54;
 const NR_KILL: usize = 62;
+const NR_GETPID: usize = 39;
+const NR_GETDENTS64: usize = 217;
 const NR_SYNC: usize = 162;
 const NR_REBOOT: usize = 169;
 const NR_CLOCK_GETTIME: usize = 228;
@@ -310,6 +313,16 @@ pub fn poll(fds: &mut [PollFd], timeout_ms: i32) -> Res {
 
 pub fn kill(pid: i32, sig: usize) -> Res {
     sc!(NR_KILL, pid as isize, sig)
+}
+
+pub fn getpid() -> i32 {
+    sc!(NR_GETPID).map_or(0, |p| p as i32)
+}
+
+/// Reads directory entries (`struct linux_dirent64` records) into `buf`;
+/// `Ok(0)` at the end of the directory.
+pub fn getdents64(fd: i32, buf: &mut [u8]) -> Res {
+    sc!(NR_GETDENTS64, fd, buf.as_mut_ptr(), buf.len())
 }
 
 /// Ignores SIGPIPE, so that writing to a dropped connection is an EPIPE.

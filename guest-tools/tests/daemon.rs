@@ -221,3 +221,33 @@ fn poweroff_by_hand_must_be_spelled_out() {
     let out = Command::new(BIN).arg("poweroff").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn app_heartbeat_as_a_workload_beats_count_times_then_says_so() {
+    let dir = std::env::temp_dir().join(format!("vigil-tools-appwl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("app.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "app-heartbeat",
+            &format!("name=web,every=1,count=2,socket={}", path.display()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("VIGIL-APP-HEARTBEAT-DONE sent=2"),
+        "{stdout}"
+    );
+    let mut buf = [0u8; 64];
+    for _ in 0..2 {
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"HB web\n");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -108,6 +108,10 @@ fn bad_options_are_refused() {
         ("disk-write", "speed=3"),
         ("echo", "port=70000"),
         ("counter", "every=0"),
+        ("stop-tools", "after=soon"),
+        ("stop-tools", "signal=hup"),
+        ("app-heartbeat", "every=x"),
+        ("app-heartbeat", "name=no spaces"),
     ] {
         let out = Command::new(BIN).args([cmd, opts]).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{cmd} {opts}");

@@ -3,7 +3,8 @@
 //! local monotonic time and asks for a decision on each tick.
 //!
 //! A reset needs all of: the monitored heartbeat (guest tools or an
-//! application) silent for the sensitivity's failure interval, no disk and no
+//! application), once seen since the VM's power-on or last reset, silent
+//! for the sensitivity's failure interval, no disk and no
 //! network I/O during the I/O window (a guest busy doing I/O is probably alive
 //! but starved, and resetting it would lose work), the VM up for longer than
 //! the grace period (a booting guest has no tools yet), and fewer than
@@ -233,15 +234,15 @@ impl VmMonitor {
     /// The heartbeat lost at `now`, if any, and for how long.
     fn lost(&self, now: Time) -> Option<(Lost, Duration)> {
         let limit = self.settings.sensitivity.failure_interval();
-        // Silence is measured from the last heartbeat, or from the power-on
-        // (or last reset) when the guest never heartbeat since.
-        let tools = now.since(
-            self.last_heartbeat
-                .unwrap_or(self.started)
-                .max(self.started),
-        );
-        if tools >= limit {
-            return Some((Lost::Tools, tools));
+        // A heartbeat is monitored once it has been seen since the power-on
+        // (or last reset), as vSphere monitors a VM whose tools heartbeat
+        // has turned green: a guest still booting (however slowly) or
+        // without tools is never reset for their silence.
+        if let Some(hb) = self.last_heartbeat.filter(|t| *t >= self.started) {
+            let tools = now.since(hb);
+            if tools >= limit {
+                return Some((Lost::Tools, tools));
+            }
         }
         // An application is monitored once it has heartbeat since the last
         // (re)start: a guest without such an application is not reset for it.
@@ -385,20 +386,46 @@ mod tests {
     #[test]
     fn grace_period_after_boot() {
         let mut m = VmMonitor::new(settings(Sensitivity::High), secs(0));
-        // Never heartbeat: suspect from 30 s, reset only once the 120 s grace ends.
-        assert_eq!(m.evaluate(secs(29)), MonitorDecision::Healthy);
-        assert_eq!(m.evaluate(secs(30)), MonitorDecision::Suspect);
+        // One heartbeat at 5 s, then silence: suspect from 35 s, reset only
+        // once the 120 s grace ends.
+        m.heartbeat(secs(5));
+        assert_eq!(m.evaluate(secs(34)), MonitorDecision::Healthy);
+        assert_eq!(m.evaluate(secs(35)), MonitorDecision::Suspect);
         assert_eq!(m.evaluate(secs(119)), MonitorDecision::Suspect);
         assert!(is_reset(&m.evaluate(secs(120))));
+    }
+
+    /// A guest that has not heartbeat since its power-on (still booting, or
+    /// no tools) is not monitored: never reset, however long it takes.
+    #[test]
+    fn no_reset_before_the_first_heartbeat() {
+        let mut m = VmMonitor::new(settings(Sensitivity::High), secs(0));
+        for t in 0..5000 {
+            assert_eq!(m.evaluate(secs(t)), MonitorDecision::Healthy, "at {t}");
+        }
+        // After a reset, the old boot's heartbeat does not count either.
+        m.heartbeat(secs(5000));
+        assert!(is_reset(&m.evaluate(secs(5030))));
+        for t in 5031..6000 {
+            assert_eq!(m.evaluate(secs(t)), MonitorDecision::Healthy, "at {t}");
+        }
     }
 
     #[test]
     fn at_most_three_resets_per_window() {
         let mut m = VmMonitor::new(settings(Sensitivity::High), secs(0));
         let mut resets = vec![];
+        // Each boot's tools heartbeat once, 1 s into the boot, then hang.
+        let mut boot = 0;
         for t in 0..4000 {
+            if t == boot + 1 {
+                m.heartbeat(secs(t));
+            }
             match m.evaluate(secs(t)) {
-                MonitorDecision::Reset { .. } => resets.push(t),
+                MonitorDecision::Reset { .. } => {
+                    resets.push(t);
+                    boot = t;
+                }
                 MonitorDecision::ResetLimitReached { resets } => assert_eq!(resets, 3),
                 _ => {}
             }
@@ -424,7 +451,9 @@ mod tests {
             max_resets: 1,
         };
         let mut m = VmMonitor::new(s, secs(0));
+        m.heartbeat(secs(0));
         assert!(is_reset(&m.evaluate(secs(10))));
+        m.heartbeat(secs(10));
         assert_eq!(
             m.evaluate(secs(20)),
             MonitorDecision::ResetLimitReached { resets: 1 }
@@ -446,6 +475,7 @@ mod tests {
     #[test]
     fn steady_io_keeps_a_silent_guest_alive() {
         let mut m = VmMonitor::new(settings(Sensitivity::High), secs(0));
+        m.heartbeat(secs(0));
         for t in 0..3000 {
             if t % 10 == 0 && t < 2000 {
                 m.io_activity(secs(t));
@@ -513,6 +543,7 @@ mod tests {
             ..Default::default()
         };
         let mut m = VmMonitor::new(s, secs(1000));
+        m.heartbeat(secs(1000));
         assert_eq!(m.evaluate(secs(1030)), MonitorDecision::Suspect);
         assert_eq!(m.evaluate(secs(1119)), MonitorDecision::Suspect);
         assert!(is_reset(&m.evaluate(secs(1120))));

@@ -548,6 +548,33 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Sets one key of the cluster file the agents read at start (what
+    /// `cluster init` would have copied from cluster.toml): call it before
+    /// [`Lab::start_all`].
+    pub fn set_cluster_key(&self, key: &str, value: Value) {
+        let f = self.store("ds1").join(".vigil/cluster.json");
+        let mut c: Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+        c[key] = value;
+        std::fs::write(&f, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    }
+
+    /// The serial console output of `vm` on host `i` so far.
+    pub fn console(&self, i: usize, vm: &str) -> String {
+        std::fs::read_to_string(self.h(i).run_dir.join(format!("{vm}.console"))).unwrap_or_default()
+    }
+
+    /// The API socket of `vm`'s VMM on host `i`.
+    pub fn api_socket(&self, i: usize, vm: &str) -> PathBuf {
+        self.h(i).run_dir.join(format!("{vm}.sock"))
+    }
+
+    /// Host `i`'s whole agent log.
+    pub fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.h(i).dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         for h in &self.hosts {

@@ -97,16 +97,21 @@ pub enum Command {
         /// The VM.
         vm: VmId,
     },
-    /// Leave HA for maintenance. On the master, admission control is
-    /// checked first (the cluster without this host must still satisfy the
-    /// policy); a slave's runtime asks the master with `CheckMaintenance`
-    /// before sending this.
+    /// Leave HA for maintenance. Refused (`MaintenanceBusy`) while VMs run
+    /// or start on this host: they must be moved or powered off first (a
+    /// host in maintenance runs no VMs). On the master, admission control
+    /// is checked first (the cluster without this host must still satisfy
+    /// the policy); for a slave the CLI asks the master with
+    /// `CheckMaintenance` before sending this.
     EnterMaintenance,
     /// Master only: may `host` enter maintenance mode under admission
     /// control? `Ok` with a note, or `Admission` with the arithmetic.
     CheckMaintenance {
         /// The host that wants to enter maintenance.
         host: HostId,
+        /// Its VMs will be powered off rather than moved to the other
+        /// hosts: they no longer count.
+        power_off: bool,
     },
     /// Come back from maintenance.
     ExitMaintenance,
@@ -290,6 +295,14 @@ pub enum CommandError {
     /// Admission control refused (the message shows the arithmetic).
     #[error("{0}")]
     Admission(String),
+    /// Entering maintenance mode while VMs run (or start) on the host.
+    #[error("host {host} cannot enter maintenance mode while VMs run on it ({vms}): live migration is not part of the cluster's commands yet, so power them off (`vigil vm stop NAME`), or enter with --power-off to have them powered off")]
+    MaintenanceBusy {
+        /// The host.
+        host: HostId,
+        /// The VMs running or starting there, comma-separated.
+        vms: String,
+    },
     /// No host can take the VM.
     #[error("no host can run VM {vm}: {reason}")]
     NoPlacement {

@@ -364,9 +364,28 @@ impl Agent {
                 out.push(Action::CommandDone(Ok("HA disabled".into())));
             }
             Command::EnterMaintenance => {
+                if self.state == HostHaState::Maintenance {
+                    out.push(Action::CommandDone(Ok("already in maintenance".into())));
+                    return;
+                }
+                let busy: Vec<String> = self
+                    .local_power_states()
+                    .into_iter()
+                    .filter(|(_, p)| matches!(p, PowerState::On | PowerState::Starting))
+                    .map(|(vm, _)| vm.to_string())
+                    .collect();
+                if !busy.is_empty() {
+                    out.push(Action::CommandDone(Err(CommandError::MaintenanceBusy {
+                        host: self.cfg.host.clone(),
+                        vms: busy.join(", "),
+                    })));
+                    return;
+                }
                 if self.state == HostHaState::Master {
+                    // Nothing runs here (checked above): whatever the
+                    // master's view still places on this host is off.
                     let me = self.cfg.host.clone();
-                    if let Err(e) = self.check_maintenance(now, &me) {
+                    if let Err(e) = self.check_maintenance(now, &me, true) {
                         out.push(Action::CommandDone(Err(e)));
                         return;
                     }
@@ -402,9 +421,9 @@ impl Agent {
                     }
                 }
             }
-            Command::CheckMaintenance { host } => {
+            Command::CheckMaintenance { host, power_off } => {
                 let r = self
-                    .check_maintenance(now, &host)
+                    .check_maintenance(now, &host, power_off)
                     .map(|()| format!("{host} may enter maintenance mode"));
                 out.push(Action::CommandDone(r));
             }

@@ -194,16 +194,22 @@ impl Agent {
                 })
             })
             .collect();
-        let powered_on = self
-            .master_state
+        (hosts, self.powered_on_reservations(|_| true))
+    }
+
+    /// The reservations of VMs powered on or starting (master only), on
+    /// the hosts `keep` accepts (`None`: no host known).
+    fn powered_on_reservations(&self, keep: impl Fn(Option<&HostId>) -> bool) -> Vec<Resources> {
+        let cluster = self.cluster();
+        self.master_state
             .iter()
             .flat_map(|m| m.vms.iter())
             .filter(|(_, e)| {
                 e.power == Some(PowerState::On) || matches!(e.restart, Restart::InFlight { .. })
             })
+            .filter(|(_, e)| keep(e.host.as_ref()))
             .filter_map(|(id, _)| cluster.vms.get(id).map(|c| c.reservation))
-            .collect();
-        (hosts, powered_on)
+            .collect()
     }
 
     /// Current and failover capacity under the active admission policy, for
@@ -222,14 +228,21 @@ impl Agent {
     }
 
     /// Whether `host` may enter maintenance mode under admission control
-    /// (master only).
-    pub(super) fn check_maintenance(&self, now: Time, host: &HostId) -> Result<(), CommandError> {
+    /// (master only). Its VMs count as moved to the other hosts, unless
+    /// `power_off` (they will be off, so they no longer count).
+    pub(super) fn check_maintenance(
+        &self,
+        now: Time,
+        host: &HostId,
+        power_off: bool,
+    ) -> Result<(), CommandError> {
         if self.state != HostHaState::Master {
             return Err(CommandError::NotMaster {
                 master: self.master.clone(),
             });
         }
-        let (hosts, powered_on) = self.admission_inputs(now);
+        let (hosts, _) = self.admission_inputs(now);
+        let powered_on = self.powered_on_reservations(|h| !(power_off && h == Some(host)));
         admission::admit_maintenance(&self.cluster().admission, &hosts, &powered_on, host)
             .map_err(|e| CommandError::Admission(e.to_string()))
     }
@@ -264,6 +277,20 @@ impl Agent {
             }
         }
         let cands = self.placement_candidates(now);
+        if let Some(h) = host.as_ref().filter(|h| {
+            m.hosts
+                .get(*h)
+                .is_some_and(|mon| mon.state == HostHaState::Maintenance)
+        }) {
+            let reason = format!(
+                "host {h} is in maintenance mode and runs no VMs until it exits it (`vigil cluster maintenance exit {h}`)"
+            );
+            out.push(Action::CommandDone(Err(CommandError::NoPlacement {
+                vm,
+                reason,
+            })));
+            return;
+        }
         let (hosts, powered_on) = self.admission_inputs(now);
         if let Err(e) = admit(
             &cluster.admission,

@@ -1,5 +1,5 @@
-//! The agent's command channel: `vigil cluster status` and `vigil vm
-//! start|stop|list` talk to an agent over TCP on its agent port.
+//! The agent's command channel: `vigil cluster status|maintenance` and
+//! `vigil vm start|stop|list` talk to an agent over TCP on its agent port.
 //!
 //! ```text
 //! client                                   agent
@@ -41,6 +41,18 @@ pub enum Request {
         /// The VM.
         vm: String,
     },
+    /// May `host` enter maintenance mode under admission control (master)?
+    CheckMaintenance {
+        /// The host.
+        host: String,
+        /// Its VMs will be powered off rather than moved.
+        power_off: bool,
+    },
+    /// Enter maintenance mode (the host itself, never redirected): refused
+    /// while VMs run there; the master also checks admission control.
+    EnterMaintenance,
+    /// Leave maintenance mode (the host itself, never redirected).
+    ExitMaintenance,
 }
 
 /// An answer.

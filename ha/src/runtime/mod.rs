@@ -111,6 +111,8 @@ struct Runtime {
     watched: BTreeMap<VmId, (crate::lease::LeaseRecord, crate::time::Time)>,
     /// The VMs the monitoring poller watches (`policies.rs`).
     polled: policies::LocalVms,
+    /// What VM monitoring did to this host's VMs (for `cluster status`).
+    monitoring: BTreeMap<VmId, policies::MonitoringRecord>,
 }
 
 /// Loads host.toml and the cluster, enables HA and runs the agent until the
@@ -176,6 +178,7 @@ pub fn run(config: &Path) -> Result<(), RuntimeError> {
         known_vms,
         watched: BTreeMap::new(),
         polled,
+        monitoring: BTreeMap::new(),
     };
     let now = vmms::now();
     let cluster_cfg = rt.cluster.to_config(rt.known_vms.clone());
@@ -193,6 +196,16 @@ pub fn run(config: &Path) -> Result<(), RuntimeError> {
                 event: crate::agent::VmEvent::PoweredOn,
             },
         );
+    }
+    // Maintenance mode outlives an agent (or host) restart, as an operator
+    // expects: the host stays out of HA until `maintenance exit`.
+    if policies::maintenance_marked(&rt.host.run_dir) {
+        match rt.command(Command::EnterMaintenance) {
+            Ok(m) => {
+                tracing::info!(host = %me, "maintenance mode kept from before the restart: {m}")
+            }
+            Err(e) => tracing::warn!(host = %me, error = %e, "cannot stay in maintenance mode"),
+        }
     }
     tracing::info!(host = %me, %addr, incarnation, "agent running");
     let watch = policies::SelfWatch::start(
@@ -407,6 +420,28 @@ impl Runtime {
             Request::Stop { vm } => {
                 to_reply(self.command(Command::PowerOffVm { vm: VmId::new(vm) }))
             }
+            Request::CheckMaintenance { host, power_off } => {
+                to_reply(self.command(Command::CheckMaintenance {
+                    host: HostId::new(host),
+                    power_off,
+                }))
+            }
+            Request::EnterMaintenance => {
+                let r = self.command(Command::EnterMaintenance);
+                if r.is_ok() {
+                    policies::mark_maintenance(&self.host.run_dir, true);
+                    tracing::warn!(host = %self.me, "in maintenance mode: no VMs run or restart here");
+                }
+                local_reply(r)
+            }
+            Request::ExitMaintenance => {
+                let r = self.command(Command::ExitMaintenance);
+                if r.is_ok() {
+                    policies::mark_maintenance(&self.host.run_dir, false);
+                    tracing::info!(host = %self.me, "out of maintenance mode");
+                }
+                local_reply(r)
+            }
         }
     }
 
@@ -419,6 +454,7 @@ impl Runtime {
             "hosts": s.hosts,
             "vms": s.vms,
             "local_vms": self.vmms.running(),
+            "monitoring": self.monitoring,
             "capacity": self.agent.capacity(vmms::now()).map(|c| json!({
                 "report": c,
                 "text": c.to_string(),
@@ -550,7 +586,10 @@ impl Runtime {
                 vms_running,
                 vms_protected,
             ),
-            Action::Event(e) => tracing::info!(host = %self.me, event = ?e, "HA event"),
+            Action::Event(e) => {
+                policies::record_monitoring(&mut self.monitoring, &e);
+                tracing::info!(host = %self.me, event = ?e, "HA event")
+            }
         }
     }
 
@@ -563,6 +602,15 @@ fn to_reply(r: Result<String, CommandError>) -> Reply {
     match r {
         Ok(m) => Reply::Ok(Value::String(m)),
         Err(CommandError::NotMaster { master: Some(m) }) => Reply::Redirect(m.to_string()),
+        Err(e) => Reply::Error(e.to_string()),
+    }
+}
+
+/// A reply from this host itself: never a redirect (maintenance mode is
+/// the host's own state, whoever is master).
+fn local_reply(r: Result<String, CommandError>) -> Reply {
+    match r {
+        Ok(m) => Reply::Ok(Value::String(m)),
         Err(e) => Reply::Error(e.to_string()),
     }
 }

@@ -182,6 +182,69 @@ pub(super) fn reset(run_dir: &Path, vm: VmId, reason: String) {
     });
 }
 
+/// What VM monitoring did to one local VM since this agent started: shown
+/// by `vigil cluster status` (asked of every host).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MonitoringRecord {
+    /// Resets carried out.
+    pub resets: u32,
+    /// The last reset's reason.
+    pub last_reason: Option<String>,
+    /// When (seconds since the Unix epoch).
+    pub last_reset_unix: Option<u64>,
+    /// The guest hung again after its resets in the window were used up:
+    /// it is left alone for an operator.
+    pub limit_reached: bool,
+}
+
+/// Keeps the monitoring record of the VM a reset event names.
+pub(super) fn record_monitoring(
+    records: &mut BTreeMap<VmId, MonitoringRecord>,
+    e: &crate::agent::HaEvent,
+) {
+    use crate::agent::HaEvent;
+    match e {
+        HaEvent::VmReset { vm, reason } => {
+            let r = records.entry(vm.clone()).or_default();
+            r.resets += 1;
+            r.last_reason = Some(reason.clone());
+            r.last_reset_unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
+            r.limit_reached = false;
+        }
+        HaEvent::VmResetLimitReached { vm, .. } => {
+            records.entry(vm.clone()).or_default().limit_reached = true;
+        }
+        _ => {}
+    }
+}
+
+/// The maintenance-mode marker in the run directory.
+const MAINTENANCE_FILE: &str = "maintenance";
+
+/// Whether this host was left in maintenance mode.
+pub(super) fn maintenance_marked(run_dir: &Path) -> bool {
+    run_dir.join(MAINTENANCE_FILE).exists()
+}
+
+/// Records (or clears) maintenance mode so that it survives a restart.
+pub(super) fn mark_maintenance(run_dir: &Path, on: bool) {
+    let p = run_dir.join(MAINTENANCE_FILE);
+    let r = if on {
+        vmm::lease::write_atomic(&p, b"maintenance\n").map_err(|e| e.to_string())
+    } else {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+            _ => Ok(()),
+        }
+    };
+    if let Err(e) = r {
+        tracing::warn!(file = %p.display(), error = %e, "cannot record maintenance mode");
+    }
+}
+
 /// Writes the health record for an `HaEvent::Summary` to the log and to
 /// the rotating summary file in the run directory.
 pub(super) fn write_summary(
@@ -235,6 +298,47 @@ mod tests {
             {"device": "vsock", "kind": "vsock", "counters": {"rx_bytes": 1000}},
         ]});
         assert_eq!(io_total(&c), 22);
+    }
+
+    #[test]
+    fn monitoring_records_count_resets_and_the_limit() {
+        use crate::agent::HaEvent;
+        let mut r = BTreeMap::new();
+        let vm = VmId::new("vm1");
+        for n in 1..=2 {
+            let reason = format!("reset {n}");
+            record_monitoring(
+                &mut r,
+                &HaEvent::VmReset {
+                    vm: vm.clone(),
+                    reason,
+                },
+            );
+        }
+        record_monitoring(
+            &mut r,
+            &HaEvent::VmResetLimitReached {
+                vm: vm.clone(),
+                resets: 2,
+            },
+        );
+        let rec = &r[&vm];
+        assert_eq!(rec.resets, 2);
+        assert_eq!(rec.last_reason.as_deref(), Some("reset 2"));
+        assert!(rec.limit_reached && rec.last_reset_unix.is_some());
+    }
+
+    #[test]
+    fn maintenance_marker_round_trip() {
+        let dir = std::env::temp_dir().join(format!("vigil-maint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(!maintenance_marked(&dir));
+        mark_maintenance(&dir, true);
+        assert!(maintenance_marked(&dir));
+        mark_maintenance(&dir, false);
+        mark_maintenance(&dir, false);
+        assert!(!maintenance_marked(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -800,7 +800,13 @@ fn maintenance_refused_by_admission_and_capacity_shown() {
     assert!(sim.hosts[&h("host-1")].agent.capacity(sim.now).is_none());
     // Without any one host, 80000 of 131072 MiB is reserved: 39 % free.
     let err = sim
-        .command("host-3", Command::CheckMaintenance { host: h("host-1") })
+        .command(
+            "host-3",
+            Command::CheckMaintenance {
+                host: h("host-1"),
+                power_off: false,
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(
@@ -818,8 +824,14 @@ fn maintenance_refused_by_admission_and_capacity_shown() {
     assert_eq!(sim.hosts[&h("host-3")].agent.state(), HostHaState::Master);
     // A slave cannot decide; it names the master.
     assert_eq!(
-        sim.command("host-1", Command::CheckMaintenance { host: h("host-1") })
-            .unwrap_err(),
+        sim.command(
+            "host-1",
+            Command::CheckMaintenance {
+                host: h("host-1"),
+                power_off: false,
+            }
+        )
+        .unwrap_err(),
         CommandError::NotMaster {
             master: Some(h("host-3"))
         }
@@ -829,7 +841,104 @@ fn maintenance_refused_by_admission_and_capacity_shown() {
         .unwrap();
     sim.run_secs(3);
     let ok = sim
-        .command("host-3", Command::CheckMaintenance { host: h("host-1") })
+        .command(
+            "host-3",
+            Command::CheckMaintenance {
+                host: h("host-1"),
+                power_off: false,
+            },
+        )
         .unwrap();
     assert_eq!(ok, "host-1 may enter maintenance mode");
+}
+
+/// Maintenance mode: refused while VMs run on the host; the admission
+/// check counts the host's VMs as moved, unless they are to be powered off;
+/// once the host is in maintenance the master shows it, refuses a power-on
+/// there and places nothing on it; exiting brings it back.
+#[test]
+fn maintenance_needs_an_empty_host_and_takes_no_vms() {
+    let mut spec = uniform(3);
+    spec.admission = AdmissionPolicy::PercentageReserved {
+        cpu_pct: 25,
+        mem_pct: 40,
+    };
+    spec.vms = vec![
+        (vmc("vm-1", 4000, 40_000), "host-1"),
+        (vmc("vm-2", 4000, 40_000), "host-2"),
+    ];
+    let mut sim = Sim::new(spec);
+    assert_eq!(sim.settle(), h("host-3"));
+    sim.run_secs(3);
+    let check = |sim: &mut Sim, power_off| {
+        sim.command(
+            "host-3",
+            Command::CheckMaintenance {
+                host: h("host-1"),
+                power_off,
+            },
+        )
+    };
+    // vm-1 moved to the others: 80000 of 131072 MiB reserved, 39 % free.
+    let err = check(&mut sim, false).unwrap_err().to_string();
+    assert!(
+        err.contains("(1 - 80000/131072 MiB) = 39% (need 40%)"),
+        "{err}"
+    );
+    // vm-1 powered off instead: only vm-2's 40000 MiB count.
+    assert_eq!(
+        check(&mut sim, true).unwrap(),
+        "host-1 may enter maintenance mode"
+    );
+    // vm-1 still runs on host-1: refused, naming it.
+    let err = sim
+        .command("host-1", Command::EnterMaintenance)
+        .unwrap_err();
+    assert!(
+        matches!(&err, CommandError::MaintenanceBusy { vms, .. } if vms == "vm-1"),
+        "{err}"
+    );
+    assert_eq!(sim.state("host-1"), HostHaState::Slave);
+    sim.command("host-1", Command::PowerOffVm { vm: vm("vm-1") })
+        .unwrap();
+    sim.run_secs(3);
+    assert_eq!(
+        sim.command("host-1", Command::EnterMaintenance).unwrap(),
+        "in maintenance"
+    );
+    sim.run_secs(3);
+    assert_eq!(
+        sim.hosts[&h("host-3")].agent.status().hosts[&h("host-1")],
+        HostHaState::Maintenance
+    );
+    let err = sim
+        .command(
+            "host-3",
+            Command::PowerOnVm {
+                vm: vm("vm-1"),
+                host: Some(h("host-1")),
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("host-1 is in maintenance mode"), "{err}");
+    // Placed by the master: admission counts host-2 and host-3 only.
+    let err = sim
+        .command(
+            "host-3",
+            Command::PowerOnVm {
+                vm: vm("vm-1"),
+                host: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("(1 - 80000/131072 MiB) = 39% (need 40%)"),
+        "{err}"
+    );
+    assert!(sim.running_on("vm-1").is_empty());
+    sim.command("host-1", Command::ExitMaintenance).unwrap();
+    sim.run_secs(10);
+    assert_eq!(sim.state("host-1"), HostHaState::Slave);
 }

@@ -22,10 +22,25 @@ fn vm_monitoring_resets_hung_guest_at_most_three_times() {
     sim.settle();
     let start = sim.now;
     let hb_stop = start + Duration::from_secs(200);
-    // vm-a: tools heartbeat every second until 200 s, then silence and no I/O.
+    // vm-a: tools heartbeat every second until 200 s, then silence and no
+    // I/O; after each reset its new boot's tools heartbeat for 5 s, then
+    // hang again.
     // vm-b: heartbeat stops too, but it keeps doing disk I/O: never reset.
     while sim.now < start + Duration::from_secs(1000) {
         if sim.now.as_millis().is_multiple_of(1000) {
+            let rebooted = sim
+                .resets
+                .last()
+                .is_some_and(|r| sim.now.since(r.0) < Duration::from_secs(5));
+            if rebooted {
+                sim.feed(
+                    &h("host-1"),
+                    Input::Vm {
+                        vm: vm("vm-a"),
+                        event: VmEvent::ToolsHeartbeat,
+                    },
+                );
+            }
             if sim.now < hb_stop {
                 sim.feed(
                     &h("host-1"),
