@@ -428,8 +428,11 @@ pub trait LeaseIo {
     /// Reads the record. `Ok(None)`: no record in a reachable directory.
     /// An unreachable datastore is an error.
     fn read(&mut self) -> Result<Option<LeaseRecord>, String>;
-    /// Replaces the record.
-    fn write(&mut self, rec: &LeaseRecord) -> Result<(), String>;
+    /// Replaces the record, unless `CLOCK_MONOTONIC` has reached
+    /// `not_after` ms by the time the write is about to be issued (a renewal
+    /// must not be issued after the deadline, even by a thread that was
+    /// frozen between its read and its write).
+    fn write(&mut self, rec: &LeaseRecord, not_after: u64) -> Result<(), String>;
     /// Creates the exclusive claim for `generation` (the same claim files
     /// the agents use). `Ok(true)`: this VMM holds it.
     fn claim(&mut self, generation: u64) -> Result<bool, String>;
@@ -498,9 +501,14 @@ impl LeaseIo for FileIo {
         })
     }
 
-    fn write(&mut self, rec: &LeaseRecord) -> Result<(), String> {
+    fn write(&mut self, rec: &LeaseRecord, not_after: u64) -> Result<(), String> {
         let (p, rec) = (self.file.clone(), rec.clone());
-        with_timeout(self.timeout, move || write_record(&p, &rec))
+        with_timeout(self.timeout, move || {
+            if mono_ms() >= not_after {
+                return Err("the lease deadline passed before the write was issued".into());
+            }
+            write_record(&p, &rec)
+        })
     }
 
     fn claim(&mut self, generation: u64) -> Result<bool, String> {
@@ -535,6 +543,8 @@ pub enum Op {
     Renew {
         /// Issue time.
         issued: u64,
+        /// The deadline when it was planned: no write at or after it.
+        deadline: u64,
     },
     /// Read the record (lease-suspended, watching it).
     Observe,
@@ -565,13 +575,13 @@ pub enum OpResult {
 /// Performs `op` (no lock held).
 pub fn perform(op: Op, spec: &LeaseSpec, generation: u64, io: &mut dyn LeaseIo) -> OpResult {
     match op {
-        Op::Renew { .. } => match io.read() {
+        Op::Renew { deadline, .. } => match io.read() {
             Ok(Some(r)) if spec.is_ours_at(&r, generation) => {
                 let new = LeaseRecord {
                     counter: r.counter + 1,
                     ..r
                 };
-                match io.write(&new) {
+                match io.write(&new, deadline) {
                     Ok(()) => OpResult::Renewed(new.counter),
                     Err(e) => OpResult::Failed(e),
                 }
@@ -584,11 +594,15 @@ pub fn perform(op: Op, spec: &LeaseSpec, generation: u64, io: &mut dyn LeaseIo) 
             Err(e) => OpResult::Failed(e),
         },
         Op::Claim { generation, .. } => match io.claim(generation) {
-            Ok(true) => OpResult::Claimed(io.write(&LeaseRecord {
-                owner: Some(spec.owner.clone()),
-                generation,
-                counter: 0,
-            })),
+            // Nobody else can hold this generation: no deadline.
+            Ok(true) => OpResult::Claimed(io.write(
+                &LeaseRecord {
+                    owner: Some(spec.owner.clone()),
+                    generation,
+                    counter: 0,
+                },
+                u64::MAX,
+            )),
             Ok(false) => OpResult::ClaimTaken,
             Err(e) => OpResult::Failed(e),
         },
@@ -720,7 +734,10 @@ impl Keeper {
         match &self.suspended {
             // A renewal is issued only while the lease is valid: one issued
             // after the deadline could land after a peer's takeover.
-            None if now < self.deadline() => Some(Op::Renew { issued: now }),
+            None if now < self.deadline() => Some(Op::Renew {
+                issued: now,
+                deadline: self.deadline(),
+            }),
             None => None,
             Some(s) => {
                 if let Some(generation) = s.claimed {
@@ -763,7 +780,7 @@ impl Keeper {
     /// Applies what `op` found; `now` is the time the result came back.
     pub fn apply(&mut self, now: u64, op: Op, res: OpResult) -> Vec<Step> {
         match (op, res) {
-            (Op::Renew { issued }, OpResult::Renewed(counter)) => {
+            (Op::Renew { issued, .. }, OpResult::Renewed(counter)) => {
                 self.last = self.last.max(issued);
                 self.counter = counter;
                 let mut steps = Vec::new();
@@ -1191,7 +1208,7 @@ mod tests {
             }
             Ok(self.rec.clone())
         }
-        fn write(&mut self, rec: &LeaseRecord) -> Result<(), String> {
+        fn write(&mut self, rec: &LeaseRecord, _not_after: u64) -> Result<(), String> {
             if !self.reachable {
                 return Err("read-only file system".into());
             }
@@ -1314,8 +1331,9 @@ mod tests {
             }
         }
         for (now, op) in &ops {
-            if let Op::Renew { issued } = op {
+            if let Op::Renew { issued, deadline } = op {
                 assert!(*issued < 2000 && *now < 2000, "renewal at {now}");
+                assert_eq!(*deadline, 2000);
             }
         }
         assert!(ops.iter().any(|(_, op)| *op == Op::Observe));
@@ -1330,7 +1348,13 @@ mod tests {
         io.reachable = false;
         run(&mut k, &mut io, 0, 1500);
         let op = k.plan(1500).unwrap();
-        assert_eq!(op, Op::Renew { issued: 1500 });
+        assert_eq!(
+            op,
+            Op::Renew {
+                issued: 1500,
+                deadline: 2000
+            }
+        );
         assert_eq!(k.check_deadline(2000), Some(Step::Suspend));
         io.reachable = true;
         let res = perform(op, &k.spec.clone(), 4, &mut io);
@@ -1443,6 +1467,29 @@ mod tests {
             std::fs::read_to_string(d.join("lease.claim.7")).unwrap(),
             "host-a vmm 1"
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_renewal_write_is_not_issued_past_its_deadline() {
+        let d = tmpdir("notafter");
+        let s = spec(&d);
+        let rec = LeaseRecord {
+            owner: Some("host-a".into()),
+            generation: 2,
+            counter: 0,
+        };
+        write_record(&s.file, &rec).unwrap();
+        let mut io = FileIo::new(&s);
+        let late = LeaseRecord {
+            counter: 1,
+            ..rec.clone()
+        };
+        let e = io.write(&late, mono_ms()).unwrap_err();
+        assert!(e.contains("deadline passed"), "{e}");
+        assert_eq!(read_record(&s.file).unwrap().unwrap(), rec);
+        io.write(&late, mono_ms() + 60_000).unwrap();
+        assert_eq!(read_record(&s.file).unwrap().unwrap(), late);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

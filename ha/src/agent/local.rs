@@ -202,6 +202,26 @@ impl Agent {
         let lt = self.cfg.timings.lease;
         let mut stops = Vec::new();
         let mut resets = Vec::new();
+        // VMs whose lease datastore this host's probe has found lost for
+        // longer than a short stall: `stop_time + 2 x takeover_time`.
+        let outage = lt.stop_time + lt.takeover_time * 2;
+        let lease_ds_lost: Vec<VmId> = self
+            .cluster
+            .as_ref()
+            .map(|c| {
+                c.vms
+                    .iter()
+                    .filter(|(_, v)| {
+                        v.datastores.iter().next().is_some_and(|d| {
+                            self.ds_lost
+                                .get(d)
+                                .is_some_and(|since| now.since(*since) >= outage)
+                        })
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         for (id, v) in &mut self.local {
             // A power-off already ordered needs no second one; a graceful
             // shutdown still needs its deadline (and the lease) watched.
@@ -213,7 +233,12 @@ impl Agent {
                 .lease
                 .as_ref()
                 .is_some_and(|l| l.check_time(now, &lt) == HolderVerdict::MustStop);
-            if overdue && lt.on_loss == LeaseLoss::PowerOff {
+            // Paused, and the lease's datastore out of reach here for longer
+            // than a stall: the VM is better restarted where its disks are
+            // (the master does so once it hears the VM is off) than left
+            // paused for as long as the outage lasts.
+            let paused_for_good = overdue && lease_ds_lost.contains(id);
+            if overdue && (lt.on_loss == LeaseLoss::PowerOff || paused_for_good) {
                 stops.push((id.clone(), PowerOffReason::LeaseExpired));
             } else if v.shutdown_deadline.is_some_and(|d| now >= d) {
                 v.shutdown_deadline = None;
