@@ -659,17 +659,25 @@ impl Keeper {
         self.suspended.is_some()
     }
 
-    /// The write fence: writes allowed before this time.
+    /// The write fence: writes allowed before this time (the deadline).
     pub fn fence(&self) -> u64 {
-        if self.suspended.is_some() {
-            0
-        } else {
-            self.last + self.spec.stop_time_ms
-        }
+        self.deadline()
     }
 
     fn deadline(&self) -> u64 {
         self.last + self.spec.stop_time_ms
+    }
+
+    /// How long before the deadline a pausing VMM parks the guest, so that
+    /// no guest write meets the closed fence (an I/O error the guest would
+    /// see): 250 ms, or less when the timings leave less room above a slow
+    /// renewal (`stop - renew - io`).
+    pub fn pause_lead(&self) -> u64 {
+        let s = &self.spec;
+        let room = s
+            .stop_time_ms
+            .saturating_sub(s.renew_interval_ms + s.io_timeout_ms);
+        (room / 2).min(250)
     }
 
     fn status(&self, state: &str) -> LeaseStatus {
@@ -704,22 +712,24 @@ impl Keeper {
     /// The deadline check (every few ms, from its own thread: it never waits
     /// for the datastore).
     pub fn check_deadline(&mut self, now: u64) -> Option<Step> {
-        if self.suspended.is_some() || now < self.deadline() {
+        if self.suspended.is_some() {
             return None;
         }
         match self.spec.on_loss {
-            LeaseLoss::PowerOff => Some(Step::PowerOff {
+            LeaseLoss::PowerOff if now >= self.deadline() => Some(Step::PowerOff {
                 state: "expired".into(),
                 why: format!("not renewed for {} ms", self.spec.stop_time_ms),
             }),
+            LeaseLoss::PowerOff => None,
+            LeaseLoss::Pause if now + self.pause_lead() < self.deadline() => None,
             LeaseLoss::Pause => {
                 self.suspended = Some(Suspension {
                     since: now,
                     seen: None,
                     claimed: None,
                 });
-                // Watch the record from the next interval on.
-                self.next = now;
+                // Past the deadline, watch the record.
+                self.next = self.next.min(self.deadline());
                 Some(Step::Suspend)
             }
         }
@@ -731,13 +741,16 @@ impl Keeper {
             return None;
         }
         self.next = now + self.spec.renew_interval_ms;
-        match &self.suspended {
-            // A renewal is issued only while the lease is valid: one issued
-            // after the deadline could land after a peer's takeover.
-            None if now < self.deadline() => Some(Op::Renew {
+        // A renewal is issued only while the lease is valid (also in the
+        // last moments, with the guest already parked): one issued after the
+        // deadline could land after a peer's takeover.
+        if now < self.deadline() {
+            return Some(Op::Renew {
                 issued: now,
                 deadline: self.deadline(),
-            }),
+            });
+        }
+        match &self.suspended {
             None => None,
             Some(s) => {
                 if let Some(generation) = s.claimed {
@@ -784,7 +797,7 @@ impl Keeper {
                 self.last = self.last.max(issued);
                 self.counter = counter;
                 let mut steps = Vec::new();
-                if self.suspended.is_some() && now < self.deadline() {
+                if self.suspended.is_some() && now + self.pause_lead() < self.deadline() {
                     // A renewal issued before the deadline landed: the lease
                     // was never lost, only late.
                     let since = self.suspended.take().map_or(now, |s| s.since);
@@ -1283,9 +1296,11 @@ mod tests {
         // at 2500, so the guest pauses at 4500 and the fence is shut.
         io.reachable = false;
         let steps = run(&mut k, &mut io, 3000, 6000);
-        assert_eq!(kinds(&steps), vec![(4500, "suspend")]);
+        // Parked 250 ms ahead of the deadline (4500), so that no guest
+        // write meets the fence, which closes at the deadline.
+        assert_eq!(kinds(&steps), vec![(4250, "suspend")]);
         assert!(k.is_suspended());
-        assert_eq!(k.fence(), 0);
+        assert_eq!(k.fence(), 4500);
         // Storage returns at 6000: the record still names us. The keeper
         // watches it unchanged for the takeover time (3200 ms from its first
         // read at 6000), writing nothing meanwhile, then claims generation 5.
@@ -1380,7 +1395,7 @@ mod tests {
         run(&mut k, &mut io, 0, 1000);
         io.reachable = false;
         let steps = run(&mut k, &mut io, 1000, 5000);
-        assert_eq!(kinds(&steps), vec![(2500, "suspend")]);
+        assert_eq!(kinds(&steps), vec![(2250, "suspend")]);
         // A peer watched the record for its takeover time and took it.
         io.claims.insert(5, "host-b".into());
         io.rec = Some(LeaseRecord {
