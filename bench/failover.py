@@ -212,6 +212,19 @@ def log_time(path, pattern, after_wall):
     return None
 
 
+def agent_timings(path):
+    """The timings the agent logged at start (Debug of ha::config::Timings)."""
+    try:
+        for line in open(path):
+            if "agent timings" in line:
+                m = re.search(r"timings=(Timings \{.*\})", line)
+                if m:
+                    return m.group(1)
+    except OSError:
+        pass
+    return None
+
+
 def check_journal(path):
     data = open(path, "rb").read()
     writers, last = [], None
@@ -308,6 +321,7 @@ def main():
                  lambda: ((lab.status("host-9") or {}).get("hosts") or {}).get(on) == "slave", 0.5)
             on = peer
         lab.kill_host(on)
+        effective = agent_timings(f"{lab.hosts['host-9']['dir']}/agent.log")
         writers, problem = check_journal(f"{lab.root}/store/ds1/vms/vm1/disk.img")
         if problem:
             split_brain += 1
@@ -323,6 +337,7 @@ def main():
         "journal_writers": len(writers),
         "settings": [t.strip() for t in timings.splitlines() if t.strip()]
         or "agent defaults (ha::config::Timings::default())",
+        "effective_timings": effective,
         "results": results,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -330,7 +345,8 @@ def main():
         json.dump(summary, f, indent=2)
     with open(args.out + ".md", "w") as f:
         f.write("# HA failover (bench/failover.py)\n\n"
-                f"Settings: {settings_text(summary['settings'])}. Three hosts (network namespaces), one VM "
+                f"Settings: {settings_text(summary['settings'])}"
+                f" (effective: `{summary['effective_timings']}`). Three hosts (network namespaces), one VM "
                 "(128 MiB, disk-write workload, guest tools); each trial kills the slave running it.\n\n"
                 "| trials | median detect (s) | median kill-to-running (s) | median kill-to-tools-heartbeat (s) | split-brain events |\n"
                 "|---|---|---|---|---|\n"

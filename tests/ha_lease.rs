@@ -172,3 +172,268 @@ fn vmm_stops_its_guest_when_it_cannot_renew_in_time() {
     assert_eq!(status["state"], "expired");
     assert!(last.counter >= 3);
 }
+
+/// A guest with a disk running the `disk-write` journal workload, holding
+/// generation 1 of a fresh lease with `on_loss = "pause"` (renew 300 ms,
+/// I/O timeout 300 ms, stop 1500 ms, takeover 2500 ms), its control API on
+/// `DIR/api.sock` and its console in `DIR/console`.
+fn start_pausing(name: &str) -> (Vm, PathBuf) {
+    let cfg = common::guest_config();
+    let out = cfg.parent().unwrap().join("out");
+    let dir = std::env::temp_dir().join(format!("vha-lease-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::File::create(dir.join("disk.img"))
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let vm_toml = dir.join("vm.toml");
+    std::fs::write(
+        &vm_toml,
+        format!(
+            "name = {name:?}\nvcpus = 1\nmemory = \"128M\"\nkernel = {:?}\ninitrd = {:?}\n\
+             cmdline = {:?}\n[[disks]]\npath = \"disk.img\"\n",
+            out.join("vmlinux"),
+            out.join("initramfs.cpio"),
+            common::guest_cmdline("vigil.run=disk-write:dev=/dev/vda,rate=20,report=60"),
+        ),
+    )
+    .unwrap();
+    let lease = dir.join("vm.lease");
+    write_record(
+        &lease,
+        &Record {
+            owner: Some("host-a".into()),
+            generation: 1,
+            counter: 0,
+        },
+    );
+    let spec = dir.join("lease.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "file = {:?}\nowner = \"host-a\"\ngeneration = 1\nacquired_mono_ms = {}\n\
+             renew_interval_ms = 300\nio_timeout_ms = 300\nstop_time_ms = 1500\n\
+             takeover_time_ms = 2500\non_loss = \"pause\"\nstatus = {:?}\n",
+            lease,
+            mono_ms(),
+            dir.join("status.json")
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["run", "--config"])
+        .arg(&vm_toml)
+        .arg("--console")
+        .arg(format!("file:{}", dir.join("console").display()))
+        .arg("--api-socket")
+        .arg(dir.join("api.sock"))
+        .arg("--lease")
+        .arg(&spec)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start vigil");
+    (Vm { child, dir }, lease)
+}
+
+/// The journal on the guest's disk: (writer tags in order, records, last seq).
+/// Panics if sequence numbers go backwards or a writer comes back.
+fn journal(disk: &Path) -> (Vec<[u8; 16]>, usize, u64) {
+    let data = std::fs::read(disk).unwrap();
+    let mut writers: Vec<[u8; 16]> = Vec::new();
+    let (mut records, mut last) = (0, 0u64);
+    for (k, rec) in data.chunks(512).enumerate() {
+        if rec.len() < 512 || &rec[0..8] != b"VIGILJ01" {
+            break;
+        }
+        let tag: [u8; 16] = rec[8..24].try_into().unwrap();
+        let seq = u64::from_le_bytes(rec[24..32].try_into().unwrap());
+        assert!(
+            records == 0 || seq > last,
+            "record {k}: seq {seq} after {last}"
+        );
+        match writers.iter().position(|w| *w == tag) {
+            Some(p) => assert_eq!(p + 1, writers.len(), "record {k}: writer {p} came back"),
+            None => writers.push(tag),
+        }
+        last = seq;
+        records += 1;
+    }
+    (writers, records, last)
+}
+
+fn vm_info(vm: &Vm) -> serde_json::Value {
+    vmm::api::client::call(
+        &vm.dir.join("api.sock"),
+        "GET",
+        "/vm",
+        None,
+        Duration::from_secs(5),
+    )
+    .expect("GET /vm")
+}
+
+fn wait_for<T>(
+    vm: &mut Vm,
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut(&Vm) -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f(vm) {
+            return v;
+        }
+        if let Some(s) = vm.child.try_wait().unwrap() {
+            panic!("the VMM exited ({s}) while waiting for {what}");
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Boots the pausing guest until its journal has a few records; returns
+/// the journal's record count then.
+fn boot_writing(vm: &mut Vm) -> usize {
+    let console = vm.dir.join("console");
+    wait_for(vm, "the guest's disk writer", common::GUEST_TIMEOUT, |_| {
+        let c = std::fs::read_to_string(&console).unwrap_or_default();
+        c.contains("VIGIL-DISK-RESUME").then_some(())
+    });
+    let disk = vm.dir.join("disk.img");
+    wait_for(vm, "journal records", common::QUICK_TIMEOUT, |_| {
+        let n = journal(&disk).1;
+        (n >= 5).then_some(n)
+    })
+}
+
+/// Cuts the record off (a directory where the file was: every read fails,
+/// as with a datastore out of reach) and waits for the lease-suspension;
+/// returns the record as it was and how long the suspension took.
+fn cut_until_suspended(vm: &mut Vm, lease: &Path) -> (Record, Duration) {
+    let last = read_record(lease).unwrap();
+    let cut = Instant::now();
+    std::fs::remove_file(lease).unwrap();
+    std::fs::create_dir(lease).unwrap();
+    wait_for(vm, "lease-suspended", Duration::from_secs(10), |vm| {
+        (vm_info(vm)["state"] == "lease-suspended").then_some(())
+    });
+    (last, cut.elapsed())
+}
+
+#[test]
+fn a_storage_stall_pauses_the_guest_which_resumes_after_reacquiring_its_lease() {
+    let _g = common::guest_lock();
+    let (mut vm, lease) = start_pausing("pause");
+    boot_writing(&mut vm);
+    let disk = vm.dir.join("disk.img");
+    let (last, took) = cut_until_suspended(&mut vm, &lease);
+    // Paused at the stop time (1500 ms after the last renewal, issued at
+    // most one renew interval plus I/O before the cut; the guest is parked
+    // 250 ms ahead of it), not killed.
+    assert!(
+        took >= Duration::from_millis(1500 - 250 - 300 - 300 - 50)
+            && took <= Duration::from_millis(2500),
+        "{took:?}"
+    );
+    let info = vm_info(&vm);
+    assert_eq!(info["lease"]["state"], "suspended", "{info}");
+    assert_eq!(info["lease"]["generation"], 1, "{info}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vm.dir.join("status.json")).unwrap()).unwrap();
+    assert_eq!(status["state"], "suspended");
+    // Nobody but the lease may resume it.
+    let e = vmm::api::client::call(
+        &vm.dir.join("api.sock"),
+        "PUT",
+        "/vm/resume",
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("lease-suspended"), "{e}");
+    // Nothing is written while suspended.
+    let (writers, at_pause, _) = journal(&disk);
+    assert_eq!(writers.len(), 1);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        journal(&disk).1,
+        at_pause,
+        "the journal grew while lease-suspended"
+    );
+    assert_eq!(vm_info(&vm)["state"], "lease-suspended");
+    // Storage returns with the record as it was: nobody took over. The VMM
+    // must watch it unchanged for the takeover time, then claim generation 2.
+    std::fs::remove_dir(&lease).unwrap();
+    write_record(&lease, &last);
+    let back = Instant::now();
+    wait_for(
+        &mut vm,
+        "the guest running again",
+        Duration::from_secs(20),
+        |vm| (vm_info(vm)["state"] == "running").then_some(()),
+    );
+    let resumed_after = back.elapsed();
+    assert!(
+        resumed_after >= Duration::from_millis(2500),
+        "resumed {resumed_after:?} after the record came back, before the takeover time"
+    );
+    let now = read_record(&lease).unwrap();
+    assert_eq!(now.owner.as_deref(), Some("host-a"));
+    assert_eq!(now.generation, 2, "{now:?}");
+    assert!(vm.dir.join("vm.lease.claim.2").exists());
+    let info = vm_info(&vm);
+    assert_eq!(info["lease"]["state"], "held", "{info}");
+    assert_eq!(info["lease"]["generation"], 2, "{info}");
+    assert_eq!(info["lease"]["resumptions"], 1, "{info}");
+    // The same boot carries on writing: one writer, sequence continuing, no
+    // second VIGIL-DISK-RESUME (the guest was not reset).
+    wait_for(
+        &mut vm,
+        "journal records after the resume",
+        common::QUICK_TIMEOUT,
+        |_| (journal(&disk).1 >= at_pause + 5).then_some(()),
+    );
+    let (writers, _, _) = journal(&disk);
+    assert_eq!(writers.len(), 1, "the guest was restarted");
+    let console = std::fs::read_to_string(vm.dir.join("console")).unwrap();
+    assert_eq!(console.matches("VIGIL-DISK-RESUME").count(), 1, "{console}");
+    assert!(vm.child.try_wait().unwrap().is_none());
+}
+
+#[test]
+fn a_lease_suspended_vmm_whose_lease_was_taken_powers_off_without_a_write() {
+    let _g = common::guest_lock();
+    let (mut vm, lease) = start_pausing("paused-taken");
+    boot_writing(&mut vm);
+    let disk = vm.dir.join("disk.img");
+    cut_until_suspended(&mut vm, &lease);
+    let (_, at_pause, _) = journal(&disk);
+    // Meanwhile a peer waited out the takeover time and took generation 2.
+    std::fs::remove_dir(&lease).unwrap();
+    std::fs::write(vm.dir.join("vm.lease.claim.2"), "host-b").unwrap();
+    let taken = Record {
+        owner: Some("host-b".into()),
+        generation: 2,
+        counter: 4,
+    };
+    write_record(&lease, &taken);
+    let t0 = Instant::now();
+    let (code, at, err) = wait_exit(&mut vm, Duration::from_secs(10));
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("lease taken by host-b generation 2"), "{err}");
+    // Seen on its next read of the record (every 300 ms).
+    assert!(at - t0 < Duration::from_millis(1500), "{:?}", at - t0);
+    assert_eq!(read_record(&lease), Some(taken));
+    assert_eq!(
+        journal(&disk).1,
+        at_pause,
+        "the stale copy wrote to its disk"
+    );
+}

@@ -18,8 +18,9 @@ use thiserror::Error;
 pub struct Timings {
     /// Network heartbeat period (default 1 s, as vSphere).
     pub heartbeat_interval: Duration,
-    /// A peer not heard for this long is unreachable: 3 missed heartbeats
-    /// (default 3 s).
+    /// A peer not heard for this long is unreachable: 2 missed heartbeats
+    /// (default 2 s; the master then pings it and reads its datastore
+    /// heartbeats before it calls it failed).
     pub host_timeout: Duration,
     /// How long an election collects candidates before the best one claims
     /// mastership (default 5 s; vSphere 15 s).
@@ -31,14 +32,15 @@ pub struct Timings {
     /// response is applied (vSphere's `das.config.fdm.isolationPolicyDelaySec`;
     /// default 0).
     pub isolation_policy_delay: Duration,
-    /// Pings without an answer after this long count as failed (default 1 s).
+    /// Pings without an answer after this long count as failed (default
+    /// 500 ms: a management network answers in well under a millisecond).
     pub ping_timeout: Duration,
-    /// Own datastore heartbeat write period (default 1 s).
+    /// Own datastore heartbeat write period (default 500 ms).
     pub ds_heartbeat_interval: Duration,
-    /// How often the master reads heartbeat datastores (default 1 s).
+    /// How often the master reads heartbeat datastores (default 500 ms).
     pub ds_poll_interval: Duration,
     /// A datastore heartbeat record unchanged this long on the master's clock
-    /// is stale (default 5 s).
+    /// is stale (default 2 s: four missed writes).
     pub ds_liveness_timeout: Duration,
     /// First retry delay of a failed restart; doubled on each failure
     /// (default 2 s).
@@ -63,14 +65,14 @@ impl Default for Timings {
     fn default() -> Self {
         Self {
             heartbeat_interval: Duration::from_secs(1),
-            host_timeout: Duration::from_secs(3),
+            host_timeout: Duration::from_secs(2),
             election_window: Duration::from_secs(5),
             isolation_detect: Duration::from_secs(5),
             isolation_policy_delay: Duration::ZERO,
-            ping_timeout: Duration::from_secs(1),
-            ds_heartbeat_interval: Duration::from_secs(1),
-            ds_poll_interval: Duration::from_secs(1),
-            ds_liveness_timeout: Duration::from_secs(5),
+            ping_timeout: Duration::from_millis(500),
+            ds_heartbeat_interval: Duration::from_millis(500),
+            ds_poll_interval: Duration::from_millis(500),
+            ds_liveness_timeout: Duration::from_secs(2),
             restart_retry_base: Duration::from_secs(2),
             restart_retry_max: Duration::from_secs(60),
             restart_max_attempts: 6,
@@ -256,12 +258,13 @@ mod tests {
         );
         let mut a = agent("a");
         a.timings.host_timeout = Duration::from_millis(1500);
+        a.timings.heartbeat_interval = Duration::from_secs(1);
         assert!(matches!(
             a.validate(&cluster()),
             Err(ConfigError::Timings(_))
         ));
         let mut a = agent("a");
-        a.timings.lease.takeover_time = Duration::from_secs(5);
+        a.timings.lease.takeover_time = Duration::from_secs(3);
         assert!(matches!(a.validate(&cluster()), Err(ConfigError::Lease(_))));
         let mut c = cluster();
         let vm = VmConfig::new("vm", Resources::default(), "ds9");

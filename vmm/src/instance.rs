@@ -423,6 +423,11 @@ fn run_once(
     machine.migration = opts.migration.clone();
     let machine = Arc::new(machine);
     crate::devices::virtio::hooks::register(&machine, &virtio);
+    if opts.lease.is_some() {
+        crate::lease::set_hook(Some(Arc::new(crate::machine::LeaseHook(Arc::downgrade(
+            &machine,
+        )))));
+    }
 
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for (id, vcpu) in (0u32..).zip(vcpus) {
@@ -473,6 +478,9 @@ fn run_once(
         if let Err(e) = events.run_with_timeout(500) {
             exit.request(ExitReason::VmmError(format!("event loop failed: {e:?}")));
         }
+    }
+    if opts.lease.is_some() {
+        crate::lease::set_hook(None);
     }
     gate.stop();
     stop_vcpus(gate.take_threads());

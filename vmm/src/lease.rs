@@ -8,22 +8,40 @@
 //! - every `renew_interval` it reads the record and, if it still names this
 //!   owner and generation, writes it back with the counter bumped (a temporary
 //!   file renamed over the record, so readers never see half a record);
+//!   a renewal is only ever *issued* before the stop deadline below;
 //! - a record naming another owner or generation means a peer took the lease
-//!   over: this copy is stale and the process ends at once, without writing;
-//! - a watchdog thread ends the process when the last *successful* renewal
-//!   was issued `stop_time` ago (reads and writes that take longer than
-//!   `io_timeout` count as failed), so the guest is gone before any peer's
-//!   takeover time can pass. The arithmetic is in `ha::lease` and
-//!   docs/ARCHITECTURE.md.
+//!   over: this copy is stale and the process ends at once, without writing
+//!   (exit status [`crate::control::EXIT_LEASE`]);
+//! - when the last *successful* renewal was issued `stop_time` ago (reads and
+//!   writes that take longer than `io_timeout` count as failed), the guest
+//!   must stop touching its disks before any peer's takeover time can pass.
+//!   What "stop" means is the spec's `on_loss`:
+//!   - `power-off`: the process ends (`_exit`), the guest with it;
+//!   - `pause` (what the HA agent asks for by default): the vCPUs are parked
+//!     (the API pause mechanism), the write fence stays closed, and the VMM
+//!     stays up, *lease-suspended* (`GET /vm` says `"state":
+//!     "lease-suspended"`). It then re-acquires the lease exactly as a peer
+//!     would: it reads the record every `renew_interval`, and once it has
+//!     seen it unchanged, still naming this owner and generation G, for
+//!     `takeover_time` on its own clock, it claims generation G+1 with an
+//!     exclusive claim file and writes the record. If it wins, the fence
+//!     reopens and the vCPUs resume (the guest saw a pause, nothing else).
+//!     If the record names anybody else, or the claim for G+1 is someone
+//!     else's, a peer took over: the process ends at once without a write
+//!     (exit status 5), as above. A renewal issued before the deadline that
+//!     still succeeds (a slow write) resumes the guest without a new
+//!     generation: the deadline moves to that renewal's issue time plus
+//!     `stop_time`, as it would have without the pause.
+//!
+//! The arithmetic is in `ha::lease` and docs/ARCHITECTURE.md ("No split
+//! brain"): a paused owner issues no guest write and no renewal after its
+//! deadline, so it is, for the safety argument, an owner that stopped; its
+//! re-acquisition is one more contender of the same protocol.
 //!
 //! Guest disk writes also pass a fence ([`writes_allowed`]): once the
 //! stop time has passed on this host's clock, a write fails with an I/O
 //! error even if, after a freeze, the vCPUs and the event loop happen to run
 //! before the deadline thread.
-//!
-//! Ending the process is the power-off: KVM tears the VM down with the
-//! process, no vCPU runs and no disk request is issued after `_exit`. The exit
-//! status is [`crate::control::EXIT_LEASE`].
 //!
 //! When the guest stops on its own (power-off, crash, VMM error) the lease is
 //! released (owner cleared) if it is still ours, so a peer need not wait.
@@ -31,10 +49,15 @@
 //! All times are `CLOCK_MONOTONIC` milliseconds, the clock the agent on the
 //! same host uses too: the status file tells it when the last successful
 //! renewal was issued, on a clock both processes share.
+//!
+//! The decisions live in [`Keeper`], which is driven with a clock value and a
+//! [`LeaseIo`] (the real one reads and writes the datastore with timeouts;
+//! the unit tests use a fake), so the state machine is tested without time
+//! passing or a datastore.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -77,6 +100,28 @@ pub struct LeaseSpec {
     /// Where to publish the renewal status for the local agent (optional).
     #[serde(default)]
     pub status: Option<PathBuf>,
+    /// What happens at the stop deadline: `power-off` (the default for a
+    /// spec without this field) or `pause` (lease-suspended, then
+    /// re-acquire; the HA agent's default).
+    #[serde(default)]
+    pub on_loss: LeaseLoss,
+    /// The peers' takeover time: a lease-suspended VMM claims the next
+    /// generation only after seeing the record unchanged this long. Needed
+    /// (above `stop_time_ms`) with `on_loss = "pause"`.
+    #[serde(default)]
+    pub takeover_time_ms: u64,
+}
+
+/// What a VMM does when it cannot renew its lease in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaseLoss {
+    /// End the process: the guest is gone (exit status 5).
+    #[default]
+    PowerOff,
+    /// Park the vCPUs, keep the write fence closed, and re-acquire the
+    /// lease as a peer would; power off only if a peer took it.
+    Pause,
 }
 
 /// The record on the datastore (the same JSON as `ha::lease::LeaseRecord`).
@@ -93,7 +138,8 @@ pub struct LeaseRecord {
 /// What the status file says (JSON), rewritten after every renewal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseStatus {
-    /// "held", "lost" or "expired".
+    /// "held", "suspended" (pause at the deadline, re-acquiring), "lost"
+    /// or "expired".
     pub state: String,
     /// Our generation.
     pub generation: u64,
@@ -156,6 +202,14 @@ pub enum LeaseError {
         /// Its generation.
         found_generation: u64,
     },
+    /// `on_loss = "pause"` without a usable takeover time.
+    #[error("lease spec: on_loss = \"pause\" needs takeover_time_ms above stop_time_ms ({stop_ms} ms), got {takeover_ms} ms")]
+    NoTakeover {
+        /// stop_time_ms.
+        stop_ms: u64,
+        /// takeover_time_ms.
+        takeover_ms: u64,
+    },
     /// The already-expired acquisition.
     #[error("lease {0} was acquired too long ago (stop time already passed)")]
     Expired(PathBuf),
@@ -193,6 +247,12 @@ impl LeaseSpec {
                 stop_ms: spec.stop_time_ms,
             });
         }
+        if spec.on_loss == LeaseLoss::Pause && spec.takeover_time_ms <= spec.stop_time_ms {
+            return Err(LeaseError::NoTakeover {
+                stop_ms: spec.stop_time_ms,
+                takeover_ms: spec.takeover_time_ms,
+            });
+        }
         Ok(spec)
     }
 
@@ -201,7 +261,11 @@ impl LeaseSpec {
     }
 
     fn is_ours(&self, rec: &LeaseRecord) -> bool {
-        rec.owner.as_deref() == Some(self.owner.as_str()) && rec.generation == self.generation
+        self.is_ours_at(rec, self.generation)
+    }
+
+    fn is_ours_at(&self, rec: &LeaseRecord, generation: u64) -> bool {
+        rec.owner.as_deref() == Some(self.owner.as_str()) && rec.generation == generation
     }
 }
 
@@ -260,12 +324,581 @@ fn with_timeout<T: Send + 'static>(
     }
 }
 
+/// Whether the lease holds the guest paused (lease-suspended). Set and
+/// cleared only by the [`Keeper`] (under its lock).
+static SUSPENDED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the VM is lease-suspended: its vCPUs stay parked and a resume
+/// from anybody but the lease is refused.
+pub fn is_suspended() -> bool {
+    SUSPENDED.load(Ordering::SeqCst)
+}
+
+/// What the lease does to the running VM (implemented by the machine).
+pub trait SuspendHook: Send + Sync {
+    /// Parks the vCPUs and quiesces the devices; returns whether the VM was
+    /// running (a VM the user had paused stays paused after the lease
+    /// resumes it).
+    fn suspend(&self) -> bool;
+    /// Lets the VM run again.
+    fn resume(&self);
+}
+
+struct HookSlot {
+    hook: Option<Arc<dyn SuspendHook>>,
+    /// The hook's VM was paused by the lease (and ran before).
+    paused_by_lease: bool,
+}
+
+static HOOK: Mutex<HookSlot> = Mutex::new(HookSlot {
+    hook: None,
+    paused_by_lease: false,
+});
+
+fn hook_slot() -> MutexGuard<'static, HookSlot> {
+    HOOK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Installs (or, with `None`, removes) the running VM's hook. A VM built
+/// while the lease is suspended (a reset or reboot) is paused at once.
+pub fn set_hook(hook: Option<Arc<dyn SuspendHook>>) {
+    {
+        let mut slot = hook_slot();
+        slot.hook = hook;
+        slot.paused_by_lease = false;
+    }
+    sync_hook();
+}
+
+/// Brings the VM in line with [`is_suspended`]: pauses it if the lease is
+/// suspended, resumes it if the lease paused it and is held again. Called
+/// after every change of [`SUSPENDED`]; serialised by the slot's lock, so a
+/// slow pause and a resume cannot overtake each other.
+fn sync_hook() {
+    let mut slot = hook_slot();
+    let Some(hook) = slot.hook.clone() else {
+        return;
+    };
+    if is_suspended() {
+        if !slot.paused_by_lease && hook.suspend() {
+            slot.paused_by_lease = true;
+        }
+    } else if slot.paused_by_lease {
+        slot.paused_by_lease = false;
+        hook.resume();
+    }
+}
+
+/// The lease as `GET /vm` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// "held" or "suspended".
+    pub state: String,
+    /// The record's file.
+    pub file: PathBuf,
+    /// The generation held (or being re-acquired).
+    pub generation: u64,
+    /// What happens at the stop deadline.
+    pub on_loss: LeaseLoss,
+    /// How long the guest has been lease-suspended, when it is.
+    pub suspended_ms: Option<u64>,
+    /// Times the lease was lost and got back (with or without a new
+    /// generation) since the VMM started.
+    pub resumptions: u64,
+}
+
+static INFO: Mutex<Option<(LeaseInfo, Option<u64>)>> = Mutex::new(None);
+
+/// The lease's state, if this VMM holds one.
+pub fn info() -> Option<LeaseInfo> {
+    let g = INFO.lock().unwrap_or_else(|p| p.into_inner());
+    g.as_ref().map(|(i, since)| LeaseInfo {
+        suspended_ms: since.map(|s| mono_ms().saturating_sub(s)),
+        ..i.clone()
+    })
+}
+
+fn publish_info(info: Option<(LeaseInfo, Option<u64>)>) {
+    *INFO.lock().unwrap_or_else(|p| p.into_inner()) = info;
+}
+
+/// The datastore operations of the lease, each bounded by the I/O timeout
+/// in the real implementation ([`FileIo`]).
+pub trait LeaseIo {
+    /// Reads the record. `Ok(None)`: no record in a reachable directory.
+    /// An unreachable datastore is an error.
+    fn read(&mut self) -> Result<Option<LeaseRecord>, String>;
+    /// Replaces the record, unless `CLOCK_MONOTONIC` has reached
+    /// `not_after` ms by the time the write is about to be issued (a renewal
+    /// must not be issued after the deadline, even by a thread that was
+    /// frozen between its read and its write).
+    fn write(&mut self, rec: &LeaseRecord, not_after: u64) -> Result<(), String>;
+    /// Creates the exclusive claim for `generation` (the same claim files
+    /// the agents use). `Ok(true)`: this VMM holds it.
+    fn claim(&mut self, generation: u64) -> Result<bool, String>;
+}
+
+/// The claim file of `generation` beside the record (`lease` ->
+/// `lease.claim.N`, as the agents name it).
+pub fn claim_path(record: &Path, generation: u64) -> PathBuf {
+    let name = record
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    record.with_file_name(format!("{name}.claim.{generation}"))
+}
+
+/// Claims `generation` atomically with `token` as its content: the token
+/// goes into a temporary file that is then hard-linked to the claim's name
+/// (a link fails if the name exists). Claiming again with the same token
+/// (after an answer lost to a timeout) finds the claim ours.
+pub fn claim_file(record: &Path, generation: u64, token: &str) -> Result<bool, String> {
+    let claim = claim_path(record, generation);
+    let tmp = record.with_file_name(format!(".claim.{generation}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, token).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let linked = std::fs::hard_link(&tmp, &claim);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let held =
+                std::fs::read_to_string(&claim).map_err(|e| format!("{}: {e}", claim.display()))?;
+            Ok(held == token)
+        }
+        Err(e) => Err(format!("{}: {e}", claim.display())),
+    }
+}
+
+/// The real datastore operations, each abandoned after the I/O timeout.
+pub struct FileIo {
+    file: PathBuf,
+    timeout: Duration,
+    token: String,
+}
+
+impl FileIo {
+    /// Operations on `spec`'s record.
+    pub fn new(spec: &LeaseSpec) -> Self {
+        Self {
+            file: spec.file.clone(),
+            timeout: spec.io_timeout(),
+            token: format!("{} vmm {}", spec.owner, std::process::id()),
+        }
+    }
+}
+
+impl LeaseIo for FileIo {
+    fn read(&mut self) -> Result<Option<LeaseRecord>, String> {
+        let p = self.file.clone();
+        with_timeout(self.timeout, move || {
+            let rec = read_record(&p)?;
+            // No record and no directory: the datastore is out of reach,
+            // which is a failed read, not a lost lease.
+            if rec.is_none() && !p.parent().is_some_and(Path::exists) {
+                return Err(format!("{} is unreachable", p.display()));
+            }
+            Ok(rec)
+        })
+    }
+
+    fn write(&mut self, rec: &LeaseRecord, not_after: u64) -> Result<(), String> {
+        let (p, rec) = (self.file.clone(), rec.clone());
+        with_timeout(self.timeout, move || {
+            if mono_ms() >= not_after {
+                return Err("the lease deadline passed before the write was issued".into());
+            }
+            write_record(&p, &rec)
+        })
+    }
+
+    fn claim(&mut self, generation: u64) -> Result<bool, String> {
+        let (p, token) = (self.file.clone(), self.token.clone());
+        with_timeout(self.timeout, move || claim_file(&p, generation, &token))
+    }
+}
+
+/// What the driver of a [`Keeper`] must do after a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Publish this status for the agent.
+    Status(LeaseStatus),
+    /// The deadline passed: park the guest (the fence is already closed).
+    Suspend,
+    /// The lease is held again: let the guest run.
+    Resume,
+    /// End the process: `state` ("lost" or "expired") and why.
+    PowerOff {
+        /// Status state.
+        state: String,
+        /// For the log and stderr.
+        why: String,
+    },
+}
+
+/// The datastore operation a step performs (planned under the keeper's
+/// lock, performed without it, applied under it again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Read the record and, if ours, write it back renewed. Issued at `issued`.
+    Renew {
+        /// Issue time.
+        issued: u64,
+        /// The deadline when it was planned: no write at or after it.
+        deadline: u64,
+    },
+    /// Read the record (lease-suspended, watching it).
+    Observe,
+    /// Claim `generation` and write the record naming us with it.
+    Claim {
+        /// The new generation.
+        generation: u64,
+        /// Issue time of the claim.
+        issued: u64,
+    },
+}
+
+/// What an [`Op`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpResult {
+    /// Renewed: the counter written.
+    Renewed(u64),
+    /// The record as read (not ours, or observed).
+    Read(Option<LeaseRecord>),
+    /// The claim is ours and the record was written (`Ok`) or not (`Err`).
+    Claimed(Result<(), String>),
+    /// Someone else holds the claim.
+    ClaimTaken,
+    /// The datastore did not answer in time, or failed.
+    Failed(String),
+}
+
+/// Performs `op` (no lock held).
+pub fn perform(op: Op, spec: &LeaseSpec, generation: u64, io: &mut dyn LeaseIo) -> OpResult {
+    match op {
+        Op::Renew { deadline, .. } => match io.read() {
+            Ok(Some(r)) if spec.is_ours_at(&r, generation) => {
+                let new = LeaseRecord {
+                    counter: r.counter + 1,
+                    ..r
+                };
+                match io.write(&new, deadline) {
+                    Ok(()) => OpResult::Renewed(new.counter),
+                    Err(e) => OpResult::Failed(e),
+                }
+            }
+            Ok(other) => OpResult::Read(other),
+            Err(e) => OpResult::Failed(e),
+        },
+        Op::Observe => match io.read() {
+            Ok(r) => OpResult::Read(r),
+            Err(e) => OpResult::Failed(e),
+        },
+        Op::Claim { generation, .. } => match io.claim(generation) {
+            // Nobody else can hold this generation: no deadline.
+            Ok(true) => OpResult::Claimed(io.write(
+                &LeaseRecord {
+                    owner: Some(spec.owner.clone()),
+                    generation,
+                    counter: 0,
+                },
+                u64::MAX,
+            )),
+            Ok(false) => OpResult::ClaimTaken,
+            Err(e) => OpResult::Failed(e),
+        },
+    }
+}
+
+/// A lease-suspended VMM watching its record before re-acquiring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Suspension {
+    /// When the guest was paused.
+    since: u64,
+    /// The record last read and since when it has been seen unchanged.
+    seen: Option<(LeaseRecord, u64)>,
+    /// A claim for this generation is ours but the record write may not
+    /// have landed: write it again (nobody else can hold that generation).
+    claimed: Option<u64>,
+}
+
+/// The lease state machine of one VMM; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct Keeper {
+    spec: LeaseSpec,
+    generation: u64,
+    /// Issue time of the last successful renewal or acquisition.
+    last: u64,
+    /// Next renewal or observation.
+    next: u64,
+    counter: u64,
+    suspended: Option<Suspension>,
+    resumptions: u64,
+}
+
+impl Keeper {
+    /// The keeper right after the agent's acquisition.
+    pub fn new(spec: LeaseSpec) -> Self {
+        Self {
+            generation: spec.generation,
+            last: spec.acquired_mono_ms,
+            next: spec.acquired_mono_ms + spec.renew_interval_ms,
+            counter: 0,
+            suspended: None,
+            resumptions: 0,
+            spec,
+        }
+    }
+
+    /// The generation held (or being re-acquired).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether the guest is lease-suspended.
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.is_some()
+    }
+
+    /// The write fence: writes allowed before this time (the deadline).
+    pub fn fence(&self) -> u64 {
+        self.deadline()
+    }
+
+    fn deadline(&self) -> u64 {
+        self.last + self.spec.stop_time_ms
+    }
+
+    /// How long before the deadline a pausing VMM parks the guest, so that
+    /// no guest write meets the closed fence (an I/O error the guest would
+    /// see): 250 ms, or less when the timings leave less room above a slow
+    /// renewal (`stop - renew - io`).
+    pub fn pause_lead(&self) -> u64 {
+        let s = &self.spec;
+        let room = s
+            .stop_time_ms
+            .saturating_sub(s.renew_interval_ms + s.io_timeout_ms);
+        (room / 2).min(250)
+    }
+
+    fn status(&self, state: &str) -> LeaseStatus {
+        LeaseStatus {
+            state: state.into(),
+            generation: self.generation,
+            counter: self.counter,
+            last_renewal_issued_mono_ms: self.last,
+        }
+    }
+
+    fn publish(&self) {
+        SUSPENDED.store(self.suspended.is_some(), Ordering::SeqCst);
+        WRITE_FENCE_MS.store(self.fence(), Ordering::SeqCst);
+        publish_info(Some((
+            LeaseInfo {
+                state: if self.suspended.is_some() {
+                    "suspended".into()
+                } else {
+                    "held".into()
+                },
+                file: self.spec.file.clone(),
+                generation: self.generation,
+                on_loss: self.spec.on_loss,
+                suspended_ms: None,
+                resumptions: self.resumptions,
+            },
+            self.suspended.as_ref().map(|s| s.since),
+        )));
+    }
+
+    /// The deadline check (every few ms, from its own thread: it never waits
+    /// for the datastore).
+    pub fn check_deadline(&mut self, now: u64) -> Option<Step> {
+        if self.suspended.is_some() {
+            return None;
+        }
+        match self.spec.on_loss {
+            LeaseLoss::PowerOff if now >= self.deadline() => Some(Step::PowerOff {
+                state: "expired".into(),
+                why: format!("not renewed for {} ms", self.spec.stop_time_ms),
+            }),
+            LeaseLoss::PowerOff => None,
+            LeaseLoss::Pause if now + self.pause_lead() < self.deadline() => None,
+            LeaseLoss::Pause => {
+                self.suspended = Some(Suspension {
+                    since: now,
+                    seen: None,
+                    claimed: None,
+                });
+                // Past the deadline, watch the record.
+                self.next = self.next.min(self.deadline());
+                Some(Step::Suspend)
+            }
+        }
+    }
+
+    /// The datastore operation due at `now`, if any.
+    pub fn plan(&mut self, now: u64) -> Option<Op> {
+        if now < self.next {
+            return None;
+        }
+        self.next = now + self.spec.renew_interval_ms;
+        // A renewal is issued only while the lease is valid (also in the
+        // last moments, with the guest already parked): one issued after the
+        // deadline could land after a peer's takeover.
+        if now < self.deadline() {
+            return Some(Op::Renew {
+                issued: now,
+                deadline: self.deadline(),
+            });
+        }
+        match &self.suspended {
+            None => None,
+            Some(s) => {
+                if let Some(generation) = s.claimed {
+                    return Some(Op::Claim {
+                        generation,
+                        issued: now,
+                    });
+                }
+                match &s.seen {
+                    Some((r, since))
+                        if now.saturating_sub(*since) >= self.spec.takeover_time_ms
+                            && self.spec.is_ours_at(r, self.generation) =>
+                    {
+                        Some(Op::Claim {
+                            generation: self.generation + 1,
+                            issued: now,
+                        })
+                    }
+                    _ => Some(Op::Observe),
+                }
+            }
+        }
+    }
+
+    fn lost(rec: &Option<LeaseRecord>) -> Step {
+        let why = match rec {
+            Some(r) => format!(
+                "lease taken by {} generation {}",
+                r.owner.as_deref().unwrap_or("nobody (released)"),
+                r.generation
+            ),
+            None => "lease record gone".to_string(),
+        };
+        Step::PowerOff {
+            state: "lost".into(),
+            why,
+        }
+    }
+
+    /// Applies what `op` found; `now` is the time the result came back.
+    pub fn apply(&mut self, now: u64, op: Op, res: OpResult) -> Vec<Step> {
+        match (op, res) {
+            (Op::Renew { issued, .. }, OpResult::Renewed(counter)) => {
+                self.last = self.last.max(issued);
+                self.counter = counter;
+                let mut steps = Vec::new();
+                if self.suspended.is_some() && now + self.pause_lead() < self.deadline() {
+                    // A renewal issued before the deadline landed: the lease
+                    // was never lost, only late.
+                    let since = self.suspended.take().map_or(now, |s| s.since);
+                    self.resumptions += 1;
+                    tracing::warn!(lease = %self.spec.file.display(), paused_ms = now - since,
+                        "late lease renewal succeeded: guest resumed");
+                    steps.push(Step::Resume);
+                }
+                if self.suspended.is_none() {
+                    steps.push(Step::Status(self.status("held")));
+                }
+                steps
+            }
+            (Op::Renew { .. }, OpResult::Read(rec)) => vec![Self::lost(&rec)],
+            (Op::Observe, OpResult::Read(rec)) => {
+                let Some(s) = self.suspended.as_mut() else {
+                    return Vec::new();
+                };
+                match &rec {
+                    Some(r) if self.spec.is_ours_at(r, self.generation) => {
+                        if s.seen.as_ref().map(|(seen, _)| seen) != Some(r) {
+                            s.seen = Some((r.clone(), now));
+                        }
+                        Vec::new()
+                    }
+                    // Our own claimed generation landed after all: watch it
+                    // as ours (a peer may take it over once it is unchanged
+                    // for its takeover time, so we must too).
+                    Some(r)
+                        if s.claimed == Some(r.generation)
+                            && r.owner.as_deref() == Some(self.spec.owner.as_str()) =>
+                    {
+                        self.generation = r.generation;
+                        s.claimed = None;
+                        s.seen = Some((r.clone(), now));
+                        Vec::new()
+                    }
+                    _ => vec![Self::lost(&rec)],
+                }
+            }
+            (Op::Claim { generation, issued }, OpResult::Claimed(Ok(()))) => {
+                let since = self.suspended.take().map_or(now, |s| s.since);
+                self.generation = generation;
+                self.last = issued;
+                self.counter = 0;
+                self.next = issued + self.spec.renew_interval_ms;
+                self.resumptions += 1;
+                tracing::warn!(lease = %self.spec.file.display(), generation, paused_ms = now - since,
+                    "lease re-acquired: guest resumed");
+                vec![Step::Resume, Step::Status(self.status("held"))]
+            }
+            (Op::Claim { generation, .. }, OpResult::Claimed(Err(e))) => {
+                tracing::warn!(lease = %self.spec.file.display(), generation, error = %e,
+                    "claimed the lease but could not write the record; retrying");
+                if let Some(s) = self.suspended.as_mut() {
+                    s.claimed = Some(generation);
+                }
+                Vec::new()
+            }
+            (Op::Claim { generation, .. }, OpResult::ClaimTaken) => vec![Step::PowerOff {
+                state: "lost".into(),
+                why: format!("lease generation {generation} claimed by another host"),
+            }],
+            (_, OpResult::Failed(e)) => {
+                tracing::warn!(lease = %self.spec.file.display(), error = %e, "lease I/O failed");
+                if let Some(s) = self.suspended.as_mut() {
+                    // The record could have changed unseen: count afresh.
+                    s.seen = None;
+                }
+                Vec::new()
+            }
+            (op, res) => {
+                tracing::error!(?op, ?res, "unexpected lease I/O result");
+                Vec::new()
+            }
+        }
+    }
+
+    /// One full step with no other thread involved (tests, and a summary
+    /// of what the threads do).
+    pub fn tick(&mut self, now: u64, io: &mut dyn LeaseIo) -> Vec<Step> {
+        let mut steps: Vec<Step> = self.check_deadline(now).into_iter().collect();
+        if let Some(op) = self.plan(now) {
+            let res = perform(op, &self.spec, self.generation, io);
+            steps.extend(self.apply(now, op, res));
+        }
+        steps
+    }
+}
+
 /// The running lease: renewal and deadline threads. Dropping it stops them
 /// and releases the lease if it is still ours.
 pub struct LeaseGuard {
     spec: LeaseSpec,
+    keeper: Arc<Mutex<Keeper>>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn lock(k: &Mutex<Keeper>) -> MutexGuard<'_, Keeper> {
+    k.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Checks the record names us, then starts renewing.
@@ -296,25 +929,28 @@ pub fn start(spec: LeaseSpec) -> Result<LeaseGuard, LeaseError> {
         return Err(LeaseError::Expired(path));
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let last = Arc::new(AtomicU64::new(spec.acquired_mono_ms));
-    WRITE_FENCE_MS.store(spec.acquired_mono_ms + spec.stop_time_ms, Ordering::SeqCst);
+    let keeper = Keeper::new(spec.clone());
+    keeper.publish();
+    let keeper = Arc::new(Mutex::new(keeper));
     let renewer = {
-        let (spec, stop, last) = (spec.clone(), stop.clone(), last.clone());
+        let (spec, stop, keeper) = (spec.clone(), stop.clone(), keeper.clone());
         std::thread::Builder::new()
             .name("lease-renew".into())
-            .spawn(move || renew_loop(&spec, &stop, &last))
+            .spawn(move || renew_loop(&spec, &stop, &keeper))
             .map_err(LeaseError::Thread)?
     };
     let deadline = {
-        let (spec, stop, last) = (spec.clone(), stop.clone(), last.clone());
+        let (spec, stop, keeper) = (spec.clone(), stop.clone(), keeper.clone());
         std::thread::Builder::new()
             .name("lease-deadline".into())
-            .spawn(move || deadline_loop(&spec, &stop, &last))
+            .spawn(move || deadline_loop(&spec, &stop, &keeper))
             .map_err(LeaseError::Thread)?
     };
-    tracing::info!(lease = %spec.file.display(), generation = spec.generation, "lease held; renewing");
+    tracing::info!(lease = %spec.file.display(), generation = spec.generation,
+        on_loss = ?spec.on_loss, "lease held; renewing");
     Ok(LeaseGuard {
         spec,
+        keeper,
         stop,
         threads: vec![renewer, deadline],
     })
@@ -322,15 +958,26 @@ pub fn start(spec: LeaseSpec) -> Result<LeaseGuard, LeaseError> {
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        // The guest has stopped; no lease, no fence.
-        WRITE_FENCE_MS.store(u64::MAX, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        let (generation, suspended) = {
+            let k = lock(&self.keeper);
+            (k.generation(), k.is_suspended())
+        };
+        // The guest has stopped; no lease, no fence.
+        WRITE_FENCE_MS.store(u64::MAX, Ordering::SeqCst);
+        SUSPENDED.store(false, Ordering::SeqCst);
+        publish_info(None);
+        if suspended {
+            // Not ours to release: a peer may be taking it over.
+            tracing::info!(lease = %self.spec.file.display(), "guest stopped while lease-suspended; lease left alone");
+            return;
+        }
         let spec = self.spec.clone();
         let res = with_timeout(spec.io_timeout(), move || match read_record(&spec.file)? {
-            Some(r) if spec.is_ours(&r) => {
+            Some(r) if spec.is_ours_at(&r, generation) => {
                 write_record(&spec.file, &LeaseRecord { owner: None, ..r })
             }
             _ => Ok(()),
@@ -344,21 +991,21 @@ impl Drop for LeaseGuard {
     }
 }
 
-/// Ends the process now: the guest is gone with it.
-fn die(spec: &LeaseSpec, state: &str, last: u64, why: &str) -> ! {
-    WRITE_FENCE_MS.store(0, Ordering::SeqCst);
-    tracing::error!(lease = %spec.file.display(), state, "{why}: stopping the guest");
+fn write_status(spec: &LeaseSpec, st: &LeaseStatus) {
     if let Some(p) = &spec.status {
-        let st = LeaseStatus {
-            state: state.into(),
-            generation: spec.generation,
-            counter: 0,
-            last_renewal_issued_mono_ms: last,
-        };
-        if let Ok(bytes) = serde_json::to_vec(&st) {
-            let _ = write_atomic(p, &bytes);
+        if let Ok(bytes) = serde_json::to_vec(st) {
+            if let Err(e) = write_atomic(p, &bytes) {
+                tracing::warn!(status = %p.display(), error = %e, "cannot write lease status");
+            }
         }
     }
+}
+
+/// Ends the process now: the guest is gone with it.
+fn die(spec: &LeaseSpec, status: LeaseStatus, why: &str) -> ! {
+    WRITE_FENCE_MS.store(0, Ordering::SeqCst);
+    tracing::error!(lease = %spec.file.display(), state = %status.state, "{why}: stopping the guest");
+    write_status(spec, &status);
     eprintln!("vigil: lease {}: {why}; guest stopped", spec.file.display());
     crate::console::restore_terminal();
     // SAFETY: _exit ends the process at once; nothing after it runs, which
@@ -366,94 +1013,70 @@ fn die(spec: &LeaseSpec, state: &str, last: u64, why: &str) -> ! {
     unsafe { libc::_exit(EXIT_LEASE) }
 }
 
-fn deadline_loop(spec: &LeaseSpec, stop: &AtomicBool, last: &AtomicU64) {
-    while !stop.load(Ordering::SeqCst) {
-        let l = last.load(Ordering::SeqCst);
-        if mono_ms().saturating_sub(l) >= spec.stop_time_ms {
-            die(
-                spec,
-                "expired",
-                l,
-                &format!("not renewed for {} ms", spec.stop_time_ms),
-            );
+/// Carries out steps (no keeper lock held).
+fn run_steps(spec: &LeaseSpec, keeper: &Mutex<Keeper>, steps: Vec<Step>) {
+    for step in steps {
+        match step {
+            Step::Status(st) => write_status(spec, &st),
+            Step::Suspend => {
+                let st = lock(keeper).status("suspended");
+                tracing::warn!(lease = %spec.file.display(), stop_ms = spec.stop_time_ms,
+                    "lease not renewed in time: guest paused (lease-suspended), re-acquiring");
+                write_status(spec, &st);
+                sync_hook();
+            }
+            Step::Resume => sync_hook(),
+            Step::PowerOff { state, why } => {
+                let st = LeaseStatus {
+                    state,
+                    ..lock(keeper).status("")
+                };
+                die(spec, st, &why)
+            }
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-fn renew_loop(spec: &LeaseSpec, stop: &AtomicBool, last: &AtomicU64) {
-    let mut next = spec.acquired_mono_ms + spec.renew_interval_ms;
+fn deadline_loop(spec: &LeaseSpec, stop: &AtomicBool, keeper: &Mutex<Keeper>) {
     while !stop.load(Ordering::SeqCst) {
-        if mono_ms() < next {
+        let step = {
+            let mut k = lock(keeper);
+            let s = k.check_deadline(mono_ms());
+            if s.is_some() {
+                k.publish();
+            }
+            s
+        };
+        if let Some(s) = step {
+            run_steps(spec, keeper, vec![s]);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn renew_loop(spec: &LeaseSpec, stop: &AtomicBool, keeper: &Mutex<Keeper>) {
+    let mut io = FileIo::new(spec);
+    while !stop.load(Ordering::SeqCst) {
+        let planned = {
+            let mut k = lock(keeper);
+            k.plan(mono_ms()).map(|op| (op, k.generation()))
+        };
+        let Some((op, generation)) = planned else {
             std::thread::sleep(Duration::from_millis(20));
             continue;
+        };
+        let res = perform(op, spec, generation, &mut io);
+        if stop.load(Ordering::SeqCst) {
+            return;
         }
-        let issued = mono_ms();
-        next = issued + spec.renew_interval_ms;
-        match renew_once(spec) {
-            Ok(Renewal::Renewed(counter)) => {
-                last.fetch_max(issued, Ordering::SeqCst);
-                WRITE_FENCE_MS.fetch_max(issued + spec.stop_time_ms, Ordering::SeqCst);
-                if let Some(p) = &spec.status {
-                    let st = LeaseStatus {
-                        state: "held".into(),
-                        generation: spec.generation,
-                        counter,
-                        last_renewal_issued_mono_ms: issued,
-                    };
-                    if let Ok(bytes) = serde_json::to_vec(&st) {
-                        if let Err(e) = write_atomic(p, &bytes) {
-                            tracing::warn!(status = %p.display(), error = %e, "cannot write lease status");
-                        }
-                    }
-                }
-            }
-            Ok(Renewal::Lost(rec)) => {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let why = match rec {
-                    Some(r) => format!(
-                        "lease taken by {} generation {}",
-                        r.owner.as_deref().unwrap_or("nobody (released)"),
-                        r.generation
-                    ),
-                    None => "lease record gone".to_string(),
-                };
-                die(spec, "lost", last.load(Ordering::SeqCst), &why);
-            }
-            Err(e) => {
-                tracing::warn!(lease = %spec.file.display(), error = %e, "lease renewal failed");
-            }
-        }
+        let steps = {
+            let mut k = lock(keeper);
+            let steps = k.apply(mono_ms(), op, res);
+            k.publish();
+            steps
+        };
+        run_steps(spec, keeper, steps);
     }
-}
-
-enum Renewal {
-    Renewed(u64),
-    Lost(Option<LeaseRecord>),
-}
-
-fn renew_once(spec: &LeaseSpec) -> Result<Renewal, String> {
-    let p = spec.file.clone();
-    let rec = with_timeout(spec.io_timeout(), move || read_record(&p))?;
-    let rec = match rec {
-        Some(r) if spec.is_ours(&r) => r,
-        // No record and no directory: the datastore is out of reach, which
-        // is a failed renewal (stop at the stop time), not a lost lease.
-        None if !spec.file.parent().is_some_and(Path::exists) => {
-            return Err(format!("{} is unreachable", spec.file.display()))
-        }
-        other => return Ok(Renewal::Lost(other)),
-    };
-    let new = LeaseRecord {
-        counter: rec.counter + 1,
-        ..rec
-    };
-    let counter = new.counter;
-    let p = spec.file.clone();
-    with_timeout(spec.io_timeout(), move || write_record(&p, &new))?;
-    Ok(Renewal::Renewed(counter))
 }
 
 #[cfg(test)]
@@ -470,6 +1093,8 @@ mod tests {
             io_timeout_ms: 200,
             stop_time_ms: 1000,
             status: Some(dir.join("status")),
+            on_loss: LeaseLoss::PowerOff,
+            takeover_time_ms: 0,
         }
     }
 
@@ -560,6 +1185,342 @@ mod tests {
         .unwrap();
         let e = LeaseSpec::load(&p).unwrap_err().to_string();
         assert!(e.contains("3000 ms must be below stop time 4000 ms"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A datastore in memory: the record, whether it answers, the claims,
+    /// and every write in order.
+    struct Fake {
+        rec: Option<LeaseRecord>,
+        reachable: bool,
+        claims: std::collections::BTreeMap<u64, String>,
+        writes: Vec<LeaseRecord>,
+        me: String,
+    }
+
+    impl Fake {
+        fn holding(owner: &str, generation: u64) -> Self {
+            Self {
+                rec: Some(LeaseRecord {
+                    owner: Some(owner.into()),
+                    generation,
+                    counter: 0,
+                }),
+                reachable: true,
+                claims: Default::default(),
+                writes: Vec::new(),
+                me: "host-a vmm".into(),
+            }
+        }
+    }
+
+    impl LeaseIo for Fake {
+        fn read(&mut self) -> Result<Option<LeaseRecord>, String> {
+            if !self.reachable {
+                return Err("no answer within 500 ms".into());
+            }
+            Ok(self.rec.clone())
+        }
+        fn write(&mut self, rec: &LeaseRecord, _not_after: u64) -> Result<(), String> {
+            if !self.reachable {
+                return Err("read-only file system".into());
+            }
+            self.writes.push(rec.clone());
+            self.rec = Some(rec.clone());
+            Ok(())
+        }
+        fn claim(&mut self, generation: u64) -> Result<bool, String> {
+            if !self.reachable {
+                return Err("read-only file system".into());
+            }
+            let holder = self.claims.entry(generation).or_insert(self.me.clone());
+            Ok(*holder == self.me)
+        }
+    }
+
+    /// Renew 500, I/O 500, stop 2000, takeover 3200; acquired at t=0.
+    fn keeper(on_loss: LeaseLoss) -> Keeper {
+        Keeper::new(LeaseSpec {
+            file: "/ds/vms/vm/lease".into(),
+            owner: "host-a".into(),
+            generation: 4,
+            acquired_mono_ms: 0,
+            renew_interval_ms: 500,
+            io_timeout_ms: 500,
+            stop_time_ms: 2000,
+            status: None,
+            on_loss,
+            takeover_time_ms: 3200,
+        })
+    }
+
+    /// Ticks every 10 ms over [from, to) and returns the steps with their times.
+    fn run(k: &mut Keeper, io: &mut Fake, from: u64, to: u64) -> Vec<(u64, Step)> {
+        let mut out = Vec::new();
+        for now in (from..to).step_by(10) {
+            for s in k.tick(now, io) {
+                let end = matches!(s, Step::PowerOff { .. });
+                out.push((now, s));
+                if end {
+                    // The process would be gone.
+                    return out;
+                }
+            }
+        }
+        out
+    }
+
+    fn kinds(steps: &[(u64, Step)]) -> Vec<(u64, &'static str)> {
+        steps
+            .iter()
+            .filter_map(|(t, s)| match s {
+                Step::Status(_) => None,
+                Step::Suspend => Some((*t, "suspend")),
+                Step::Resume => Some((*t, "resume")),
+                Step::PowerOff { .. } => Some((*t, "power-off")),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stall_pauses_at_the_deadline_then_reacquires_like_a_peer() {
+        let mut k = keeper(LeaseLoss::Pause);
+        let mut io = Fake::holding("host-a", 4);
+        // Healthy: renewals every 500 ms, the fence follows them.
+        let steps = run(&mut k, &mut io, 0, 3000);
+        assert!(kinds(&steps).is_empty(), "{steps:?}");
+        assert_eq!(io.writes.len(), 5);
+        assert_eq!(io.writes.last().unwrap().counter, 5);
+        assert_eq!(k.fence(), 2500 + 2000);
+        // The datastore stops answering at 3000; the last renewal was issued
+        // at 2500, so the guest pauses at 4500 and the fence is shut.
+        io.reachable = false;
+        let steps = run(&mut k, &mut io, 3000, 6000);
+        // Parked 250 ms ahead of the deadline (4500), so that no guest
+        // write meets the fence, which closes at the deadline.
+        assert_eq!(kinds(&steps), vec![(4250, "suspend")]);
+        assert!(k.is_suspended());
+        assert_eq!(k.fence(), 4500);
+        // Storage returns at 6000: the record still names us. The keeper
+        // watches it unchanged for the takeover time (3200 ms from its first
+        // read at 6000), writing nothing meanwhile, then claims generation 5.
+        io.reachable = true;
+        let writes_before = io.writes.len();
+        let steps = run(&mut k, &mut io, 6000, 12_000);
+        let k2 = kinds(&steps);
+        assert_eq!(k2.len(), 1, "{steps:?}");
+        let (resumed_at, what) = k2[0];
+        assert_eq!(what, "resume");
+        assert!(
+            (9200..9200 + 500 + 10).contains(&resumed_at),
+            "resumed at {resumed_at}"
+        );
+        // The first write after the deadline is the new generation's.
+        assert_eq!(
+            io.writes[writes_before],
+            LeaseRecord {
+                owner: Some("host-a".into()),
+                generation: 5,
+                counter: 0
+            }
+        );
+        assert_eq!(io.claims.get(&5).map(String::as_str), Some("host-a vmm"));
+        assert_eq!(k.generation(), 5);
+        assert!(!k.is_suspended());
+        assert!(k.fence() > 12_000);
+        assert!(io.writes.last().unwrap().counter >= 4);
+    }
+
+    #[test]
+    fn no_renewal_is_issued_at_or_after_the_deadline() {
+        let mut k = keeper(LeaseLoss::Pause);
+        let mut io = Fake::holding("host-a", 4);
+        io.reachable = false;
+        let mut ops = Vec::new();
+        for now in (0..8000).step_by(10) {
+            let _ = k.check_deadline(now);
+            if let Some(op) = k.plan(now) {
+                ops.push((now, op));
+                let res = perform(op, &k.spec.clone(), k.generation(), &mut io);
+                k.apply(now, op, res);
+            }
+        }
+        for (now, op) in &ops {
+            if let Op::Renew { issued, deadline } = op {
+                assert!(*issued < 2000 && *now < 2000, "renewal at {now}");
+                assert_eq!(*deadline, 2000);
+            }
+        }
+        assert!(ops.iter().any(|(_, op)| *op == Op::Observe));
+    }
+
+    #[test]
+    fn a_late_renewal_issued_before_the_deadline_resumes_without_a_new_generation() {
+        let mut k = keeper(LeaseLoss::Pause);
+        let mut io = Fake::holding("host-a", 4);
+        // Renewals at 500..1500 fail; the one issued at 1500 takes long and
+        // succeeds after the deadline (2000) has paused the guest.
+        io.reachable = false;
+        run(&mut k, &mut io, 0, 1500);
+        let op = k.plan(1500).unwrap();
+        assert_eq!(
+            op,
+            Op::Renew {
+                issued: 1500,
+                deadline: 2000
+            }
+        );
+        assert_eq!(k.check_deadline(2000), Some(Step::Suspend));
+        io.reachable = true;
+        let res = perform(op, &k.spec.clone(), 4, &mut io);
+        let steps = k.apply(2300, op, res);
+        assert_eq!(steps[0], Step::Resume);
+        assert_eq!(k.generation(), 4);
+        assert_eq!(k.fence(), 1500 + 2000);
+        // Had it come back at or after 3500 (its own deadline), it would
+        // not count: the keeper stays suspended.
+        let mut k = keeper(LeaseLoss::Pause);
+        let mut io = Fake::holding("host-a", 4);
+        let op = k.plan(500).unwrap();
+        assert_eq!(k.check_deadline(2000), Some(Step::Suspend));
+        let res = perform(op, &k.spec.clone(), 4, &mut io);
+        assert!(k.apply(2600, op, res).is_empty());
+        assert!(k.is_suspended());
+    }
+
+    #[test]
+    fn a_peer_that_took_over_meanwhile_gets_the_stale_copy_powered_off_without_a_write() {
+        let mut k = keeper(LeaseLoss::Pause);
+        let mut io = Fake::holding("host-a", 4);
+        run(&mut k, &mut io, 0, 1000);
+        io.reachable = false;
+        let steps = run(&mut k, &mut io, 1000, 5000);
+        assert_eq!(kinds(&steps), vec![(2250, "suspend")]);
+        // A peer watched the record for its takeover time and took it.
+        io.claims.insert(5, "host-b".into());
+        io.rec = Some(LeaseRecord {
+            owner: Some("host-b".into()),
+            generation: 5,
+            counter: 3,
+        });
+        io.reachable = true;
+        let writes = io.writes.len();
+        let steps = run(&mut k, &mut io, 5000, 6000);
+        match &steps[..] {
+            [(_, Step::PowerOff { state, why })] => {
+                assert_eq!(state, "lost");
+                assert!(why.contains("lease taken by host-b generation 5"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(io.writes.len(), writes);
+    }
+
+    #[test]
+    fn a_claim_won_by_a_peer_first_powers_the_stale_copy_off() {
+        let mut k = keeper(LeaseLoss::Pause);
+        let mut io = Fake::holding("host-a", 4);
+        io.reachable = false;
+        run(&mut k, &mut io, 0, 2500);
+        io.reachable = true;
+        // The peer created the claim for generation 5 but has not written
+        // the record yet when our takeover time is up.
+        io.claims.insert(5, "host-b".into());
+        let writes = io.writes.len();
+        let steps = run(&mut k, &mut io, 2500, 8000);
+        let powered: Vec<_> = kinds(&steps);
+        assert_eq!(powered.len(), 1, "{steps:?}");
+        assert_eq!(powered[0].1, "power-off");
+        assert!(powered[0].0 >= 2500 + 3200);
+        assert_eq!(io.writes.len(), writes);
+    }
+
+    #[test]
+    fn a_record_that_moves_restarts_the_takeover_count() {
+        let mut k = keeper(LeaseLoss::Pause);
+        let mut io = Fake::holding("host-a", 4);
+        io.reachable = false;
+        run(&mut k, &mut io, 0, 2500);
+        io.reachable = true;
+        run(&mut k, &mut io, 2500, 4000);
+        // An abandoned write of ours lands late: the record changed, so the
+        // count starts again from when it was seen.
+        io.rec = Some(LeaseRecord {
+            owner: Some("host-a".into()),
+            generation: 4,
+            counter: 9,
+        });
+        let steps = run(&mut k, &mut io, 4000, 10_000);
+        let resumed = kinds(&steps);
+        assert_eq!(resumed.len(), 1);
+        assert!(resumed[0].0 >= 4000 + 3200, "{resumed:?}");
+    }
+
+    #[test]
+    fn power_off_mode_ends_at_the_deadline() {
+        let mut k = keeper(LeaseLoss::PowerOff);
+        let mut io = Fake::holding("host-a", 4);
+        run(&mut k, &mut io, 0, 1000);
+        io.reachable = false;
+        let steps = run(&mut k, &mut io, 1000, 4000);
+        let first = steps
+            .iter()
+            .find(|(_, s)| matches!(s, Step::PowerOff { .. }))
+            .unwrap();
+        assert_eq!(first.0, 2500);
+        assert!(matches!(&first.1, Step::PowerOff { state, .. } if state == "expired"));
+    }
+
+    #[test]
+    fn claim_files_admit_one_claimant_and_recognise_their_own() {
+        let d = tmpdir("claim");
+        let rec = d.join("lease");
+        assert!(claim_file(&rec, 7, "host-a vmm 1").unwrap());
+        assert!(claim_file(&rec, 7, "host-a vmm 1").unwrap());
+        assert!(!claim_file(&rec, 7, "host-b vmm 2").unwrap());
+        assert_eq!(
+            std::fs::read_to_string(d.join("lease.claim.7")).unwrap(),
+            "host-a vmm 1"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_renewal_write_is_not_issued_past_its_deadline() {
+        let d = tmpdir("notafter");
+        let s = spec(&d);
+        let rec = LeaseRecord {
+            owner: Some("host-a".into()),
+            generation: 2,
+            counter: 0,
+        };
+        write_record(&s.file, &rec).unwrap();
+        let mut io = FileIo::new(&s);
+        let late = LeaseRecord {
+            counter: 1,
+            ..rec.clone()
+        };
+        let e = io.write(&late, mono_ms()).unwrap_err();
+        assert!(e.contains("deadline passed"), "{e}");
+        assert_eq!(read_record(&s.file).unwrap().unwrap(), rec);
+        io.write(&late, mono_ms() + 60_000).unwrap();
+        assert_eq!(read_record(&s.file).unwrap().unwrap(), late);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn pause_needs_a_takeover_time() {
+        let d = tmpdir("pausespec");
+        let p = d.join("spec.toml");
+        std::fs::write(
+            &p,
+            "file = \"/x\"\nowner = \"a\"\ngeneration = 1\nacquired_mono_ms = 0\n\
+             renew_interval_ms = 500\nio_timeout_ms = 500\nstop_time_ms = 2000\n\
+             on_loss = \"pause\"\n",
+        )
+        .unwrap();
+        let e = LeaseSpec::load(&p).unwrap_err().to_string();
+        assert!(e.contains("needs takeover_time_ms"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -185,7 +185,14 @@ impl Machine {
     }
 
     /// [`Self::resume`] for callers that hold [`Self::control_lock`].
+    /// Does nothing while the VM is lease-suspended: only the lease lets
+    /// such a VM run again (a snapshot or a cancelled migration that
+    /// resumes "what it paused" must not undo the lease's pause).
     pub fn resume_locked(&self) {
+        if crate::lease::is_suspended() {
+            tracing::info!("VM is lease-suspended: it stays paused");
+            return;
+        }
         self.resume_devices();
         self.gate.resume();
     }
@@ -207,9 +214,11 @@ impl Machine {
         }
     }
 
-    /// "paused" or "running".
+    /// "lease-suspended", "paused" or "running".
     pub fn state_name(&self) -> &'static str {
-        if self.gate.is_paused() {
+        if crate::lease::is_suspended() && self.gate.is_paused() {
+            "lease-suspended"
+        } else if self.gate.is_paused() {
             "paused"
         } else {
             "running"
@@ -245,6 +254,33 @@ impl Machine {
     /// Bumps the event loop's progress counter.
     pub fn loop_tick(&self) {
         self.loop_progress.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the disk lease does to a machine: pause it when the lease cannot
+/// be renewed in time, resume it when the lease is held again.
+pub struct LeaseHook(pub std::sync::Weak<Machine>);
+
+impl crate::lease::SuspendHook for LeaseHook {
+    fn suspend(&self) -> bool {
+        let Some(m) = self.0.upgrade() else {
+            return false;
+        };
+        let _g = m.control_lock();
+        let was_running = !m.gate.is_paused();
+        match m.pause_locked() {
+            Ok(()) => tracing::warn!("guest paused: lease-suspended"),
+            // The write fence still refuses every disk write.
+            Err(e) => tracing::error!(error = %e, "cannot pause the lease-suspended guest"),
+        }
+        was_running
+    }
+
+    fn resume(&self) {
+        if let Some(m) = self.0.upgrade() {
+            m.resume();
+            tracing::warn!("guest resumed: lease held again");
+        }
     }
 }
 

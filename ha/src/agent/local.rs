@@ -3,7 +3,7 @@
 //! enforcement (H10).
 
 use super::{Action, Agent, CommandError, HaEvent, LocalVm, PowerOffReason, VmEvent};
-use crate::lease::{HolderVerdict, LeaseHolder};
+use crate::lease::{HolderVerdict, LeaseHolder, LeaseLoss};
 use crate::monitoring::{MonitorDecision, VmMonitor};
 use crate::time::Time;
 use crate::types::{HostHaState, IsolationResponse, VmConfig, VmId};
@@ -150,8 +150,26 @@ impl Agent {
                 return;
             }
             VmEvent::LeaseRenewed { issued_at } => {
-                if let Some(h) = self.local.get_mut(&vm).and_then(|v| v.lease.as_mut()) {
-                    h.renewed(issued_at);
+                let lt = self.cfg.timings.lease;
+                if let Some(v) = self.local.get_mut(&vm) {
+                    // Renewed after the stop time: the VMM was
+                    // lease-suspended (guest paused) and holds the lease
+                    // again. VM monitoring starts afresh from now, so the
+                    // pause does not count as a hung guest.
+                    let was_overdue = v
+                        .lease
+                        .as_ref()
+                        .is_some_and(|l| l.check_time(now, &lt) == HolderVerdict::MustStop);
+                    if let Some(h) = v.lease.as_mut() {
+                        h.renewed(issued_at);
+                    }
+                    if was_overdue {
+                        tracing::info!(host = %self.cfg.host, vm = %vm, "lease held again: guest resumed");
+                        if let Some(m) = v.monitor.as_mut() {
+                            m.heartbeat(now);
+                            m.io_activity(now);
+                        }
+                    }
                 }
                 return;
             }
@@ -184,6 +202,26 @@ impl Agent {
         let lt = self.cfg.timings.lease;
         let mut stops = Vec::new();
         let mut resets = Vec::new();
+        // VMs whose lease datastore this host's probe has found lost for
+        // longer than a short stall: `stop_time + 2 x takeover_time`.
+        let outage = lt.stop_time + lt.takeover_time * 2;
+        let lease_ds_lost: Vec<VmId> = self
+            .cluster
+            .as_ref()
+            .map(|c| {
+                c.vms
+                    .iter()
+                    .filter(|(_, v)| {
+                        v.datastores.iter().next().is_some_and(|d| {
+                            self.ds_lost
+                                .get(d)
+                                .is_some_and(|since| now.since(*since) >= outage)
+                        })
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         for (id, v) in &mut self.local {
             // A power-off already ordered needs no second one; a graceful
             // shutdown still needs its deadline (and the lease) watched.
@@ -191,14 +229,26 @@ impl Agent {
             if v.power != PowerState::On || (off_ordered && v.shutdown_deadline.is_none()) {
                 continue;
             }
-            if v.lease
+            let overdue = v
+                .lease
                 .as_ref()
-                .is_some_and(|l| l.check_time(now, &lt) == HolderVerdict::MustStop)
-            {
+                .is_some_and(|l| l.check_time(now, &lt) == HolderVerdict::MustStop);
+            // Paused, and the lease's datastore out of reach here for longer
+            // than a stall: the VM is better restarted where its disks are
+            // (the master does so once it hears the VM is off) than left
+            // paused for as long as the outage lasts.
+            let paused_for_good = overdue && lease_ds_lost.contains(id);
+            if overdue && (lt.on_loss == LeaseLoss::PowerOff || paused_for_good) {
                 stops.push((id.clone(), PowerOffReason::LeaseExpired));
             } else if v.shutdown_deadline.is_some_and(|d| now >= d) {
                 v.shutdown_deadline = None;
                 stops.push((id.clone(), PowerOffReason::IsolationShutdownTimeout));
+            } else if overdue {
+                // The VMM has paused the guest itself (lease-suspended) and
+                // is re-acquiring; it powers the guest off if a peer took
+                // the lease. Killing it here would turn a storage stall
+                // into a dead guest, and a silent paused guest is not hung:
+                // VM monitoring waits.
             } else if let (false, Some(m)) = (off_ordered, v.monitor.as_mut()) {
                 match m.evaluate(now) {
                     MonitorDecision::Reset { reason } => {

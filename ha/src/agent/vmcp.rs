@@ -22,12 +22,15 @@
 //! order after the datastore came back does nothing.
 //!
 //! The lease stays the fence (H10): when the lost datastore holds the VM's
-//! lease, the holder cannot renew it and stops the guest after the lease's
-//! `stop_time` whatever this setting says (it could not write anyway), and
-//! the master restarts it, like any VM HA stopped, on a host that reaches
-//! its datastores. The delay and the response therefore decide for the
-//! VM's other datastores. The new copy starts only once the lease is free
-//! or unchanged for `takeover_time`, so there is never a second copy.
+//! lease, the holder cannot renew it and its VMM stops the guest after the
+//! lease's `stop_time` whatever this setting says (it could not write
+//! anyway): by default it pauses it (lease-suspended) and resumes it once
+//! the datastore is back and the lease re-acquired. With `restart`, the
+//! stop order here powers the paused copy off and the master restarts it,
+//! like any VM HA stopped, on a host that reaches its datastores. The new
+//! copy starts only once the lease is free or unchanged for
+//! `takeover_time`, and a paused copy that finds the lease taken powers
+//! itself off, so there is never a second copy.
 
 use super::{Action, Agent, HaEvent, PowerOffReason};
 use crate::time::Time;

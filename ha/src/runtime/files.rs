@@ -97,6 +97,9 @@ pub struct TimingOverrides {
     pub lease_stop_time_ms: Option<u64>,
     /// Lease takeover time.
     pub lease_takeover_time_ms: Option<u64>,
+    /// What a VMM does when it cannot renew its lease in time: `"pause"`
+    /// (default) or `"power-off"`.
+    pub lease_on_loss: Option<crate::lease::LeaseLoss>,
     /// Health record interval (default: hourly).
     pub summary_interval_ms: Option<u64>,
 }
@@ -129,6 +132,9 @@ impl TimingOverrides {
             lease_takeover_time_ms => lease.takeover_time,
             summary_interval_ms => summary_interval,
         );
+        if let Some(l) = self.lease_on_loss {
+            t.lease.on_loss = l;
+        }
         t
     }
 }

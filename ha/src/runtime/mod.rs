@@ -208,6 +208,7 @@ pub fn run(config: &Path) -> Result<(), RuntimeError> {
         }
     }
     tracing::info!(host = %me, %addr, incarnation, "agent running");
+    tracing::info!(host = %me, timings = ?timings, "agent timings");
     let watch = policies::SelfWatch::start(
         policies::SELFWATCH_THRESHOLD,
         crate::selfwatch::exit_on_stall,

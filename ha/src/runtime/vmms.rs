@@ -174,6 +174,8 @@ impl Launch {
             io_timeout_ms: self.lease.io_timeout.as_millis() as u64,
             stop_time_ms: self.lease.stop_time.as_millis() as u64,
             status: Some(files.lease_status.clone()),
+            on_loss: self.lease.on_loss,
+            takeover_time_ms: self.lease.takeover_time.as_millis() as u64,
         };
         let text = toml::to_string(&spec).map_err(|e| e.to_string())?;
         std::fs::write(&files.lease_spec, text)
@@ -395,6 +397,16 @@ impl Vmms {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
             if let Some(st) = &status {
+                // A lease-suspended VMM that re-acquired its lease holds the
+                // next generation: remember it (a restarted agent adopts
+                // the VMM with it).
+                if st.state == "held" && st.generation > p.rec.generation {
+                    tracing::info!(vm = %vm, generation = st.generation, "VMM re-acquired its lease");
+                    p.rec.generation = st.generation;
+                    if let Err(e) = super::files::write_json(&files.record, &p.rec) {
+                        tracing::warn!(vm = %vm, error = %e, "cannot update the VMM record");
+                    }
+                }
                 if st.state == "held"
                     && st.generation == p.rec.generation
                     && st.last_renewal_issued_mono_ms > p.last_renewal

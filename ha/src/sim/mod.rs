@@ -133,7 +133,18 @@ pub(crate) fn uniform(n: usize) -> Spec {
             .map(|n| (n, Resources::new(16_000, 65_536), vec!["ds1", "ds2"]))
             .collect(),
         vms: vec![],
-        timings: Timings::default(),
+        timings: Timings {
+            // The simulated VMM runtime models the power-off response to a
+            // lease it cannot renew (the agent's deadline stops the guest).
+            // The pause response lives in the VMM and is tested there
+            // (`vmm::lease` state machine) and with real guests
+            // (tests/ha_lease.rs, tests/ha_lease_pause.rs).
+            lease: crate::lease::LeaseTimings {
+                on_loss: crate::lease::LeaseLoss::PowerOff,
+                ..Default::default()
+            },
+            ..Timings::default()
+        },
         admission: AdmissionPolicy::Disabled,
         monitoring: BTreeMap::new(),
         monitoring_default: Default::default(),

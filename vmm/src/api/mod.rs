@@ -3,9 +3,9 @@
 //!
 //! | method | path | does | success |
 //! |---|---|---|---|
-//! | GET | /vm | state, config, vCPUs, memory, uptime | 200 |
+//! | GET | /vm | state (`running`, `paused`, `lease-suspended`), config, vCPUs, memory, uptime, disk lease | 200 |
 //! | PUT | /vm/pause | parks every vCPU outside KVM_RUN | 200 |
-//! | PUT | /vm/resume | lets them run again | 200 |
+//! | PUT | /vm/resume | lets them run again (409 while lease-suspended) | 200 |
 //! | PUT | /vm/shutdown?timeout_s=N | graceful via guest tools, hard after N s (default 30) | 202 |
 //! | PUT | /vm/snapshot `{"dir": "...", "stop": false}` | snapshot to dir, then resume (or stop) | 200 |
 //! | GET | /vm/heartbeat | guest tools heartbeat status | 200 |
@@ -206,6 +206,12 @@ pub fn route(m: &Arc<Machine>, req: &Request) -> (u16, Value, After) {
             Ok(()) => ok(json!({ "state": m.state_name() })),
             Err(e) => err(409, e.to_string()),
         },
+        "/vm/resume" if crate::lease::is_suspended() => err(
+            409,
+            "the VM is lease-suspended (its disk lease could not be renewed in time): it \
+             resumes on its own once the lease is held again, or powers off if another host \
+             took it over",
+        ),
         "/vm/resume" => {
             m.resume();
             ok(json!({ "state": m.state_name() }))
@@ -249,6 +255,7 @@ fn info(m: &Machine) -> Value {
         "memory_mib": c.memory_bytes >> 20,
         "uptime_s": m.started.elapsed().as_secs_f64(),
         "restored_from": m.restored_from,
+        "lease": crate::lease::info(),
         "config": {
             "kernel": c.kernel,
             "initrd": c.initrd,
