@@ -529,19 +529,34 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
         let mut last = pending;
         last.merge(&self.vm.take_dirty().map_err(vm_err("take_dirty"))?);
         let last_round_pages = last.count();
+        let t_paused = stunned.elapsed();
         // `round` is the round whose dirty set was taken but not yet sent.
         self.send_round(&last, round, None)?;
+        let t_sent = stunned.elapsed();
 
         self.enter(Stage::Switchover, 95)?;
         let state = self.vm.save_state().map_err(vm_err("save_state"))?;
+        let t_state = stunned.elapsed();
+        let state_len = state.len();
         self.send(&Message::State(state))?;
         self.check_cancel()?;
         self.send(&Message::Complete(Complete {
             rounds: round + 1,
             runs: self.runs,
         }))?;
+        let t_complete = stunned.elapsed();
         self.wait_resumed()?;
         let downtime = stunned.elapsed();
+        tracing::info!(
+            paused_us = t_paused.as_micros() as u64,
+            last_round_sent_us = t_sent.as_micros() as u64,
+            state_captured_us = t_state.as_micros() as u64,
+            complete_sent_us = t_complete.as_micros() as u64,
+            resumed_us = downtime.as_micros() as u64,
+            last_round_pages,
+            state_len,
+            "switchover timing (from the pause)"
+        );
         self.vm.stop_dirty_log();
         self.logging = false;
         self.percent = 100;

@@ -308,8 +308,15 @@ impl<C: Channel> Target<'_, C> {
                 complete.rounds, complete.runs, got.rounds, runs
             )));
         }
+        let t0 = Instant::now();
         vm.restore_state(&state).map_err(vm_err("restore_state"))?;
+        let t_parsed = t0.elapsed();
         vm.start().map_err(vm_err("start"))?;
+        tracing::info!(
+            state_parsed_us = t_parsed.as_micros() as u64,
+            started_us = t0.elapsed().as_micros() as u64,
+            "switchover timing (from Complete)"
+        );
         self.stage = "resumed";
         // The guest runs here now; a lost ack leaves the source to resume
         // (see the source module's note on this window).

@@ -122,7 +122,15 @@ impl TargetHost for IncomingHost {
             .into());
         }
         let mem = vmm::memory::create_guest_memory(bytes)?;
+        // The KVM VM (with its memory slots and interrupt controllers) is
+        // built on a helper thread while the pages arrive, so that the
+        // switchover only applies state.
+        let for_vm = mem.clone();
+        let prepared = std::thread::Builder::new()
+            .name("prepare-vm".into())
+            .spawn(move || vmm::vm::PreparedVm::new(&for_vm))?;
         Ok(IncomingShell {
+            prepared: Some(prepared),
             mem: Some(mem),
             state: None,
             overrides: self.opts.overrides.clone(),
@@ -135,6 +143,10 @@ impl TargetHost for IncomingHost {
 /// A VM being received: its memory, then its state, then a thread running
 /// it. Dropped before [`IncomingVm::start`], it frees its memory.
 pub struct IncomingShell {
+    /// The VM being built (declared before `mem`: a VM is dropped before
+    /// the memory it maps; [`vmm::vm::PreparedVm`] holds its own handle to
+    /// the same memory too).
+    prepared: Option<JoinHandle<Result<vmm::vm::PreparedVm, vmm::vm::VmError>>>,
     mem: Option<GuestMemory>,
     state: Option<VmState>,
     overrides: RestoreOverrides,
@@ -195,9 +207,18 @@ impl IncomingVm for IncomingShell {
     }
 
     fn start(&mut self) -> Result<(), VmError> {
-        let (Some(mem), Some(state)) = (self.mem.take(), self.state.take()) else {
+        let (Some(mem), Some(state), Some(prepared)) =
+            (self.mem.take(), self.state.take(), self.prepared.take())
+        else {
             return Err("start before memory and state arrived".into());
         };
+        let prepared = match prepared.join() {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err(Box::new(e)),
+            Err(_) => return Err("the thread building the VM panicked".into()),
+        };
+        // The prepared VM holds the same mapping.
+        drop(mem);
         // The NICs as the target attaches them (its --tap names), for the
         // announcement once the guest runs.
         let nics: Vec<(String, [u8; 6])> = match state.config.to_config(&self.overrides) {
@@ -210,7 +231,7 @@ impl IncomingVm for IncomingShell {
         let overrides = self.overrides.clone();
         let t = std::thread::Builder::new()
             .name("incoming-vm".into())
-            .spawn(move || vmm::snapshot::run_incoming(state, mem, overrides, &run))?;
+            .spawn(move || vmm::snapshot::run_incoming(state, prepared, overrides, &run))?;
         // Wait until the vCPUs run (or the VMM gives up building the VM).
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(()) => {
