@@ -242,6 +242,7 @@ impl<C: Channel> Target<'_, C> {
 
         self.stage = "precopy";
         let mut seen = DirtyBitmap::new(&layout);
+        let fresh_zero = vm.fresh_memory_is_zero();
         let mut got = Received {
             name: facts.name.clone(),
             rounds: 0,
@@ -261,6 +262,9 @@ impl<C: Channel> Target<'_, C> {
                     }
                     runs += rs.len() as u64;
                     for r in rs {
+                        // Fresh memory that never received a page is zero
+                        // already.
+                        let untouched = fresh_zero && !seen.any_set(r.gpa, r.pages);
                         if !seen.set_range(r.gpa, r.pages) {
                             return Err(Error::Violation(format!(
                                 "pages {:#x} (+{}) outside the announced memory",
@@ -269,8 +273,10 @@ impl<C: Channel> Target<'_, C> {
                         }
                         match &r.data {
                             None => {
-                                vm.zero_pages(r.gpa, r.pages)
-                                    .map_err(vm_err("zero_pages"))?;
+                                if !untouched {
+                                    vm.zero_pages(r.gpa, r.pages)
+                                        .map_err(vm_err("zero_pages"))?;
+                                }
                                 got.zero_pages += u64::from(r.pages);
                             }
                             Some(d) => {

@@ -184,6 +184,11 @@ impl IncomingVm for IncomingShell {
         Ok(())
     }
 
+    /// A fresh anonymous mapping (`create_vm`) reads as zero.
+    fn fresh_memory_is_zero(&self) -> bool {
+        true
+    }
+
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
         self.mem()?.read_slice(buf, GuestAddress(gpa))?;
         Ok(())

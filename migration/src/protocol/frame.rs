@@ -170,6 +170,36 @@ impl Encoder {
         Self::default()
     }
 
+    /// Completes `frame` (header, run count, sequence number, CRC) and
+    /// writes it; returns the bytes written. The frame must have been
+    /// started with [`PagesFrame::begin`].
+    pub fn send_pages<W: Write + ?Sized>(
+        &mut self,
+        w: &mut W,
+        frame: &mut PagesFrame,
+    ) -> Result<usize, ProtocolError> {
+        let len = frame.buf.len() - HEADER_LEN;
+        if len > MAX_PAYLOAD as usize {
+            return Err(ProtocolError::TooLargeToSend {
+                kind: MessageType::Pages,
+                length: len,
+                max: MAX_PAYLOAD,
+            });
+        }
+        let b = &mut frame.buf;
+        b[RUN_COUNT_AT..RUN_COUNT_AT + 4].copy_from_slice(&frame.runs.to_le_bytes());
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&(MessageType::Pages as u16).to_le_bytes());
+        b[6..8].copy_from_slice(&0u16.to_le_bytes());
+        b[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+        b[12..16].copy_from_slice(&self.next_sequence.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..16]), &b[HEADER_LEN..]);
+        b[16..20].copy_from_slice(&crc.to_le_bytes());
+        w.write_all(b).map_err(ProtocolError::Io)?;
+        self.next_sequence = self.next_sequence.wrapping_add(1);
+        Ok(b.len())
+    }
+
     /// Encodes `msg` and writes it; returns the bytes written.
     pub fn send<W: Write + ?Sized>(
         &mut self,
@@ -180,6 +210,69 @@ impl Encoder {
         w.write_all(&frame).map_err(ProtocolError::Io)?;
         self.next_sequence = self.next_sequence.wrapping_add(1);
         Ok(frame.len())
+    }
+}
+
+/// A `Pages` frame built in place, in one buffer reused from frame to
+/// frame: the bytes are exactly those [`encode_frame`] produces for the
+/// equivalent [`Message::Pages`], without a `Vec` per run and the copies
+/// from runs to payload to frame. The source's hot path.
+#[derive(Debug, Default)]
+pub struct PagesFrame {
+    buf: Vec<u8>,
+    runs: u32,
+    data_pages: u32,
+}
+
+/// Offset of the run count inside a `Pages` frame (header, then round).
+const RUN_COUNT_AT: usize = HEADER_LEN + 4;
+
+impl PagesFrame {
+    /// An empty frame; call [`begin`](Self::begin) before adding runs.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts a frame of round `round`, dropping whatever it held.
+    pub fn begin(&mut self, round: u32) {
+        self.buf.clear();
+        self.buf.resize(HEADER_LEN, 0);
+        self.buf.extend_from_slice(&round.to_le_bytes());
+        self.buf.extend_from_slice(&0u32.to_le_bytes());
+        self.runs = 0;
+        self.data_pages = 0;
+    }
+
+    /// Runs added since [`begin`](Self::begin).
+    pub fn runs(&self) -> u32 {
+        self.runs
+    }
+
+    /// Pages carried with data since [`begin`](Self::begin).
+    pub fn data_pages(&self) -> u32 {
+        self.data_pages
+    }
+
+    fn run_header(&mut self, gpa: u64, pages: u32, zero: bool, checksum: u32) {
+        self.buf.extend_from_slice(&gpa.to_le_bytes());
+        self.buf.extend_from_slice(&pages.to_le_bytes());
+        self.buf.extend_from_slice(&[u8::from(zero), 0, 0, 0]);
+        self.buf.extend_from_slice(&checksum.to_le_bytes());
+        self.runs += 1;
+    }
+
+    /// Adds `pages` zero pages at `gpa`, announced without data.
+    pub fn push_zero(&mut self, gpa: u64, pages: u32) {
+        self.run_header(gpa, pages, true, 0);
+    }
+
+    /// Adds the pages in `data` (a whole number of pages) at `gpa`, with
+    /// their CRC-32C in checksum mode (else 0).
+    pub fn push_data(&mut self, gpa: u64, data: &[u8], checksum: u32) {
+        let pages = (data.len() / super::PAGE_SIZE) as u32;
+        self.run_header(gpa, pages, false, checksum);
+        self.buf.extend_from_slice(data);
+        self.data_pages += pages;
     }
 }
 

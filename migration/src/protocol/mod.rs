@@ -608,7 +608,7 @@ impl<'a> Cursor<'a> {
 }
 
 mod frame;
-pub use frame::{encode_frame, read_message, Decoder, Encoder};
+pub use frame::{encode_frame, read_message, Decoder, Encoder, PagesFrame};
 
 #[cfg(test)]
 mod tests;
