@@ -35,10 +35,43 @@ fn kind_name(raw: u16) -> String {
 /// Incremental frame decoder: feed bytes as they arrive, take whole messages
 /// out. Keeps partial frames across read timeouts, so a reader can poll for
 /// cancellation without losing sync.
+///
+/// The buffer is read into directly ([`read_message`] / [`read_frame`]
+/// ask for what the frame in progress still needs) and consumed by moving
+/// an offset, so a 1 MiB `Pages` frame is not copied inside the decoder;
+/// [`next_frame`](Self::next_frame) lends its payload out for the target
+/// to write pages straight from it.
 #[derive(Debug, Default)]
 pub struct Decoder {
+    /// `buf[pos..end]` holds bytes received and not yet consumed; the rest
+    /// is room to read into.
     buf: Vec<u8>,
+    pos: usize,
+    end: usize,
     next_sequence: u32,
+    received: u64,
+}
+
+/// Smallest read from the stream.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A whole frame, checked (CRC, type, flags, sequence), its payload still
+/// in the decoder's buffer.
+#[derive(Debug)]
+pub struct RawFrame<'a> {
+    /// Its type.
+    pub kind: MessageType,
+    /// Its sequence number.
+    pub sequence: u32,
+    /// Its payload.
+    pub payload: &'a [u8],
+}
+
+impl RawFrame<'_> {
+    /// The payload decoded as an owned [`Message`].
+    pub fn decode(&self) -> Result<Message, ProtocolError> {
+        Message::decode_payload(self.kind, self.sequence, self.payload)
+    }
 }
 
 impl Decoder {
@@ -47,33 +80,75 @@ impl Decoder {
         Self::default()
     }
 
+    fn data(&self) -> &[u8] {
+        &self.buf[self.pos..self.end]
+    }
+
+    /// Room for at least `n` more bytes after `end`, moving what is left of
+    /// a frame to the front first.
+    fn reserve(&mut self, n: usize) {
+        if self.pos > 0 {
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+        }
+        if self.buf.len() < self.end + n {
+            self.buf.resize(self.end + n, 0);
+        }
+    }
+
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        self.reserve(bytes.len());
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+        self.received += bytes.len() as u64;
+    }
+
+    /// Reads once from `r` into the buffer: what the frame in progress
+    /// still needs, at least [`READ_CHUNK`]. Returns what `read` returned.
+    fn fill<R: Read + ?Sized>(&mut self, r: &mut R) -> io::Result<usize> {
+        let want = match self.frame_len() {
+            Ok(Some(total)) => total.saturating_sub(self.end - self.pos),
+            _ => 0,
+        }
+        .max(READ_CHUNK);
+        self.reserve(want);
+        let n = r.read(&mut self.buf[self.end..self.end + want])?;
+        self.end += n;
+        self.received += n as u64;
+        Ok(n)
     }
 
     /// Bytes buffered but not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.end - self.pos
+    }
+
+    /// Bytes received since the decoder was made (a reader's sign of
+    /// life).
+    pub fn received(&self) -> u64 {
+        self.received
     }
 
     /// How many more bytes the frame in progress needs, at least 1 if a frame
     /// is incomplete; errors early on a bad header.
     fn frame_len(&self) -> Result<Option<usize>, ProtocolError> {
         let seq = self.next_sequence;
-        if self.buf.len() >= 4 && self.buf[..4] != MAGIC {
+        let b = self.data();
+        if b.len() >= 4 && b[..4] != MAGIC {
             let mut found = [0; 4];
-            found.copy_from_slice(&self.buf[..4]);
+            found.copy_from_slice(&b[..4]);
             return Err(ProtocolError::BadMagic {
                 sequence: seq,
                 found,
             });
         }
-        if self.buf.len() < HEADER_LEN {
+        if b.len() < HEADER_LEN {
             return Ok(None);
         }
-        let raw_kind = u16::from_le_bytes([self.buf[4], self.buf[5]]);
-        let length = u32::from_le_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]]);
+        let raw_kind = u16::from_le_bytes([b[4], b[5]]);
+        let length = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
         if length > MAX_PAYLOAD {
             return Err(ProtocolError::Oversized {
                 sequence: seq,
@@ -85,15 +160,23 @@ impl Decoder {
         Ok(Some(HEADER_LEN + length as usize))
     }
 
-    /// The next whole message, `Ok(None)` if more bytes are needed.
-    pub fn next_message(&mut self) -> Result<Option<Message>, ProtocolError> {
+    /// Whether a whole frame is buffered (errors early on a bad header).
+    fn has_frame(&self) -> Result<bool, ProtocolError> {
+        Ok(self
+            .frame_len()?
+            .is_some_and(|total| self.end - self.pos >= total))
+    }
+
+    /// The next whole frame, checked, its payload borrowed from the
+    /// buffer; `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<RawFrame<'_>>, ProtocolError> {
+        if !self.has_frame()? {
+            return Ok(None);
+        }
         let Some(total) = self.frame_len()? else {
             return Ok(None);
         };
-        if self.buf.len() < total {
-            return Ok(None);
-        }
-        let b = &self.buf;
+        let b = &self.buf[self.pos..self.pos + total];
         let seq = self.next_sequence;
         let raw_kind = u16::from_le_bytes([b[4], b[5]]);
         let flags = u16::from_le_bytes([b[6], b[7]]);
@@ -131,28 +214,42 @@ impl Decoder {
                 found: found_seq,
             });
         }
-        let msg = Message::decode_payload(kind, seq, payload)?;
-        self.buf.drain(..total);
+        let start = self.pos;
+        self.pos += total;
+        if self.pos == self.end {
+            self.pos = 0;
+            self.end = 0;
+        }
         self.next_sequence = self.next_sequence.wrapping_add(1);
-        Ok(Some(msg))
+        Ok(Some(RawFrame {
+            kind,
+            sequence: seq,
+            payload: &self.buf[start + HEADER_LEN..start + total],
+        }))
+    }
+
+    /// The next whole message, `Ok(None)` if more bytes are needed.
+    pub fn next_message(&mut self) -> Result<Option<Message>, ProtocolError> {
+        match self.next_frame()? {
+            Some(f) => f.decode().map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Call at end of stream: an error if a frame was cut short.
     pub fn finish(&self) -> Result<(), ProtocolError> {
-        if self.buf.is_empty() {
+        if self.buffered() == 0 {
             return Ok(());
         }
+        let b = self.data();
         let (kind, want) = match self.frame_len()? {
-            Some(total) => (
-                kind_name(u16::from_le_bytes([self.buf[4], self.buf[5]])),
-                total,
-            ),
+            Some(total) => (kind_name(u16::from_le_bytes([b[4], b[5]])), total),
             None => ("header".to_string(), HEADER_LEN),
         };
         Err(ProtocolError::Truncated {
             sequence: self.next_sequence,
             kind,
-            got: self.buf.len(),
+            got: b.len(),
             want,
         })
     }
@@ -284,12 +381,31 @@ pub fn read_message<R: Read + ?Sized>(
     r: &mut R,
     dec: &mut Decoder,
 ) -> Result<Option<Message>, ProtocolError> {
-    let mut chunk = [0u8; 64 * 1024];
-    loop {
-        if let Some(m) = dec.next_message()? {
-            return Ok(Some(m));
-        }
-        match r.read(&mut chunk) {
+    match read_frame(r, dec)? {
+        Some(f) => f.decode().map(Some),
+        None => Ok(None),
+    }
+}
+
+/// [`read_message`] without decoding: the next whole frame, checked, its
+/// payload borrowed from the decoder.
+pub fn read_frame<'d, R: Read + ?Sized>(
+    r: &mut R,
+    dec: &'d mut Decoder,
+) -> Result<Option<RawFrame<'d>>, ProtocolError> {
+    if poll_frame(r, dec)? {
+        dec.next_frame()
+    } else {
+        Ok(None)
+    }
+}
+
+/// Reads until `dec` holds a whole frame (true) or the stream's read
+/// timeout expires first (false); errors as [`read_message`]. The frame
+/// is then taken with [`Decoder::next_frame`].
+pub fn poll_frame<R: Read + ?Sized>(r: &mut R, dec: &mut Decoder) -> Result<bool, ProtocolError> {
+    while !dec.has_frame()? {
+        match dec.fill(r) {
             Ok(0) => {
                 dec.finish()?;
                 return Err(ProtocolError::Io(io::Error::new(
@@ -297,17 +413,18 @@ pub fn read_message<R: Read + ?Sized>(
                     "peer closed the connection",
                 )));
             }
-            Ok(n) => dec.push(&chunk[..n]),
+            Ok(_) => {}
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Ok(None)
+                return Ok(false)
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(ProtocolError::Io(e)),
         }
     }
+    Ok(true)
 }
