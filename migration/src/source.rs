@@ -579,6 +579,7 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
         let summary = Summary {
             total: self.start.elapsed(),
             downtime,
+            downtime_sent: t_complete,
             bytes_sent: self.bytes,
             rounds: round + 1,
             data_pages: self.data_pages,

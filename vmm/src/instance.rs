@@ -255,7 +255,12 @@ fn run_from(
     if let RestoreMem::File(_) = mem {
         memory::check_host_memory_now(cfg.memory_bytes)?;
     }
+    let t0 = std::time::Instant::now();
     let kvm = vm::open_kvm()?;
+    tracing::debug!(
+        us = t0.elapsed().as_micros() as u64,
+        "timing: /dev/kvm opened"
+    );
     install_kick_handler()?;
     let _lease = start_lease(opts)?;
     let _terminal = match cfg.console {

@@ -393,6 +393,7 @@ pub fn summary_json(s: &Summary) -> Value {
     json!({
         "total_s": s.total.as_secs_f64(),
         "downtime_ms": s.downtime.as_secs_f64() * 1e3,
+        "downtime_sent_ms": s.downtime_sent.as_secs_f64() * 1e3,
         "bytes_sent": s.bytes_sent,
         "rounds": s.rounds,
         "data_pages": s.data_pages,

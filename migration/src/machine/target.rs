@@ -217,6 +217,7 @@ impl IncomingVm for IncomingShell {
         else {
             return Err("start before memory and state arrived".into());
         };
+        let t0 = std::time::Instant::now();
         let prepared = match prepared.join() {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => return Err(Box::new(e)),
@@ -238,8 +239,16 @@ impl IncomingVm for IncomingShell {
             .name("incoming-vm".into())
             .spawn(move || vmm::snapshot::run_incoming(state, prepared, overrides, &run))?;
         // Wait until the vCPUs run (or the VMM gives up building the VM).
+        tracing::debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "timing: VM thread started"
+        );
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(()) => {
+                tracing::debug!(
+                    us = t0.elapsed().as_micros() as u64,
+                    "timing: vCPUs running"
+                );
                 self.thread = Some(t);
                 if !nics.is_empty() {
                     let _ = std::thread::Builder::new()
