@@ -17,7 +17,9 @@
 //!    auto-converge uses), throttle the vCPUs: `initial`%, then +`increment`
 //!    per unproductive streak, up to `max`%. Past `max_duration` the
 //!    migration fails cleanly.
-//! 5. **Stun**: pause the vCPUs, quiesce devices, send the last dirty pages.
+//! 5. **Stun**: pause the vCPUs, quiesce devices, send the last dirty pages
+//!    (at full speed: the bandwidth cap applies to pre-copy only, since
+//!    from here every millisecond is downtime; QEMU does the same).
 //! 6. **Switchover**: send the state blob and `Complete`, wait for the
 //!    target's `Resumed`. Only then is the migration a success; the caller
 //!    destroys the source VM afterwards.
@@ -388,6 +390,12 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
     }
 
     fn pace(&mut self, n: u64) -> Result<(), Error> {
+        // Once the guest is paused the cap no longer applies: every
+        // millisecond of the last round is downtime (QEMU lifts its rate
+        // limit at the same point).
+        if self.paused {
+            return Ok(());
+        }
         let Some(cap) = self.opts.bandwidth_cap.filter(|c| *c > 0) else {
             return Ok(());
         };
