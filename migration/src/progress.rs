@@ -69,6 +69,10 @@ pub struct Summary {
     pub total: Duration,
     /// Measured at the source: pause to the target's `Resumed` ack.
     pub downtime: Duration,
+    /// Pause to the last byte of `Complete` written: the part of the
+    /// downtime spent on the source and the wire, without the target's
+    /// restore, start and ack (what QEMU reports as its downtime).
+    pub downtime_sent: Duration,
     /// Bytes written to the connection.
     pub bytes_sent: u64,
     /// Pre-copy rounds, the full copy and the stunned round included.

@@ -15,8 +15,8 @@
 use crate::precheck::{self, VmFacts};
 use crate::progress::CancelToken;
 use crate::protocol::{
-    self, caps, Abort, Decoder, Encoder, Hello, Message, ProtocolError, Region, VersionMismatch,
-    PAGE_SIZE,
+    self, caps, Abort, Decoder, Encoder, Hello, Message, MessageType, ProtocolError, RawFrame,
+    Region, VersionMismatch, PAGE_SIZE,
 };
 use crate::transport::Channel;
 use crate::vm::{DirtyBitmap, IncomingVm, TargetHost, VmError};
@@ -179,6 +179,14 @@ impl<C: Channel> Target<'_, C> {
     }
 
     fn recv(&mut self) -> Result<Message, Error> {
+        let frame = self.recv_frame()?;
+        frame.decode().map_err(Error::Protocol)
+    }
+
+    /// The next frame, checked, its payload still in the decoder (a
+    /// `Pages` frame is written to guest memory from there). An `Abort` or
+    /// `Cancel` from the source becomes the error it means.
+    fn recv_frame(&mut self) -> Result<RawFrame<'_>, Error> {
         self.chan
             .set_read_timeout(Some(Duration::from_millis(100)))
             .map_err(|e| Error::Protocol(ProtocolError::Io(e)))?;
@@ -187,19 +195,30 @@ impl<C: Channel> Target<'_, C> {
             if self.cancel.is_cancelled() {
                 return Err(Error::LocalCancel);
             }
-            let before = self.dec.buffered();
-            match protocol::read_message(&mut self.chan, &mut self.dec).map_err(Error::Protocol)? {
-                Some(Message::Abort(Abort { stage, reason })) => {
-                    return Err(Error::SourceAborted { stage, reason })
-                }
-                Some(Message::Cancel) => return Err(Error::Cancelled),
-                Some(m) => return Ok(m),
-                None if self.dec.buffered() != before => last = Instant::now(),
-                None if last.elapsed() >= self.opts.idle_timeout => {
-                    return Err(Error::Idle(self.opts.idle_timeout))
-                }
-                None => {}
+            let before = self.dec.received();
+            if protocol::poll_frame(&mut self.chan, &mut self.dec).map_err(Error::Protocol)? {
+                break;
             }
+            if self.dec.received() != before {
+                last = Instant::now();
+            } else if last.elapsed() >= self.opts.idle_timeout {
+                return Err(Error::Idle(self.opts.idle_timeout));
+            }
+        }
+        let frame = self
+            .dec
+            .next_frame()
+            .map_err(Error::Protocol)?
+            .ok_or_else(|| Error::Violation("a whole frame vanished from the buffer".into()))?;
+        match frame.kind {
+            MessageType::Abort | MessageType::Cancel => match frame.decode() {
+                Ok(Message::Abort(Abort { stage, reason })) => {
+                    Err(Error::SourceAborted { stage, reason })
+                }
+                Ok(_) => Err(Error::Cancelled),
+                Err(e) => Err(Error::Protocol(e)),
+            },
+            _ => Ok(frame),
         }
     }
 
@@ -242,6 +261,7 @@ impl<C: Channel> Target<'_, C> {
 
         self.stage = "precopy";
         let mut seen = DirtyBitmap::new(&layout);
+        let fresh_zero = vm.fresh_memory_is_zero();
         let mut got = Received {
             name: facts.name.clone(),
             rounds: 0,
@@ -251,38 +271,47 @@ impl<C: Channel> Target<'_, C> {
         let mut runs = 0u64;
         let mut state = None;
         let complete = loop {
-            match self.recv()? {
-                Message::Pages { round, runs: rs } => {
-                    if round != got.rounds || state.is_some() {
+            let frame = self.recv_frame()?;
+            if frame.kind == MessageType::Pages {
+                let (round, rs) = protocol::parse_pages(frame.sequence, frame.payload)
+                    .map_err(Error::Protocol)?;
+                if round != got.rounds || state.is_some() {
+                    return Err(Error::Violation(format!(
+                        "pages for round {round} while in round {}",
+                        got.rounds
+                    )));
+                }
+                runs += rs.len() as u64;
+                for r in rs {
+                    // Fresh memory that never received a page is zero
+                    // already.
+                    let untouched = fresh_zero && !seen.any_set(r.gpa, r.pages);
+                    if !seen.set_range(r.gpa, r.pages) {
                         return Err(Error::Violation(format!(
-                            "pages for round {round} while in round {}",
-                            got.rounds
+                            "pages {:#x} (+{}) outside the announced memory",
+                            r.gpa, r.pages
                         )));
                     }
-                    runs += rs.len() as u64;
-                    for r in rs {
-                        if !seen.set_range(r.gpa, r.pages) {
-                            return Err(Error::Violation(format!(
-                                "pages {:#x} (+{}) outside the announced memory",
-                                r.gpa, r.pages
-                            )));
-                        }
-                        match &r.data {
-                            None => {
+                    match r.data {
+                        None => {
+                            if !untouched {
                                 vm.zero_pages(r.gpa, r.pages)
                                     .map_err(vm_err("zero_pages"))?;
-                                got.zero_pages += u64::from(r.pages);
                             }
-                            Some(d) => {
-                                vm.write_pages(r.gpa, d).map_err(vm_err("write_pages"))?;
-                                got.data_pages += u64::from(r.pages);
-                                if checksums {
-                                    verify(&vm, r.gpa, r.pages, r.checksum)?;
-                                }
+                            got.zero_pages += u64::from(r.pages);
+                        }
+                        Some(d) => {
+                            vm.write_pages(r.gpa, d).map_err(vm_err("write_pages"))?;
+                            got.data_pages += u64::from(r.pages);
+                            if checksums {
+                                verify(&vm, r.gpa, r.pages, r.checksum)?;
                             }
                         }
                     }
                 }
+                continue;
+            }
+            match frame.decode().map_err(Error::Protocol)? {
                 Message::RoundEnd(n) if n == got.rounds && state.is_none() => got.rounds += 1,
                 Message::State(s) if state.is_none() => {
                     self.stage = "switchover";
@@ -308,8 +337,15 @@ impl<C: Channel> Target<'_, C> {
                 complete.rounds, complete.runs, got.rounds, runs
             )));
         }
+        let t0 = Instant::now();
         vm.restore_state(&state).map_err(vm_err("restore_state"))?;
+        let t_parsed = t0.elapsed();
         vm.start().map_err(vm_err("start"))?;
+        tracing::info!(
+            state_parsed_us = t_parsed.as_micros() as u64,
+            started_us = t0.elapsed().as_micros() as u64,
+            "switchover timing (from Complete)"
+        );
         self.stage = "resumed";
         // The guest runs here now; a lost ack leaves the source to resume
         // (see the source module's note on this window).

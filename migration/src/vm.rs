@@ -34,6 +34,20 @@ pub trait MigratableVm {
     /// inside one region). The guest may be writing concurrently: a torn
     /// page is fine because the dirty log will report it again.
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError>;
+    /// Like [`read_pages`](Self::read_pages), but pages the VM knows to be
+    /// zero without reading them (never touched) may be left unread:
+    /// `zero[i]` is set for each such page `i` of `buf` (its bytes in `buf`
+    /// are then unspecified) and cleared for every page read. The default
+    /// reads every page.
+    fn read_pages_sparse(
+        &self,
+        gpa: u64,
+        buf: &mut [u8],
+        zero: &mut [bool],
+    ) -> Result<(), VmError> {
+        zero.fill(false);
+        self.read_pages(gpa, buf)
+    }
     /// Starts dirty logging on every region; pages written from now on are
     /// reported by [`take_dirty`](Self::take_dirty).
     fn start_dirty_log(&mut self) -> Result<(), VmError>;
@@ -66,6 +80,12 @@ pub trait IncomingVm {
     fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), VmError> {
         let zeros = vec![0u8; pages as usize * PAGE_SIZE];
         self.write_pages(gpa, &zeros)
+    }
+    /// Whether the memory of a new VM reads as zero (a fresh anonymous
+    /// mapping): then a zero run for pages that never received data needs
+    /// no work. False by default.
+    fn fresh_memory_is_zero(&self) -> bool {
+        false
     }
     /// Reads back pages: used only in end-to-end checksum mode.
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError>;
@@ -194,8 +214,15 @@ impl DirtyBitmap {
         let mut out = Vec::new();
         for (r, w) in self.regions.iter().zip(&self.words) {
             let mut start: Option<usize> = None;
-            for p in 0..=region_pages(r) {
-                let set = p < region_pages(r) && w[p / 64] & (1 << (p % 64)) != 0;
+            let total = region_pages(r);
+            let mut p = 0;
+            while p <= total {
+                // Outside a run, a clean word is skipped whole.
+                if start.is_none() && p % 64 == 0 && p < total && w[p / 64] == 0 {
+                    p += 64;
+                    continue;
+                }
+                let set = p < total && w[p / 64] & (1 << (p % 64)) != 0;
                 match (set, start) {
                     (true, None) => start = Some(p),
                     (true, Some(s)) if (p - s) as u32 == max => {
@@ -208,9 +235,20 @@ impl DirtyBitmap {
                     }
                     _ => {}
                 }
+                p += 1;
             }
         }
         out
+    }
+
+    /// Whether any of `pages` pages from `gpa` is marked (false outside
+    /// the layout).
+    pub fn any_set(&self, gpa: u64, pages: u32) -> bool {
+        let Some((ri, first)) = self.locate(gpa) else {
+            return false;
+        };
+        let end = (first + pages as usize).min(region_pages(&self.regions[ri]));
+        (first..end).any(|p| self.words[ri][p / 64] & (1 << (p % 64)) != 0)
     }
 }
 
@@ -250,6 +288,22 @@ mod tests {
                 (1008 * P, 2)
             ]
         );
+    }
+
+    #[test]
+    fn runs_skip_clean_words_and_cross_word_boundaries() {
+        let layout = [Region {
+            gpa: 0,
+            size: 300 * P,
+        }];
+        let mut b = DirtyBitmap::new(&layout);
+        assert!(b.runs(256).is_empty());
+        assert!(b.set_range(60 * P, 10)); // 60..70 crosses a word
+        assert!(b.set_range(200 * P, 100)); // to the region's end
+        assert_eq!(b.runs(256), vec![(60 * P, 10), (200 * P, 100)]);
+        assert_eq!(b.runs(64), vec![(60 * P, 10), (200 * P, 64), (264 * P, 36)]);
+        assert!(b.any_set(0, 61) && b.any_set(69 * P, 1) && !b.any_set(70 * P, 130));
+        assert!(!b.any_set(0, 60) && !b.any_set(400 * P, 1));
     }
 
     #[test]

@@ -244,7 +244,10 @@ fn cancel_in_each_stage_resumes_source() {
 fn connection_cut_mid_precopy_resumes_source() {
     let (tgt_addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
     let addr = proxy(tgt_addr, Fault::CutAt(MessageType::Pages, 3));
-    let mut vm = idle(16);
+    // 32 MiB of data in round 0: more than the loopback socket buffers
+    // hold after the cut, so the source is still in round 0 when its
+    // writes fail.
+    let mut vm = idle(64);
     let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
     let f = r.unwrap_err();
     assert_eq!(f.stage, Stage::Precopy { round: 0 }, "{}", f.report());

@@ -231,15 +231,16 @@ pub fn run_restored(
     run_from(state, RestoreMem::File(dir.to_path_buf()), overrides, opts)
 }
 
-/// Restores `state` into `mem`, which already holds the guest's RAM (a
-/// live migration's target filled it), and runs the VM until it stops.
+/// Restores `state` into `prepared` (a VM built over memory that already
+/// holds the guest's RAM: a live migration's target filled it), and runs
+/// the VM until it stops.
 pub fn run_incoming(
     state: VmState,
-    mem: memory::GuestMemory,
+    prepared: vm::PreparedVm,
     overrides: RestoreOverrides,
     opts: &RunOptions,
 ) -> Result<ExitReason, Error> {
-    run_from(state, RestoreMem::Filled(mem), overrides, opts)
+    run_from(state, RestoreMem::Filled(prepared), overrides, opts)
 }
 
 fn run_from(
@@ -254,7 +255,12 @@ fn run_from(
     if let RestoreMem::File(_) = mem {
         memory::check_host_memory_now(cfg.memory_bytes)?;
     }
+    let t0 = std::time::Instant::now();
     let kvm = vm::open_kvm()?;
+    tracing::debug!(
+        us = t0.elapsed().as_micros() as u64,
+        "timing: /dev/kvm opened"
+    );
     install_kick_handler()?;
     let _lease = start_lease(opts)?;
     let _terminal = match cfg.console {
@@ -288,8 +294,8 @@ fn run_from(
 enum RestoreMem {
     /// A snapshot directory's memory file.
     File(PathBuf),
-    /// Memory already filled (migration target).
-    Filled(memory::GuestMemory),
+    /// Memory already filled, its VM already built (migration target).
+    Filled(vm::PreparedVm),
 }
 
 /// A VM to rebuild from saved state.
@@ -313,6 +319,7 @@ fn run_once(
 ) -> Result<ExitReason, Error> {
     // Bind first: a socket in use is a user error worth failing on before
     // any memory is allocated.
+    let t0 = std::time::Instant::now();
     let api = match &opts.api_socket {
         Some(p) => Some(ApiServer::bind(p)?),
         None => None,
@@ -321,17 +328,24 @@ fn run_once(
         Some(Restore { state, mem }) => (Some(state), Some(mem)),
         None => (None, None),
     };
-    let mem = match &restored_from {
-        Some(RestoreMem::Filled(m)) => m.clone(),
-        _ => memory::create_guest_memory(cfg.memory_bytes)?,
+    let (vm, mem, restored_from) = match restored_from {
+        Some(RestoreMem::Filled(p)) => (p.vm, p.mem, None),
+        other => {
+            let mem = memory::create_guest_memory(cfg.memory_bytes)?;
+            (Vm::new(kvm, &mem)?, mem, other)
+        }
     };
-    let vm = Vm::new(kvm, &mem)?;
+    tracing::debug!(us = t0.elapsed().as_micros() as u64, "timing: VM created");
     // Virtio devices come from the config; a restored VM's are rebuilt from
     // their saved state on the backends the config names (queues are
     // checked against guest memory's layout only, so RAM's contents may
     // come later).
     let saved_virtio = state.as_ref().map(|s| s.devices.virtio.as_slice());
     let mut virtio = attach::attach_all(vm.fd(), &mem, cfg, saved_virtio)?;
+    tracing::debug!(
+        us = t0.elapsed().as_micros() as u64,
+        "timing: devices attached"
+    );
     // Restore order at VM level: RAM, then the VM-wide KVM state (clock,
     // PIT, PIC/IOAPIC) before any vCPU exists, then each vCPU's state as it
     // is created (see cpu::state::restore for the per-vCPU order).
@@ -350,6 +364,10 @@ fn run_once(
         }
     };
 
+    tracing::debug!(
+        us = t0.elapsed().as_micros() as u64,
+        "timing: VM state restored"
+    );
     let exit = Arc::new(ExitSignal::new()?);
     let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::SerialIrq)?;
     vm.fd()
@@ -400,6 +418,7 @@ fn run_once(
             }
         }
     }
+    tracing::debug!(us = t0.elapsed().as_micros() as u64, "timing: vCPUs ready");
     let vcpu_fds: Vec<Arc<OwnedFd>> = vcpus
         .iter()
         .filter_map(|v| v.dup_fd().ok())
@@ -445,7 +464,12 @@ fn run_once(
         }
     }
     gate.set_threads(threads);
-    tracing::info!(stage = "running", vcpus = cfg.vcpus, "guest running");
+    tracing::info!(
+        stage = "running",
+        vcpus = cfg.vcpus,
+        us = t0.elapsed().as_micros() as u64,
+        "guest running"
+    );
     if let Some(tx) = &opts.on_running {
         let _ = tx.send(());
     }

@@ -222,6 +222,45 @@ impl MigratableVm for SourceVm {
         Ok(())
     }
 
+    /// [`read_pages`](Self::read_pages) without filling the pages that
+    /// were never touched: they are reported in `zero` instead, so the
+    /// engine announces them without zeroing and scanning them.
+    fn read_pages_sparse(
+        &self,
+        gpa: u64,
+        buf: &mut [u8],
+        zero: &mut [bool],
+    ) -> Result<(), VmError> {
+        let resident = if self.skip_absent {
+            self.residency(gpa, buf.len())
+        } else {
+            None
+        };
+        let Some(resident) = resident else {
+            zero.fill(false);
+            self.m.mem.read_slice(buf, GuestAddress(gpa))?;
+            return Ok(());
+        };
+        let len = buf.len();
+        let mut i = 0;
+        while i < resident.len() {
+            let on = resident[i] & 1 != 0;
+            let mut j = i + 1;
+            while j < resident.len() && (resident[j] & 1 != 0) == on {
+                j += 1;
+            }
+            zero[i..j].fill(!on);
+            if on {
+                let chunk = &mut buf[i * PAGE..(j * PAGE).min(len)];
+                self.m
+                    .mem
+                    .read_slice(chunk, GuestAddress(gpa + (i * PAGE) as u64))?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
     fn start_dirty_log(&mut self) -> Result<(), VmError> {
         // Earlier VMM writes are covered by the full copy that follows.
         let _ = vmm::memory::take_vmm_dirty(&self.m.mem);
@@ -416,6 +455,7 @@ pub fn summary_json(s: &Summary) -> Value {
     json!({
         "total_s": s.total.as_secs_f64(),
         "downtime_ms": s.downtime.as_secs_f64() * 1e3,
+        "downtime_sent_ms": s.downtime_sent.as_secs_f64() * 1e3,
         "bytes_sent": s.bytes_sent,
         "rounds": s.rounds,
         "data_pages": s.data_pages,

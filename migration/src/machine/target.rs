@@ -178,7 +178,15 @@ impl TargetHost for IncomingHost {
             Some(m) => m,
             None => vmm::memory::create_guest_memory(bytes)?,
         };
+        // The KVM VM (with its memory slots and interrupt controllers) is
+        // built on a helper thread while the pages arrive, so that the
+        // switchover only applies state.
+        let for_vm = mem.clone();
+        let prepared = std::thread::Builder::new()
+            .name("prepare-vm".into())
+            .spawn(move || vmm::vm::PreparedVm::new(&for_vm))?;
         Ok(IncomingShell {
+            prepared: Some(prepared),
             mem: Some(mem),
             committed,
             state: None,
@@ -192,6 +200,10 @@ impl TargetHost for IncomingHost {
 /// A VM being received: its memory, then its state, then a thread running
 /// it. Dropped before [`IncomingVm::start`], it frees its memory.
 pub struct IncomingShell {
+    /// The VM being built (declared before `mem`: a VM is dropped before
+    /// the memory it maps; [`vmm::vm::PreparedVm`] holds its own handle to
+    /// the same memory too).
+    prepared: Option<JoinHandle<Result<vmm::vm::PreparedVm, vmm::vm::VmError>>>,
     mem: Option<GuestMemory>,
     /// The memory was committed ahead (`high` priority): zero pages are
     /// written, not discarded, so it stays committed.
@@ -241,6 +253,11 @@ impl IncomingVm for IncomingShell {
         Ok(())
     }
 
+    /// A fresh anonymous mapping (`create_vm`) reads as zero.
+    fn fresh_memory_is_zero(&self) -> bool {
+        true
+    }
+
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
         self.mem()?.read_slice(buf, GuestAddress(gpa))?;
         Ok(())
@@ -264,9 +281,19 @@ impl IncomingVm for IncomingShell {
     }
 
     fn start(&mut self) -> Result<(), VmError> {
-        let (Some(mem), Some(state)) = (self.mem.take(), self.state.take()) else {
+        let (Some(mem), Some(state), Some(prepared)) =
+            (self.mem.take(), self.state.take(), self.prepared.take())
+        else {
             return Err("start before memory and state arrived".into());
         };
+        let t0 = std::time::Instant::now();
+        let prepared = match prepared.join() {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err(Box::new(e)),
+            Err(_) => return Err("the thread building the VM panicked".into()),
+        };
+        // The prepared VM holds the same mapping.
+        drop(mem);
         // The NICs as the target attaches them (its --tap names), for the
         // announcement once the guest runs.
         let nics: Vec<(String, [u8; 6])> = match state.config.to_config(&self.overrides) {
@@ -279,10 +306,18 @@ impl IncomingVm for IncomingShell {
         let overrides = self.overrides.clone();
         let t = std::thread::Builder::new()
             .name("incoming-vm".into())
-            .spawn(move || vmm::snapshot::run_incoming(state, mem, overrides, &run))?;
+            .spawn(move || vmm::snapshot::run_incoming(state, prepared, overrides, &run))?;
         // Wait until the vCPUs run (or the VMM gives up building the VM).
+        tracing::debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "timing: VM thread started"
+        );
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(()) => {
+                tracing::debug!(
+                    us = t0.elapsed().as_micros() as u64,
+                    "timing: vCPUs running"
+                );
                 self.thread = Some(t);
                 if !nics.is_empty() {
                     let _ = std::thread::Builder::new()

@@ -503,46 +503,19 @@ impl Message {
                 Message::MemoryLayout(regions)
             }
             MessageType::Pages => {
-                let round = cur.u32().map_err(&bad)?;
-                let n = cur.u32().map_err(&bad)? as usize;
-                if n > cur.remaining() / RUN_HEADER_LEN {
-                    return Err(bad(format!(
-                        "{n} runs announced, room for {}",
-                        cur.remaining() / RUN_HEADER_LEN
-                    )));
+                let (round, runs) = parse_pages(sequence, p)?;
+                Message::Pages {
+                    round,
+                    runs: runs
+                        .into_iter()
+                        .map(|r| PageRun {
+                            gpa: r.gpa,
+                            pages: r.pages,
+                            data: r.data.map(<[u8]>::to_vec),
+                            checksum: r.checksum,
+                        })
+                        .collect(),
                 }
-                let mut runs = Vec::with_capacity(n);
-                for i in 0..n {
-                    let gpa = cur.u64().map_err(&bad)?;
-                    let pages = cur.u32().map_err(&bad)?;
-                    let kind = cur.take(4).map_err(&bad)?[0];
-                    let checksum = cur.u32().map_err(&bad)?;
-                    if pages == 0 {
-                        return Err(bad(format!("run {i} at {gpa:#x} has 0 pages")));
-                    }
-                    let data = match kind {
-                        0 => {
-                            let len = (pages as usize)
-                                .checked_mul(PAGE_SIZE)
-                                .ok_or_else(|| bad(format!("run {i}: {pages} pages overflow")))?;
-                            Some(
-                                cur.take(len)
-                                    .map_err(|e| bad(format!("run {i} at {gpa:#x}: {e}")))?
-                                    .to_vec(),
-                            )
-                        }
-                        1 => None,
-                        k => return Err(bad(format!("run {i} at {gpa:#x}: unknown kind {k}"))),
-                    };
-                    runs.push(PageRun {
-                        gpa,
-                        pages,
-                        data,
-                        checksum,
-                    });
-                }
-                cur.end().map_err(&bad)?;
-                Message::Pages { round, runs }
             }
             MessageType::RoundEnd => {
                 let n = cur.u32().map_err(&bad)?;
@@ -561,6 +534,71 @@ impl Message {
         };
         Ok(msg)
     }
+}
+
+/// A [`PageRun`] whose data is borrowed from a received frame (the
+/// target writes it to guest memory from there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRunRef<'a> {
+    /// Guest physical address of the first page.
+    pub gpa: u64,
+    /// Number of pages.
+    pub pages: u32,
+    /// `None`: all zero. `Some`: the bytes.
+    pub data: Option<&'a [u8]>,
+    /// CRC-32C of `data` in checksum mode, else 0.
+    pub checksum: u32,
+}
+
+/// Parses a `Pages` payload (frame `sequence`) without copying its data:
+/// the round and every run, all checked before any is returned.
+pub fn parse_pages(sequence: u32, p: &[u8]) -> Result<(u32, Vec<PageRunRef<'_>>), ProtocolError> {
+    let kind = MessageType::Pages;
+    let bad = |what: String| ProtocolError::Malformed {
+        sequence,
+        kind,
+        what,
+    };
+    let mut cur = Cursor { buf: p, pos: 0 };
+    let round = cur.u32().map_err(&bad)?;
+    let n = cur.u32().map_err(&bad)? as usize;
+    if n > cur.remaining() / RUN_HEADER_LEN {
+        return Err(bad(format!(
+            "{n} runs announced, room for {}",
+            cur.remaining() / RUN_HEADER_LEN
+        )));
+    }
+    let mut runs = Vec::with_capacity(n);
+    for i in 0..n {
+        let gpa = cur.u64().map_err(&bad)?;
+        let pages = cur.u32().map_err(&bad)?;
+        let kind = cur.take(4).map_err(&bad)?[0];
+        let checksum = cur.u32().map_err(&bad)?;
+        if pages == 0 {
+            return Err(bad(format!("run {i} at {gpa:#x} has 0 pages")));
+        }
+        let data = match kind {
+            0 => {
+                let len = (pages as usize)
+                    .checked_mul(PAGE_SIZE)
+                    .ok_or_else(|| bad(format!("run {i}: {pages} pages overflow")))?;
+                Some(
+                    cur.take(len)
+                        .map_err(|e| bad(format!("run {i} at {gpa:#x}: {e}")))?,
+                )
+            }
+            1 => None,
+            k => return Err(bad(format!("run {i} at {gpa:#x}: unknown kind {k}"))),
+        };
+        runs.push(PageRunRef {
+            gpa,
+            pages,
+            data,
+            checksum,
+        });
+    }
+    cur.end().map_err(&bad)?;
+    Ok((round, runs))
 }
 
 /// Bounds-checked little-endian reader over a payload.
@@ -608,7 +646,9 @@ impl<'a> Cursor<'a> {
 }
 
 mod frame;
-pub use frame::{encode_frame, read_message, Decoder, Encoder};
+pub use frame::{
+    encode_frame, poll_frame, read_frame, read_message, Decoder, Encoder, PagesFrame, RawFrame,
+};
 
 #[cfg(test)]
 mod tests;

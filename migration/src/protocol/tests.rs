@@ -296,3 +296,53 @@ fn hello_ignores_unknown_json_fields() {
     let m = decode_all(&raw_frame(1, 0, 0, p)).unwrap();
     assert!(matches!(&m[0], Message::Hello(h) if h.version_max == 9));
 }
+
+#[test]
+fn pages_frame_built_in_place_is_byte_for_byte_the_message() {
+    let page = |b: u8| vec![b; PAGE_SIZE];
+    let msg = Message::Pages {
+        round: 3,
+        runs: vec![
+            PageRun {
+                gpa: 0x1000,
+                pages: 2,
+                data: Some([page(7), page(9)].concat()),
+                checksum: 0xdead_beef,
+            },
+            PageRun {
+                gpa: 0x10_0000,
+                pages: 100,
+                data: None,
+                checksum: 0,
+            },
+            PageRun {
+                gpa: 0x20_0000,
+                pages: 1,
+                data: Some(page(1)),
+                checksum: 0,
+            },
+        ],
+    };
+    // After another frame, so the sequence number is not 0.
+    let mut enc = Encoder::new();
+    let mut expected = Vec::new();
+    enc.send(&mut expected, &Message::RoundEnd(2)).unwrap();
+    enc.send(&mut expected, &msg).unwrap();
+
+    let mut enc = Encoder::new();
+    let mut got = Vec::new();
+    enc.send(&mut got, &Message::RoundEnd(2)).unwrap();
+    let mut f = PagesFrame::new();
+    // Leftovers of an earlier frame must not leak into the next one.
+    f.begin(9);
+    f.push_zero(0x5000, 3);
+    f.begin(3);
+    f.push_data(0x1000, &[page(7), page(9)].concat(), 0xdead_beef);
+    f.push_zero(0x10_0000, 100);
+    f.push_data(0x20_0000, &page(1), 0);
+    assert_eq!((f.runs(), f.data_pages()), (3, 3));
+    let n = enc.send_pages(&mut got, &mut f).unwrap();
+    assert_eq!(n, got.len() - (expected.len() - n));
+    assert_eq!(got, expected);
+    assert_eq!(decode_all(&got).unwrap()[1], msg);
+}

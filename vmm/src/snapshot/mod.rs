@@ -32,8 +32,10 @@
 //! Source: [`Machine::pause`] (vCPUs park, then devices quiesce) or the two
 //! steps apart ([`crate::cpu::gate::VcpuGate::pause`],
 //! [`Machine::quiesce_devices`]) -> [`capture_bytes`] -> on failure
-//! [`Machine::resume`]. Target: [`VmState::from_slice`] -> [`guest_memory`]
-//! (the same layout), filled with the source's pages -> [`run_incoming`].
+//! [`Machine::resume`]. Target: guest memory of the same layout, and a
+//! [`crate::vm::PreparedVm`] built over it (KVM VM and memory slots) while
+//! the source's pages fill it -> [`VmState::from_slice`] ->
+//! [`run_incoming`], which only restores state and starts the vCPUs.
 //!
 //! # Changing the format
 //!
@@ -502,15 +504,16 @@ pub fn guest_memory(state: &VmState) -> Result<GuestMemory, crate::Error> {
     Ok(mem)
 }
 
-/// Restores `state` into `mem` (already holding the guest's RAM, from
-/// [`guest_memory`]) and runs the VM until it stops, like [`restore`].
+/// Restores `state` into `prepared` (a VM built with
+/// [`crate::vm::PreparedVm::new`] over memory already holding the guest's
+/// RAM) and runs the VM until it stops, like [`restore`].
 pub fn run_incoming(
     state: VmState,
-    mem: GuestMemory,
+    prepared: crate::vm::PreparedVm,
     overrides: RestoreOverrides,
     opts: &crate::instance::RunOptions,
 ) -> Result<crate::ExitReason, crate::Error> {
-    crate::instance::run_incoming(state, mem, overrides, opts)
+    crate::instance::run_incoming(state, prepared, overrides, opts)
 }
 
 /// Writes a snapshot of `m` to `dir` (created if missing). Pauses the VM
