@@ -127,10 +127,12 @@ fn bar(v: &Value) -> String {
 
 fn summary(s: &Value) -> String {
     format!(
-        "migrated: total {:.3} s, downtime {:.1} ms (measured at the source), {:.1} MiB sent, \
-         {} rounds, max throttle {}%",
+        "migrated: total {:.3} s, downtime {:.1} ms (measured at the source: paused until the \
+         target's ack; {:.1} ms until the last byte was sent), {:.1} MiB sent, {} rounds, \
+         max throttle {}%",
         s["total_s"].as_f64().unwrap_or(0.0),
         s["downtime_ms"].as_f64().unwrap_or(0.0),
+        s["downtime_sent_ms"].as_f64().unwrap_or(0.0),
         mib(&s["bytes_sent"]),
         s["rounds"].as_u64().unwrap_or(0),
         s["max_throttle"].as_u64().unwrap_or(0),

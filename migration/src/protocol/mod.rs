@@ -11,7 +11,7 @@
 //!    |--- Hello {versions 1..=1, capabilities} -------->|
 //!    |<-- Hello {versions, capabilities} ---------------|  (or Abort: versions)
 //!    |--- Precheck {VM facts: CPU, memory, disks, nets}>|
-//!    |<-- PrecheckResult {failures: [] or [..]} --------|  target reserves memory
+//!    |<-- PrecheckResult {failures: [] or [..]} --------|  target commits memory if priority high
 //!    |--- MemoryLayout {regions} ---------------------->|
 //!    |--- Pages {round 0, runs} ... ------------------->|  all of memory, zero
 //!    |--- RoundEnd {0} -------------------------------->|  pages as announcements
