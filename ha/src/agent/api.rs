@@ -7,8 +7,8 @@ use crate::config::ClusterConfig;
 use crate::lease::LeaseRecord;
 use crate::time::Time;
 use crate::types::{
-    DatastoreId, DatastoreLossResponse, HostHaState, HostId, IsolationResponse, VmConfig, VmId,
-    VmProtection,
+    DatastoreId, DatastoreLossResponse, HostHaState, HostId, IsolationResponse, Resources,
+    VmConfig, VmId, VmProtection,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -115,6 +115,18 @@ pub enum Command {
     },
     /// Come back from maintenance.
     ExitMaintenance,
+    /// Master only: may `vm`'s reservation become `reservation`? A VM that
+    /// is neither powered on nor starting reserves nothing yet, and a
+    /// decrease frees capacity: both are accepted without a check.
+    /// Otherwise admission control decides (`Admission` with the
+    /// arithmetic). Changes nothing: the caller writes the registration
+    /// and sends `RegisterVm` with the new settings.
+    CheckReservation {
+        /// The VM.
+        vm: VmId,
+        /// The reservation it would have.
+        reservation: Resources,
+    },
     /// A VM was registered (or its HA settings changed) after HA was
     /// enabled: add it to the cluster view (the runtime finds registrations
     /// on the datastores).

@@ -427,6 +427,13 @@ impl Agent {
                     .map(|()| format!("{host} may enter maintenance mode"));
                 out.push(Action::CommandDone(r));
             }
+            Command::CheckReservation { vm, reservation } => {
+                out.push(Action::CommandDone(self.check_reservation(
+                    now,
+                    &vm,
+                    reservation,
+                )));
+            }
             Command::PowerOffVm { vm } => self.user_power_off(vm, out),
             Command::PowerOnVm { vm, host } => self.user_power_on(now, vm, host, out),
         }

@@ -247,6 +247,71 @@ impl Agent {
             .map_err(|e| CommandError::Admission(e.to_string()))
     }
 
+    /// Whether `vm`'s reservation may become `new` (master only): see
+    /// `Command::CheckReservation`. `Ok` says why it is allowed.
+    pub(super) fn check_reservation(
+        &self,
+        now: Time,
+        vm: &VmId,
+        new: Resources,
+    ) -> Result<String, CommandError> {
+        if self.state != HostHaState::Master {
+            return Err(CommandError::NotMaster {
+                master: self.master.clone(),
+            });
+        }
+        let cluster = self.cluster();
+        let Some(old) = cluster.vms.get(vm).map(|c| c.reservation) else {
+            return Err(CommandError::UnknownVm(vm.clone()));
+        };
+        let running = self
+            .master_state
+            .iter()
+            .flat_map(|m| m.vms.get(vm))
+            .find(|e| {
+                e.power == Some(PowerState::On) || matches!(e.restart, Restart::InFlight { .. })
+            });
+        let Some(entry) = running else {
+            return Ok(format!(
+                "{vm} is powered off: its reservation counts from its next power-on"
+            ));
+        };
+        if new.cpu_mhz <= old.cpu_mhz && new.mem_mib <= old.mem_mib {
+            return Ok(format!(
+                "{vm} runs; a smaller reservation is always admitted"
+            ));
+        }
+        let (hosts, _) = self.admission_inputs(now);
+        let others = self.powered_on_reservations_except(vm);
+        admission::admit_reservation_change(
+            &cluster.admission,
+            &hosts,
+            &others,
+            new,
+            entry.host.as_ref(),
+        )
+        .map_err(|e| CommandError::Admission(format!("VM {vm} keeps its reservation: {e}")))?;
+        Ok(format!(
+            "{vm} runs; admission control admits the larger reservation"
+        ))
+    }
+
+    /// The reservations of every VM but `vm` powered on or starting
+    /// (master only).
+    fn powered_on_reservations_except(&self, vm: &VmId) -> Vec<Resources> {
+        let cluster = self.cluster();
+        self.master_state
+            .iter()
+            .flat_map(|m| m.vms.iter())
+            .filter(|(id, e)| {
+                *id != vm
+                    && (e.power == Some(PowerState::On)
+                        || matches!(e.restart, Restart::InFlight { .. }))
+            })
+            .filter_map(|(id, _)| cluster.vms.get(id).map(|c| c.reservation))
+            .collect()
+    }
+
     /// Operator power-on: admission control, then placement (master only).
     pub(super) fn user_power_on(
         &mut self,

@@ -942,3 +942,83 @@ fn maintenance_needs_an_empty_host_and_takes_no_vms() {
     sim.run_secs(10);
     assert_eq!(sim.state("host-1"), HostHaState::Slave);
 }
+
+/// A reservation change (`vigil vm set`): the master checks a larger
+/// reservation of a powered-on VM against the policy with the arithmetic;
+/// a decrease, or any change of a powered-off VM, is admitted; a slave
+/// names the master. Once registered, the new reservation counts.
+#[test]
+fn reservation_increase_checked_by_admission_on_the_master() {
+    let mut spec = uniform(3);
+    spec.admission = AdmissionPolicy::PercentageReserved {
+        cpu_pct: 25,
+        mem_pct: 40,
+    };
+    spec.vms = vec![
+        (vmc("vm-1", 4000, 40_000), "host-1"),
+        (vmc("vm-2", 4000, 40_000), "host-2"),
+    ];
+    let mut sim = Sim::new(spec);
+    assert_eq!(sim.settle(), h("host-3"));
+    sim.run_secs(3);
+    let check = |sim: &mut Sim, host: &str, name: &str, cpu, mem| {
+        sim.command(
+            host,
+            Command::CheckReservation {
+                vm: vm(name),
+                reservation: Resources::new(cpu, mem),
+            },
+        )
+    };
+    // 80000 + 40000 of 196608 MiB reserved: 39 % free.
+    let err = check(&mut sim, "host-3", "vm-1", 4000, 80_000)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("VM vm-1 keeps its reservation: admission control (percentage reserved)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("memory free (1 - 120000/196608 MiB) = 39% (need 40%)"),
+        "{err}"
+    );
+    assert_eq!(
+        check(&mut sim, "host-3", "vm-1", 4000, 70_000).unwrap(),
+        "vm-1 runs; admission control admits the larger reservation"
+    );
+    assert_eq!(
+        check(&mut sim, "host-3", "vm-1", 1000, 10_000).unwrap(),
+        "vm-1 runs; a smaller reservation is always admitted"
+    );
+    assert_eq!(
+        check(&mut sim, "host-1", "vm-1", 4000, 70_000).unwrap_err(),
+        CommandError::NotMaster {
+            master: Some(h("host-3"))
+        }
+    );
+    assert_eq!(
+        check(&mut sim, "host-3", "vm-9", 1, 1).unwrap_err(),
+        CommandError::UnknownVm(vm("vm-9"))
+    );
+    // The accepted change registered: it counts from then on.
+    sim.command("host-3", Command::RegisterVm(vmc("vm-1", 4000, 70_000)))
+        .unwrap();
+    let cap = sim.hosts[&h("host-3")]
+        .agent
+        .capacity(sim.now)
+        .expect("master")
+        .to_string();
+    assert!(
+        cap.contains("2 powered-on VM(s) reserve 8000 MHz / 110000 MiB"),
+        "{cap}"
+    );
+    // Powered off, vm-2 reserves nothing: any size is admitted until it
+    // is powered on again.
+    sim.command("host-2", Command::PowerOffVm { vm: vm("vm-2") })
+        .unwrap();
+    sim.run_secs(3);
+    assert_eq!(
+        check(&mut sim, "host-3", "vm-2", 4000, 190_000).unwrap(),
+        "vm-2 is powered off: its reservation counts from its next power-on"
+    );
+}
