@@ -178,35 +178,35 @@ pub enum MaintenanceAction {
 }
 
 /// `vigil vm ACTION --api-socket PATH [--json]` (one VM's VMM), or
-/// `vigil vm register|start|stop|list ... [--config host.toml]` (HA).
+/// `vigil vm register|start|stop|set|list ... [--config host.toml]` (HA).
 #[derive(Debug, Args)]
 pub struct VmArgs {
     /// What to do.
     #[arg(value_enum)]
     pub action: VmAction,
-    /// register: DATASTORE VM.toml; start, stop: NAME.
+    /// register: DATASTORE VM.toml; start, stop, set: NAME.
     #[arg(value_name = "ARGS")]
     pub args: Vec<String>,
     /// The VM's control API socket (as given to `vigil run --api-socket`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
-    /// register/start/stop/list: this host's agent configuration
+    /// register/start/stop/set/list: this host's agent configuration
     /// [default: /etc/vigil/host.toml].
     #[arg(long, value_name = "host.toml")]
     pub config: Option<PathBuf>,
     /// start: the host to run it on (the master places it otherwise).
     #[arg(long)]
     pub host: Option<String>,
-    /// register: restart priority: high, medium, low or disabled [default: medium].
+    /// register, set: restart priority: high, medium, low or disabled [default: medium].
     #[arg(long, value_parser = parse_serde::<ha::types::RestartPriority>)]
     pub priority: Option<ha::types::RestartPriority>,
     /// register: isolation response: leave-on, power-off or shut-down [default: leave-on].
     #[arg(long, value_parser = parse_serde::<ha::types::IsolationResponse>)]
     pub isolation_response: Option<ha::types::IsolationResponse>,
-    /// register: CPU reservation in MHz [default: 0].
+    /// register, set: CPU reservation in MHz [default: 0].
     #[arg(long)]
     pub cpu_mhz: Option<u64>,
-    /// register: memory reservation in MiB [default: the VM's memory].
+    /// register, set: memory reservation in MiB [default: the VM's memory].
     #[arg(long)]
     pub mem_mib: Option<u64>,
     /// register: datastore-loss response: disabled, events_only or restart [default: disabled].
@@ -258,6 +258,10 @@ pub enum VmAction {
     Stop,
     /// HA: every VM's protection state and host.
     List,
+    /// HA: change a registered VM's reservation or priority (`set NAME
+    /// [--cpu-mhz MHZ] [--mem-mib MIB] [--priority P]`); admission control
+    /// checks a larger reservation of a powered-on VM.
+    Set,
     /// Hard reset: the guest boots again in the same VMM process, keeping
     /// its disks and MAC addresses (the reason goes to the VMM's log).
     Reset,

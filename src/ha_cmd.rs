@@ -1,13 +1,14 @@
 //! `vigil agent`, `vigil cluster init|status|maintenance` and `vigil vm
-//! register|start|stop|list`: the HA commands (see `ha::runtime`).
+//! register|start|stop|set|list`: the HA commands (see `ha::runtime`).
 //!
-//! `cluster status` and `vm start|stop|list` ask this host's agent over its
+//! `cluster status` and `vm start|stop|set|list` ask this host's agent over its
 //! authenticated command channel; an agent that is not the master redirects
 //! to the master. `cluster status` then asks every other host for what VM
 //! monitoring did to its VMs. `cluster maintenance enter HOST` asks the
 //! master's admission control first, powers the host's VMs off if told to,
 //! then asks HOST itself (which refuses while VMs run there). `vm register`
-//! writes the VM's files on the datastore, where every agent finds them.
+//! writes the VM's files on the datastore, where every agent finds them;
+//! `vm set` has the master check admission control and rewrite them.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -274,7 +275,7 @@ fn render_status(from: &str, v: &Value) -> String {
     out
 }
 
-/// Runs `vigil vm register|start|stop|list`.
+/// Runs `vigil vm register|start|stop|set|list`.
 pub fn vm(args: VmArgs) -> i32 {
     let config = args
         .config
@@ -300,6 +301,9 @@ pub fn vm(args: VmArgs) -> i32 {
             ha::runtime::ask(&host, &req).map(|(_, v)| s(&v))
         }
         (VmAction::Stop, [name]) => stop(&host, name),
+        (VmAction::Set, [name]) => set_request(name, &args)
+            .and_then(|req| ha::runtime::ask(&host, &req).map(|(_, v)| s(&v))),
+        (VmAction::Set, _) => Err(SET_USAGE.into()),
         (VmAction::List, []) => ha::runtime::ask(&host, &Request::Status).map(|(from, v)| {
             if args.json {
                 v["vms"].to_string()
@@ -320,6 +324,36 @@ pub fn vm(args: VmArgs) -> i32 {
         }
         Err(e) => fail(e),
     }
+}
+
+const SET_USAGE: &str =
+    "usage: vigil vm set NAME [--cpu-mhz MHZ] [--mem-mib MIB] [--priority high|medium|low|disabled]";
+
+/// The `vm set` request: at least one setting, and only those `set` changes.
+fn set_request(name: &str, args: &VmArgs) -> Result<Request, String> {
+    let unsupported = [
+        ("--isolation-response", args.isolation_response.is_some()),
+        ("--datastore-loss", args.datastore_loss.is_some()),
+        (
+            "--datastore-loss-delay-s",
+            args.datastore_loss_delay_s.is_some(),
+        ),
+        ("--host", args.host.is_some()),
+    ];
+    if let Some((flag, _)) = unsupported.iter().find(|(_, given)| *given) {
+        return Err(format!(
+            "vm set changes only --cpu-mhz, --mem-mib and --priority, not {flag}"
+        ));
+    }
+    if args.cpu_mhz.is_none() && args.mem_mib.is_none() && args.priority.is_none() {
+        return Err(format!("nothing to change: {SET_USAGE}"));
+    }
+    Ok(Request::SetVm {
+        vm: name.to_string(),
+        cpu_mhz: args.cpu_mhz,
+        mem_mib: args.mem_mib,
+        priority: args.priority,
+    })
 }
 
 /// Asks the master where the VM runs, then that host to power it off.
@@ -400,4 +434,68 @@ fn register(host: &HostConfig, ds: &str, file: &Path, args: &VmArgs) -> Result<S
     std::fs::write(&ha, toml::to_string(&settings).map_err(|e| e.to_string())?)
         .map_err(|e| format!("{}: {e}", ha.display()))?;
     Ok(format!("VM {name} registered on {ds} ({})", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::set_request;
+    use crate::cli::{Cli, Command, VmArgs};
+    use ha::runtime::control::Request;
+    use ha::types::RestartPriority;
+
+    fn vm_args(args: &[&str]) -> VmArgs {
+        let mut all = vec!["vigil", "vm", "set", "web"];
+        all.extend(args);
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Vm(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn vm_set_takes_the_registration_flags() {
+        let a = vm_args(&["--cpu-mhz", "3000", "--priority", "high"]);
+        assert_eq!(
+            set_request("web", &a).unwrap(),
+            Request::SetVm {
+                vm: "web".into(),
+                cpu_mhz: Some(3000),
+                mem_mib: None,
+                priority: Some(RestartPriority::High),
+            }
+        );
+        let a = vm_args(&["--mem-mib", "256"]);
+        assert_eq!(
+            set_request("web", &a).unwrap(),
+            Request::SetVm {
+                vm: "web".into(),
+                cpu_mhz: None,
+                mem_mib: Some(256),
+                priority: None,
+            }
+        );
+    }
+
+    #[test]
+    fn vm_set_refuses_nothing_to_change_and_flags_it_does_not_change() {
+        let e = set_request("web", &vm_args(&[])).unwrap_err();
+        assert!(
+            e.starts_with("nothing to change: usage: vigil vm set NAME"),
+            "{e}"
+        );
+        let e = set_request(
+            "web",
+            &vm_args(&["--cpu-mhz", "1", "--isolation-response", "power-off"]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "vm set changes only --cpu-mhz, --mem-mib and --priority, not --isolation-response"
+        );
+        let e = set_request("web", &vm_args(&["--mem-mib", "1", "--host", "host-2"])).unwrap_err();
+        assert!(e.ends_with("not --host"), "{e}");
+        assert!(Cli::try_parse_from(["vigil", "vm", "set", "web", "--cpu-mhz", "lots"]).is_err());
+    }
 }

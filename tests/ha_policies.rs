@@ -5,6 +5,11 @@
 //!   cluster's policy, with the arithmetic, and `cluster status` shows the
 //!   capacity under that policy (no guest boots: the refused VM never
 //!   starts, and the test fails if it does);
+//! - `vigil vm set`: a reservation increase of a running VM that would
+//!   break the policy is refused with the arithmetic (registration and VM
+//!   unchanged); one that fits is accepted, counts in `cluster status` and
+//!   makes a later power-on break the policy (one VMM starts, its guest
+//!   need not finish booting);
 //! - maintenance mode: refused by admission control with the arithmetic,
 //!   refused while a VM runs on the host, accepted with `--power-off`; the
 //!   host shows `maintenance` and a power-on there is refused; `exit`
@@ -551,4 +556,105 @@ fn application_monitoring_resets_a_guest_whose_application_stopped_heartbeating(
     let first = boot_segment(&c, 1).unwrap();
     assert!(first.contains("VIGIL-TOOLS-CONNECTED"), "{c}");
     assert!(!first.contains("VIGIL-TOOLS-KILLED"), "{c}");
+}
+
+/// `vigil vm set` through the real agents. Two hosts of 4000 MHz; the
+/// policy keeps 60 % of the CPU free; VM `web` reserves 2000 MHz and runs
+/// on host-1 (8000 MHz in all: 75 % free).
+#[test]
+fn a_reservation_increase_that_breaks_the_admission_policy_is_refused_and_one_that_fits_counts() {
+    let _g = common::guest_lock();
+    let mut lab = Lab::new("res", 2, TIMINGS);
+    set_admission(
+        &lab,
+        json!({"percentage_reserved": {"cpu_pct": 60, "mem_pct": 0}}),
+    );
+    let m = start(&mut lab);
+    // Asked at the other host, the request is redirected to the master.
+    let other = if m == 1 { 2 } else { 1 };
+    let toml = guest_vm(&lab, "web", "counter:every=60", false);
+    lab.register("web", &toml, &["--cpu-mhz", "2000", "--mem-mib", "128"]);
+    start_vm(&lab, "web", 1);
+    lab.wait("web's VMM on host-1", T, |l| l.vmm_pid(1, "web"));
+    lab.wait("web protected on host-1", T, |l| {
+        let v = l.status(m)?;
+        (v["vms"]["web"]["state"] == "protected" && v["vms"]["web"]["host"] == "host-1")
+            .then_some(())
+    });
+    let pid = lab.vmm_pid(1, "web").unwrap();
+    let ha_toml = lab.store("ds1").join("vms/web/ha.toml");
+    let before = std::fs::read_to_string(&ha_toml).unwrap();
+    let capacity = |lab: &Lab| {
+        let (ok, out, err) = lab.vigil(other, &["cluster", "status"]);
+        assert!(ok, "cluster status: {out}{err}");
+        out
+    };
+    let out = capacity(&lab);
+    assert!(
+        out.contains("1 powered-on VM(s) reserve 2000 MHz / 128 MiB"),
+        "{out}"
+    );
+
+    // 4000 MHz would leave (1 - 4000/8000) = 50 % free, under 60 %.
+    let (ok, out, err) = lab.vigil(other, &["vm", "set", "web", "--cpu-mhz", "4000"]);
+    let msg = format!("{out}{err}");
+    eprintln!("increase to 4000 MHz refused: {msg}");
+    assert!(!ok, "the increase was accepted: {msg}");
+    assert!(
+        msg.contains("VM web keeps its reservation: admission control (percentage reserved)")
+            && msg.contains("CPU free (1 - 4000/8000 MHz) = 50% (need 60%)"),
+        "the refusal does not show the arithmetic: {msg}"
+    );
+    assert_eq!(std::fs::read_to_string(&ha_toml).unwrap(), before);
+    assert_eq!(lab.running_on("web"), vec![1]);
+    assert_eq!(lab.vmm_pid(1, "web"), Some(pid), "web's VMM changed");
+    let out = capacity(&lab);
+    assert!(
+        out.contains("1 powered-on VM(s) reserve 2000 MHz / 128 MiB"),
+        "{out}"
+    );
+
+    // 3000 MHz leaves 62.5 % free: accepted, written, counted.
+    let (ok, out, err) = lab.vigil(other, &["vm", "set", "web", "--cpu-mhz", "3000"]);
+    let msg = format!("{out}{err}");
+    eprintln!("increase to 3000 MHz: {msg}");
+    assert!(ok, "the increase was refused: {msg}");
+    assert!(
+        msg.contains("VM web: reservation 2000 MHz / 128 MiB -> 3000 MHz / 128 MiB"),
+        "{msg}"
+    );
+    let after = std::fs::read_to_string(&ha_toml).unwrap();
+    assert!(after.contains("cpu_mhz = 3000"), "{after}");
+    assert!(after.contains("mem_mib = 128"), "{after}");
+    let out = capacity(&lab);
+    eprintln!("{out}");
+    assert!(
+        out.contains("1 powered-on VM(s) reserve 3000 MHz / 128 MiB"),
+        "{out}"
+    );
+    assert_eq!(lab.vmm_pid(1, "web"), Some(pid), "web's VMM changed");
+
+    // 500 MHz more would have fitted beside 2000 (2500/8000: 69 % free),
+    // but not beside 3000: (1 - 3500/8000) = 56 %.
+    let cfg = common_vm(&lab, "extra");
+    lab.register("extra", &cfg, &["--cpu-mhz", "500", "--mem-mib", "64"]);
+    let (ok, out, err) = lab.vigil(other, &["vm", "start", "extra", "--host", "host-2"]);
+    let msg = format!("{out}{err}");
+    eprintln!("power-on refused: {msg}");
+    assert!(!ok, "the power-on was accepted: {msg}");
+    assert!(
+        msg.contains("CPU free (1 - 3500/8000 MHz) = 56% (need 60%)"),
+        "{msg}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(lab.running_on("extra").is_empty(), "{}", lab.logs());
+
+    // A decrease is always accepted.
+    let (ok, out, err) = lab.vigil(other, &["vm", "set", "web", "--cpu-mhz", "1000"]);
+    assert!(ok, "the decrease was refused: {out}{err}");
+    let out = capacity(&lab);
+    assert!(
+        out.contains("1 powered-on VM(s) reserve 1000 MHz / 128 MiB"),
+        "{out}"
+    );
 }

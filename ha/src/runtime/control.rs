@@ -1,5 +1,5 @@
 //! The agent's command channel: `vigil cluster status|maintenance` and
-//! `vigil vm start|stop|list` talk to an agent over TCP on its agent port.
+//! `vigil vm start|stop|set|list` talk to an agent over TCP on its agent port.
 //!
 //! ```text
 //! client                                   agent
@@ -40,6 +40,19 @@ pub enum Request {
     Stop {
         /// The VM.
         vm: String,
+    },
+    /// Change a registered VM's HA settings (master): a larger reservation
+    /// of a powered-on VM passes admission control first; the master then
+    /// rewrites the VM's `ha.toml` on its datastore. `None`: unchanged.
+    SetVm {
+        /// The VM.
+        vm: String,
+        /// New CPU reservation, MHz.
+        cpu_mhz: Option<u64>,
+        /// New memory reservation, MiB.
+        mem_mib: Option<u64>,
+        /// New restart priority.
+        priority: Option<crate::types::RestartPriority>,
     },
     /// May `host` enter maintenance mode under admission control (master)?
     CheckMaintenance {

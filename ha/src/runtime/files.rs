@@ -363,6 +363,68 @@ pub struct VmHaSettings {
     pub datastore_loss: crate::types::DatastoreLossSettings,
 }
 
+impl VmHaSettings {
+    /// These settings with the given ones replaced (`None`: kept).
+    pub fn changed(
+        &self,
+        cpu_mhz: Option<u64>,
+        mem_mib: Option<u64>,
+        priority: Option<RestartPriority>,
+    ) -> Self {
+        Self {
+            cpu_mhz: cpu_mhz.unwrap_or(self.cpu_mhz),
+            mem_mib: mem_mib.unwrap_or(self.mem_mib),
+            priority: priority.unwrap_or(self.priority),
+            ..self.clone()
+        }
+    }
+
+    /// What changes from `self` to `new`, for the operator:
+    /// `reservation 2000 MHz / 128 MiB -> 3000 MHz / 128 MiB` and/or
+    /// `priority medium -> high`; `unchanged` if nothing does.
+    pub fn describe_change(&self, new: &Self) -> String {
+        let mut parts = Vec::new();
+        if (self.cpu_mhz, self.mem_mib) != (new.cpu_mhz, new.mem_mib) {
+            parts.push(format!(
+                "reservation {} MHz / {} MiB -> {} MHz / {} MiB",
+                self.cpu_mhz, self.mem_mib, new.cpu_mhz, new.mem_mib
+            ));
+        }
+        if self.priority != new.priority {
+            let name = |p: RestartPriority| {
+                serde_json::to_value(p)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            };
+            parts.push(format!(
+                "priority {} -> {}",
+                name(self.priority),
+                name(new.priority)
+            ));
+        }
+        if parts.is_empty() {
+            "unchanged".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    /// Reads a VM's `ha.toml`.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Writes a VM's `ha.toml` atomically (a reader sees the old settings
+    /// or the new ones, never a mix).
+    pub fn store(&self, path: &Path) -> Result<(), String> {
+        let text = toml::to_string(self).map_err(|e| e.to_string())?;
+        vmm::lease::write_atomic(path, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
 /// The directory of a VM on its datastore.
 pub fn vm_dir(ds_path: &Path, vm: &str) -> PathBuf {
     ds_path.join("vms").join(vm)
@@ -466,5 +528,34 @@ mod tests {
         assert_eq!(t.heartbeat_interval, Duration::from_millis(100));
         assert_eq!(t.lease.takeover_time, Duration::from_secs(4));
         assert_eq!(t.host_timeout, Timings::default().host_timeout);
+    }
+
+    #[test]
+    fn ha_settings_change_only_what_is_given_and_round_trip_atomically() {
+        let old = VmHaSettings {
+            priority: RestartPriority::Medium,
+            isolation_response: IsolationResponse::PowerOff,
+            cpu_mhz: 2000,
+            mem_mib: 128,
+            datastore_loss: Default::default(),
+        };
+        assert_eq!(old.changed(None, None, None), old);
+        assert_eq!(old.describe_change(&old), "unchanged");
+        let new = old.changed(Some(3000), None, Some(RestartPriority::High));
+        assert_eq!((new.cpu_mhz, new.mem_mib), (3000, 128));
+        assert_eq!(new.priority, RestartPriority::High);
+        assert_eq!(new.isolation_response, IsolationResponse::PowerOff);
+        assert_eq!(
+            old.describe_change(&new),
+            "reservation 2000 MHz / 128 MiB -> 3000 MHz / 128 MiB, priority medium -> high"
+        );
+        let dir = std::env::temp_dir().join(format!("vigil-ha-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("ha.toml");
+        new.store(&p).unwrap();
+        assert_eq!(VmHaSettings::load(&p).unwrap(), new);
+        let e = VmHaSettings::load(&dir.join("missing.toml")).unwrap_err();
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

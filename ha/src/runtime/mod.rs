@@ -421,6 +421,12 @@ impl Runtime {
             Request::Stop { vm } => {
                 to_reply(self.command(Command::PowerOffVm { vm: VmId::new(vm) }))
             }
+            Request::SetVm {
+                vm,
+                cpu_mhz,
+                mem_mib,
+                priority,
+            } => self.set_vm(&vm, cpu_mhz, mem_mib, priority),
             Request::CheckMaintenance { host, power_off } => {
                 to_reply(self.command(Command::CheckMaintenance {
                     host: HostId::new(host),
@@ -444,6 +450,60 @@ impl Runtime {
                 local_reply(r)
             }
         }
+    }
+
+    /// `vigil vm set` (master only): admission control checks a larger
+    /// reservation of a powered-on VM, then the VM's `ha.toml` on its
+    /// datastore is rewritten and the cluster view updated from it (the
+    /// other agents see the file at their next scan). A refusal or a failed
+    /// write changes nothing.
+    fn set_vm(
+        &mut self,
+        vm: &str,
+        cpu_mhz: Option<u64>,
+        mem_mib: Option<u64>,
+        priority: Option<crate::types::RestartPriority>,
+    ) -> Reply {
+        if self.agent.state() != crate::types::HostHaState::Master {
+            return match self.agent.master() {
+                Some(m) if m != &self.me => Reply::Redirect(m.to_string()),
+                _ => Reply::Error(CommandError::NotMaster { master: None }.to_string()),
+            };
+        }
+        // A VM registered a moment ago may not have been scanned yet.
+        self.scan_registrations();
+        let id = VmId::new(vm);
+        let Some(path) = self.known_vms.get(&id).and_then(|c| {
+            let ds = c.datastores.iter().next()?;
+            Some(files::vm_dir(&self.ds_path(ds)?, vm).join("ha.toml"))
+        }) else {
+            return Reply::Error(CommandError::UnknownVm(id).to_string());
+        };
+        let old = match files::VmHaSettings::load(&path) {
+            Ok(s) => s,
+            Err(e) => return Reply::Error(format!("cannot read VM {vm}'s settings: {e}")),
+        };
+        let new = old.changed(cpu_mhz, mem_mib, priority);
+        let change = old.describe_change(&new);
+        if new == old {
+            return Reply::Ok(Value::String(format!("VM {vm}: unchanged")));
+        }
+        let reservation = crate::types::Resources::new(new.cpu_mhz, new.mem_mib);
+        let note = match self.command(Command::CheckReservation {
+            vm: id.clone(),
+            reservation,
+        }) {
+            Ok(note) => note,
+            Err(e) => return to_reply(Err(e)),
+        };
+        if let Err(e) = new.store(&path) {
+            return Reply::Error(format!(
+                "VM {vm} keeps its settings: cannot write them: {e}"
+            ));
+        }
+        tracing::info!(vm = %id, %change, "VM settings changed");
+        self.scan_registrations();
+        Reply::Ok(Value::String(format!("VM {vm}: {change} ({note})")))
     }
 
     fn status_json(&self) -> Value {
