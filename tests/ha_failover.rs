@@ -454,3 +454,131 @@ fn host_that_loses_its_datastore_stops_its_vm_and_a_peer_runs_it() {
     let w = check_journal(&lab.store("ds1").join("vms/vm5/disk.img"));
     assert_eq!(w.len(), 2, "{w:?}");
 }
+
+/// The VMs the master ordered restarted, in the order of its log's
+/// "restart ordered" lines (first order of each VM; a retry would repeat it).
+fn restart_orders(master_log: &str) -> Vec<String> {
+    let mut order: Vec<String> = Vec::new();
+    for line in master_log.lines().filter(|l| l.contains("restart ordered")) {
+        let vm = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("vm="))
+            .unwrap_or_else(|| panic!("a restart order without its VM: {line}"));
+        if !order.iter().any(|v| v == vm) {
+            order.push(vm.to_string());
+        }
+    }
+    order
+}
+
+/// H8, restart priority: four VMs run on host-1 with priorities high,
+/// medium, low and disabled; host-1 dies. The master classifies it failed,
+/// queues its VMs (not the disabled one) and places them in one pass,
+/// highest priority first. With the default of 4 concurrent restarts per
+/// host and two peers, no restart waits for a slot: the three orders go out
+/// in the same pass, so what the test checks is their order in the master's
+/// log, not their timing (the guests then boot at the same time and may
+/// finish in any order). The names sort opposite to the priorities (the
+/// runtime breaks ties by name), and the VMs are registered in yet another
+/// order, so neither can pass for the priority order.
+#[test]
+fn failed_host_vms_restart_on_peers_by_priority_and_disabled_stays_off() {
+    let _g = common::guest_lock();
+    let mut lab = start_cluster("pr");
+    let vms = [
+        ("b-medium", "medium"),
+        ("d-disabled", "disabled"),
+        ("a-low", "low"),
+        ("c-high", "high"),
+    ];
+    for (vm, prio) in vms {
+        let toml = guest_vm(&lab, vm);
+        lab.register(vm, &toml, &["--priority", prio]);
+        start_vm(&lab, vm, 1);
+    }
+    for (vm, _) in vms {
+        wait_running(&lab, 2, vm, &[1], BOOT);
+    }
+
+    lab.kill_host(1);
+    let restarted = ["c-high", "b-medium", "a-low"];
+    let mut on = std::collections::BTreeMap::new();
+    let end = std::time::Instant::now() + BOOT;
+    while on.len() < restarted.len() {
+        for (vm, _) in vms {
+            assert_single(&lab, vm);
+        }
+        for vm in restarted {
+            if let Some((st, h)) = host_of(&lab, 2, vm) {
+                if st == "protected" && h != 1 && lab.vmm_pid(h, vm).is_some() {
+                    on.insert(vm, h);
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "restarted so far: {on:?}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (vm, h) in &on {
+        wait_writing(&lab, *h, vm, 1);
+    }
+
+    // The master (host-3 throughout) ordered the restarts by priority.
+    assert_eq!(lab.status(2).unwrap()["host"], "host-3");
+    let log = lab.agent_log(3);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("restart ordered") || l.contains("restart queued"))
+        .collect();
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("RestartQueued") || l.contains("RestartOrdered"))
+        .collect();
+    println!("master's restart lines:\n{}", lines.join("\n"));
+    assert_eq!(
+        restart_orders(&log),
+        restarted,
+        "restart orders not by priority\n{}",
+        lines.join("\n")
+    );
+
+    // The disabled VM: never queued nor ordered, runs nowhere, and stays
+    // off while the others run (they have booted since: well past the
+    // moment it would have been restarted).
+    for (vm, _) in vms {
+        watch(&lab, vm, Duration::from_secs(2));
+    }
+    watch(&lab, "d-disabled", Duration::from_secs(10));
+    assert!(
+        !lines.iter().any(|l| l.contains("vm=d-disabled")),
+        "the disabled VM was queued or ordered:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        !events.iter().any(|l| l.contains("d-disabled")),
+        "a restart event for the disabled VM:\n{}",
+        events.join("\n")
+    );
+    assert_eq!(lab.running_on("d-disabled"), Vec::<usize>::new());
+    let (st, h) = vm_state(&lab, 2, "d-disabled").unwrap();
+    assert!(
+        !["restarting", "restart_pending"].contains(&st.as_str()) && h != "host-2" && h != "host-3",
+        "the disabled VM is {st} on {h}"
+    );
+    for (vm, h) in &on {
+        assert_eq!(lab.running_on(vm), vec![*h], "{vm}");
+    }
+
+    for i in [2, 3] {
+        lab.kill_host(i);
+    }
+    for vm in restarted {
+        let w = check_journal(&lab.store("ds1").join(format!("vms/{vm}/disk.img")));
+        assert_eq!(w.len(), 2, "{vm}: {w:?}");
+    }
+    let w = check_journal(&lab.store("ds1").join("vms/d-disabled/disk.img"));
+    assert_eq!(w.len(), 1, "d-disabled: {w:?}");
+}
