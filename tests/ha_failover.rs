@@ -79,6 +79,9 @@ fn wait_writing(lab: &Lab, i: usize, vm: &str, n: usize) {
         let c = std::fs::read_to_string(&console).unwrap_or_default();
         (c.matches("VIGIL-DISK-RESUME").count() >= n).then_some(())
     });
+    // The writer prints its resume line before its first record (20 a
+    // second): give it time to land on the disk.
+    std::thread::sleep(Duration::from_secs(1));
 }
 
 /// The split-brain checker over a VM's journal: returns the writers (boot
@@ -201,6 +204,7 @@ fn failed_host_vm_restarts_on_a_peer_and_a_restarted_agent_adopts_its_vmm() {
 
     // The host dies: the master restarts the VM on a peer, after the lease
     // takeover time.
+    wait_writing(&lab, 1, "vm1", 1);
     lab.kill_host(1);
     let end = std::time::Instant::now() + BOOT;
     let to = loop {
@@ -235,6 +239,9 @@ fn master_failure_new_master_restarts_its_vm() {
     lab.register("vm2", &toml, &[]);
     start_vm(&lab, "vm2", 3);
     wait_running(&lab, 1, "vm2", &[3], BOOT);
+    // The first copy's records must be on the disk before its host dies, or
+    // the journal cannot show two writers.
+    wait_writing(&lab, 3, "vm2", 1);
     lab.kill_host(3);
     lab.wait("host-2 master", T, |l| {
         let v = l.status(1)?;
