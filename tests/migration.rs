@@ -19,7 +19,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -37,8 +37,27 @@ const STEP_TIMEOUT: Duration = common::QUICK_TIMEOUT;
 /// speed; bandwidth-capped cases take tens of seconds.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(200);
 
+/// This run's work directory (snapshots, logs, disks), shared by its tests.
+/// libtest has no hook at the end of a run, so the first call removes the
+/// directories of earlier runs whose process is gone (~115 MiB each).
 fn work_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmg-e2e-{}", std::process::id()));
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    let tmp = std::env::temp_dir();
+    SWEEP.call_once(|| {
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("vmg-e2e-") else {
+                continue;
+            };
+            let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| {
+                p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()
+            }) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
+    let d = tmp.join(format!("vmg-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
