@@ -238,32 +238,6 @@ fn start_pausing(name: &str) -> (Vm, PathBuf) {
     (Vm { child, dir }, lease)
 }
 
-/// The journal on the guest's disk: (writer tags in order, records, last seq).
-/// Panics if sequence numbers go backwards or a writer comes back.
-fn journal(disk: &Path) -> (Vec<[u8; 16]>, usize, u64) {
-    let data = std::fs::read(disk).unwrap();
-    let mut writers: Vec<[u8; 16]> = Vec::new();
-    let (mut records, mut last) = (0, 0u64);
-    for (k, rec) in data.chunks(512).enumerate() {
-        if rec.len() < 512 || &rec[0..8] != b"VIGILJ01" {
-            break;
-        }
-        let tag: [u8; 16] = rec[8..24].try_into().unwrap();
-        let seq = u64::from_le_bytes(rec[24..32].try_into().unwrap());
-        assert!(
-            records == 0 || seq > last,
-            "record {k}: seq {seq} after {last}"
-        );
-        match writers.iter().position(|w| *w == tag) {
-            Some(p) => assert_eq!(p + 1, writers.len(), "record {k}: writer {p} came back"),
-            None => writers.push(tag),
-        }
-        last = seq;
-        records += 1;
-    }
-    (writers, records, last)
-}
-
 fn vm_info(vm: &Vm) -> serde_json::Value {
     vmm::api::client::call(
         &vm.dir.join("api.sock"),
@@ -307,7 +281,7 @@ fn boot_writing(vm: &mut Vm) -> usize {
     });
     let disk = vm.dir.join("disk.img");
     wait_for(vm, "journal records", common::QUICK_TIMEOUT, |_| {
-        let n = journal(&disk).1;
+        let n = common::journal(&disk).1;
         (n >= 5).then_some(n)
     })
 }
@@ -359,11 +333,11 @@ fn a_storage_stall_pauses_the_guest_which_resumes_after_reacquiring_its_lease() 
     .to_string();
     assert!(e.contains("lease-suspended"), "{e}");
     // Nothing is written while suspended.
-    let (writers, at_pause, _) = journal(&disk);
+    let (writers, at_pause, _) = common::journal(&disk);
     assert_eq!(writers.len(), 1);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        journal(&disk).1,
+        common::journal(&disk).1,
         at_pause,
         "the journal grew while lease-suspended"
     );
@@ -398,9 +372,9 @@ fn a_storage_stall_pauses_the_guest_which_resumes_after_reacquiring_its_lease() 
         &mut vm,
         "journal records after the resume",
         common::QUICK_TIMEOUT,
-        |_| (journal(&disk).1 >= at_pause + 5).then_some(()),
+        |_| (common::journal(&disk).1 >= at_pause + 5).then_some(()),
     );
-    let (writers, _, _) = journal(&disk);
+    let (writers, _, _) = common::journal(&disk);
     assert_eq!(writers.len(), 1, "the guest was restarted");
     let console = std::fs::read_to_string(vm.dir.join("console")).unwrap();
     assert_eq!(console.matches("VIGIL-DISK-RESUME").count(), 1, "{console}");
@@ -414,7 +388,7 @@ fn a_lease_suspended_vmm_whose_lease_was_taken_powers_off_without_a_write() {
     boot_writing(&mut vm);
     let disk = vm.dir.join("disk.img");
     cut_until_suspended(&mut vm, &lease);
-    let (_, at_pause, _) = journal(&disk);
+    let (_, at_pause, _) = common::journal(&disk);
     // Meanwhile a peer waited out the takeover time and took generation 2.
     std::fs::remove_dir(&lease).unwrap();
     std::fs::write(vm.dir.join("vm.lease.claim.2"), "host-b").unwrap();
@@ -432,7 +406,7 @@ fn a_lease_suspended_vmm_whose_lease_was_taken_powers_off_without_a_write() {
     assert!(at - t0 < Duration::from_millis(1500), "{:?}", at - t0);
     assert_eq!(read_record(&lease), Some(taken));
     assert_eq!(
-        journal(&disk).1,
+        common::journal(&disk).1,
         at_pause,
         "the stale copy wrote to its disk"
     );

@@ -12,7 +12,6 @@
 //!   writes, and when its storage returns it finds the lease taken and
 //!   powers itself off. The journal shows two writers, one after the other.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -86,36 +85,6 @@ fn wait_writing(lab: &Lab, i: usize, vm: &str, n: usize) {
     });
 }
 
-/// The journal: (writers in order, records). Panics on a writer that came
-/// back after another took over, or sequence numbers going backwards.
-fn journal(disk: &Path) -> (Vec<[u8; 16]>, usize) {
-    let data = std::fs::read(disk).unwrap();
-    let mut writers: Vec<[u8; 16]> = Vec::new();
-    let (mut records, mut last) = (0, 0u64);
-    for (k, rec) in data.chunks(512).enumerate() {
-        if rec.len() < 512 || &rec[0..8] != b"VIGILJ01" {
-            break;
-        }
-        let tag: [u8; 16] = rec[8..24].try_into().unwrap();
-        let seq = u64::from_le_bytes(rec[24..32].try_into().unwrap());
-        assert!(
-            records == 0 || seq > last,
-            "split brain or corruption: record {k} has seq {seq} after {last}"
-        );
-        match writers.iter().position(|w| *w == tag) {
-            Some(p) => assert_eq!(
-                p + 1,
-                writers.len(),
-                "split brain: writer {p} wrote record {k} after a later writer"
-            ),
-            None => writers.push(tag),
-        }
-        last = seq;
-        records += 1;
-    }
-    (writers, records)
-}
-
 /// The VMM's own view (`GET /vm`) on host `i`.
 fn vmm_state(lab: &Lab, i: usize, vm: &str) -> Option<String> {
     let sock = lab.hosts[i - 1].run_dir.join(format!("{vm}.sock"));
@@ -148,12 +117,12 @@ fn a_short_storage_stall_pauses_the_guest_which_resumes_in_place() {
         Duration::from_secs(10),
         |l| (vmm_state(l, 1, "vm1").as_deref() == Some("lease-suspended")).then_some(()),
     );
-    let (_, at_pause) = journal(&disk);
+    let (_, at_pause, _) = common::journal(&disk);
     // The stall lasts 3 s: past the stop time (2 s), far below the agent's
     // outage limit (2 s + 2 x 3 s), and nobody is told to restart the VM.
     std::thread::sleep(Duration::from_secs(3).saturating_sub(cut.elapsed()));
     assert_eq!(
-        journal(&disk).1,
+        common::journal(&disk).1,
         at_pause,
         "the journal grew while lease-suspended"
     );
@@ -184,9 +153,9 @@ fn a_short_storage_stall_pauses_the_guest_which_resumes_in_place() {
     // Same process, same boot: the journal carries on with one writer.
     assert_eq!(lab.vmm_pid(1, "vm1"), Some(pid));
     lab.wait("journal records after the resume", T, |_| {
-        (journal(&disk).1 >= at_pause + 5).then_some(())
+        (common::journal(&disk).1 >= at_pause + 5).then_some(())
     });
-    let (writers, _) = journal(&disk);
+    let (writers, _, _) = common::journal(&disk);
     assert_eq!(writers.len(), 1, "the guest was restarted");
     assert_eq!(
         console(&lab, 1, "vm1").matches("VIGIL-DISK-RESUME").count(),
@@ -259,10 +228,10 @@ fn a_paused_copy_whose_vm_was_restarted_elsewhere_powers_off_when_storage_return
     assert_eq!(now.owner, Some(format!("host-{to}")));
     assert_eq!(now.generation, taken.generation);
     lab.wait("journal records from the new copy", T, |_| {
-        (journal(&disk).0.len() == 2).then_some(())
+        (common::journal(&disk).0.len() == 2).then_some(())
     });
     std::thread::sleep(Duration::from_secs(2));
     lab.kill_host(to);
-    let (writers, _) = journal(&disk);
+    let (writers, _, _) = common::journal(&disk);
     assert_eq!(writers.len(), 2);
 }

@@ -228,3 +228,34 @@ impl Drop for Console {
         self.kill();
     }
 }
+
+/// The `disk-write` workload's journal on a guest disk: (writer tags in
+/// order, records, last seq).
+/// Panics if sequence numbers go backwards or a writer comes back.
+pub fn journal(disk: &Path) -> (Vec<[u8; 16]>, usize, u64) {
+    let data = std::fs::read(disk).unwrap();
+    let mut writers: Vec<[u8; 16]> = Vec::new();
+    let (mut records, mut last) = (0, 0u64);
+    for (k, rec) in data.chunks(512).enumerate() {
+        if rec.len() < 512 || &rec[0..8] != b"VIGILJ01" {
+            break;
+        }
+        let tag: [u8; 16] = rec[8..24].try_into().unwrap();
+        let seq = u64::from_le_bytes(rec[24..32].try_into().unwrap());
+        assert!(
+            records == 0 || seq > last,
+            "split brain or corruption: record {k} has seq {seq} after {last}"
+        );
+        match writers.iter().position(|w| *w == tag) {
+            Some(p) => assert_eq!(
+                p + 1,
+                writers.len(),
+                "split brain: writer {p} wrote record {k} after a later writer"
+            ),
+            None => writers.push(tag),
+        }
+        last = seq;
+        records += 1;
+    }
+    (writers, records, last)
+}
