@@ -3,9 +3,10 @@
 //! survive. Every refusal carries the arithmetic, so an operator can see why.
 //!
 //! Admission control only gates *operator* actions: a power-on ([`admit`]),
-//! a migration into the cluster (also [`admit`], with the target host), a
-//! reservation increase ([`admit_reservation_change`]) and entering
-//! maintenance mode ([`admit_maintenance`]). HA restarts after a failure
+//! a reservation increase ([`admit_reservation_change`]) and entering
+//! maintenance mode ([`admit_maintenance`]). A migration into the cluster
+//! would be [`admit`] with the target host, but live migration does not go
+//! through the agents yet, so nothing calls it for one. HA restarts after a failure
 //! never consult it: refusing a restart to keep spare capacity for a
 //! hypothetical second failure would be absurd while the first one is being
 //! handled. [`capacity`] renders current and failover capacity under the
