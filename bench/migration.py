@@ -11,7 +11,11 @@ saw, which is the guest-side stall meter):
 - dirty-256:   256 MiB guest rewriting a 64 MiB buffer as fast as it can;
 - capped-256:  the same over a link capped at 128 MiB/s (QEMU's default
                cap), below the dirty rate: convergence needs throttling;
-- idle-1024:   1 GiB guest, as idle-256.
+- idle-1024:   1 GiB guest, as idle-256;
+- full-1024:   1 GiB guest in which a first dirtier wrote every page of
+               384 MiB once and exited (the pages keep its stamps), then
+               as idle-1024: the first pass carries 384 MiB of data, which
+               measures the stream's throughput.
 
 Each hypervisor boots the guest once per case, then migrates it back and
 forth between two processes `--runs` times (the guest keeps running).
@@ -23,7 +27,13 @@ auto-converge is on). A QEMU migration that has not completed after
 `--limit` seconds is cancelled and counted as not converged.
 
 vigil also migrates over TLS 1.3 (mutual certificates), alternating with
-plain TCP in the same boot, to show what encryption costs.
+plain TCP in the same boot, to show what encryption costs, and with the
+other compression setting: by default vigil LZ4-compresses data pages only
+while a bandwidth cap applies, so capped-256 also runs with `--compress
+off`, the others with `--compress on`. The dirtier's pages hold one word in
+4 KiB and shrink ~100x, far more than real memory; the other cases' MB sent
+against MB of pages with `--compress on` show what the rest of the guest's
+memory (kernel, initramfs) compresses to.
 
 Per migration: total time and downtime as each side reports it (vigil's
 summary, QEMU's query-migrate), bytes sent, rounds, and the guest's stall
@@ -61,10 +71,19 @@ CASES = [
     ("dirty-256", 256, "mib=64,rate=0,report=1", 64, False),
     ("capped-256", 256, "mib=64,rate=0,report=1", 64, True),
     ("idle-1024", 1024, "mib=1,rate=0,report=1", 1, False),
+    ("full-1024", 1024, "mib=384,rate=0,passes=1,report=1+dirty:mib=1,rate=0,report=1", 1,
+     False),
 ]
 
 DIRTY_RE = re.compile(rb"VIGIL-DIRTY pass=(\d+) max_gap_ms=([\d.]+) max_gap_total_ms=[\d.]+ "
                       rb"mismatches=(\d+)")
+
+
+def booted(buf, opts):
+    """The guest is ready to migrate: the dirtier reported twice, and a
+    one-pass filler (`passes=1`) finished."""
+    return len(DIRTY_RE.findall(buf)) >= 2 and ("passes=1" not in opts
+                                                 or b"VIGIL-DIRTY-DONE" in buf)
 
 
 def workload(opts):
@@ -155,20 +174,24 @@ def make_tls(work):
 
 
 def vigil_case(vigil, work, mib, opts, capped, runs, cmdline, tls=None):
-    """Migrates back and forth `runs` times; with `tls`, twice as many
-    migrations alternating plain TCP and TLS. Returns (plain, tls) runs."""
+    """Migrates back and forth `runs` times with the defaults, alternating
+    (same boot) with TLS (if `tls`) and with the other compression setting
+    (`--compress off` on a capped link, where the default compresses;
+    `--compress on` otherwise). Returns (defaults, tls, other) runs."""
     cfg = os.path.join(ROOT, "guest-images", "default-vm.toml")
     src, api = vigil_proc(vigil, work, "v0", ["--config", cfg, "--memory", f"{mib}M",
                                               "--cmdline", cmdline + workload(opts)])
     procs = [src]
-    out, out_tls = [], []
+    out, out_tls, out_raw = [], [], []
+    variants = ["plain"] + (["tls"] if tls else []) + ["other"]
     try:
         con = Console(src)
-        con.wait(lambda b: len(DIRTY_RE.findall(b)) >= 2, 600, "vigil boot")
-        for i in range(runs * 2 if tls else runs):
+        con.wait(lambda b: booted(b, opts), 600, "vigil boot")
+        for i in range(runs * len(variants)):
             port = PORTS[i % 2]
-            use_tls = bool(tls) and i % 2 == 1
-            res = out_tls if use_tls else out
+            variant = variants[i % len(variants)]
+            use_tls = variant == "tls"
+            res = {"plain": out, "tls": out_tls, "other": out_raw}[variant]
             tgt, tapi = vigil_proc(vigil, work, f"v{i + 1}",
                                    ["--incoming", f"tcp:127.0.0.1:{port}"]
                                    + (tls if use_tls else []))
@@ -182,6 +205,8 @@ def vigil_case(vigil, work, mib, opts, capped, runs, cmdline, tls=None):
                 cmd += ["--bandwidth", str(QEMU_CAP // 1_000_000)]
             if use_tls:
                 cmd += tls + ["--tls-name", "vmg-host"]
+            if variant == "other":
+                cmd += ["--compress", "off" if capped else "on"]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
             last = lines[-1] if lines else {}
@@ -198,13 +223,15 @@ def vigil_case(vigil, work, mib, opts, capped, runs, cmdline, tls=None):
                         "downtime_ms": s["downtime_ms"],
                         "downtime_sent_ms": s.get("downtime_sent_ms"), "guest_stall_ms": stall,
                         "bytes": s["bytes_sent"], "rounds": s["rounds"],
-                        "max_throttle": s["max_throttle"]})
+                        "page_bytes": s["data_pages"] * 4096,
+                        "max_throttle": s["max_throttle"],
+                        "first_pass_gb_s": s["first_pass_bytes"] / max(s["first_pass_s"], 1e-9) / 1e9})
             src, api, con = tgt, tapi, tcon
-            print(f"  vigil{'-tls' if use_tls else ''} run {i + 1}: {res[-1]}", flush=True)
+            print(f"  vigil-{variant} run {i + 1}: {res[-1]}", flush=True)
     finally:
         for p in procs:
             kill(p)
-    return out, out_tls
+    return out, out_tls, out_raw
 
 
 # ----------------------------------------------------------------- QEMU
@@ -262,7 +289,7 @@ def qemu_case(work, mib, opts, capped, tuned, runs, cmdline, limit):
     out = []
     try:
         con = Console(src)
-        con.wait(lambda b: len(DIRTY_RE.findall(b)) >= 2, 600, "qemu boot")
+        con.wait(lambda b: booted(b, opts), 600, "qemu boot")
         q = Qmp(qmp_path)
         for i in range(runs):
             port = PORTS[i % 2]
@@ -304,7 +331,8 @@ def qemu_case(work, mib, opts, capped, tuned, runs, cmdline, limit):
             out.append({"converged": True, "total_s": st.get("total-time", 0) / 1e3,
                         "downtime_ms": st.get("downtime", 0), "guest_stall_ms": stall,
                         "bytes": ram.get("transferred", 0),
-                        "rounds": ram.get("dirty-sync-count", 0)})
+                        "rounds": ram.get("dirty-sync-count", 0),
+                        "stream_gb_s": ram.get("mbps", 0) / 8e3})
             print(f"  qemu{'-tuned' if tuned else ''} run {i + 1}: {out[-1]}", flush=True)
             q.cmd("quit")
             src.wait(timeout=30)
@@ -330,6 +358,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--limit", type=int, default=60, help="QEMU give-up time, s")
+    ap.add_argument("--vigil-only", action="store_true",
+                    help="skip QEMU (for trying a change; ratios need QEMU in the same run)")
     ap.add_argument("--cases", default=",".join(c[0] for c in CASES))
     ap.add_argument("--vigil", default=os.path.join(ROOT, "target", "release", "vigil"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "migration.json"))
@@ -344,9 +374,11 @@ def main():
             if name not in wanted:
                 continue
             print(f"{name}:", flush=True)
-            v, vt = vigil_case(a.vigil, work, mib, opts, capped, a.runs, cmdline, tls)
-            qd = qemu_case(work, mib, opts, capped, False, a.runs, cmdline, a.limit)
-            qt = qemu_case(work, mib, opts, capped, True, a.runs, cmdline, a.limit)
+            v, vt, vr = vigil_case(a.vigil, work, mib, opts, capped, a.runs, cmdline, tls)
+            qd, qt = [], []
+            if not a.vigil_only:
+                qd = qemu_case(work, mib, opts, capped, False, a.runs, cmdline, a.limit)
+                qt = qemu_case(work, mib, opts, capped, True, a.runs, cmdline, a.limit)
             best = qt if (med(qt, "total_s") or 1e9) <= (med(qd, "total_s") or 1e9) else qd
             rec = {
                 "case": name, "guest_mib": mib, "dirty_mib_s": "max", "dirty_buffer_mib": buffer_mib,
@@ -357,11 +389,13 @@ def main():
                 "vigil_guest_stall_ms": med(v, "guest_stall_ms"),
                 "vigil_bytes": med(v, "bytes"), "vigil_rounds": med(v, "rounds"),
                 "vigil_max_throttle": med(v, "max_throttle"),
+                "vigil_first_pass_gb_s": med(v, "first_pass_gb_s"),
                 "qemu_config": "tuned" if best is qt else "defaults",
                 "qemu_total_s": med(best, "total_s"),
                 "qemu_downtime_ms": med(best, "downtime_ms"),
                 "qemu_guest_stall_ms": med(best, "guest_stall_ms"),
                 "qemu_bytes": med(best, "bytes"), "qemu_rounds": med(best, "rounds"),
+                "qemu_stream_gb_s": med(best, "stream_gb_s"),
                 "qemu_defaults_total_s": med(qd, "total_s"),
                 "qemu_defaults_downtime_ms": med(qd, "downtime_ms"),
                 "converged": all(r["converged"] for r in v),
@@ -371,8 +405,14 @@ def main():
                 "vigil_tls_total_s": med(vt, "total_s"),
                 "vigil_tls_downtime_ms": med(vt, "downtime_ms"),
                 "vigil_tls_converged_runs": sum(r["converged"] for r in vt),
+                "vigil_page_bytes": med(v, "page_bytes"),
+                "vigil_other_compress": "off" if capped else "on",
+                "vigil_other_total_s": med(vr, "total_s"),
+                "vigil_other_downtime_ms": med(vr, "downtime_ms"),
+                "vigil_other_bytes": med(vr, "bytes"),
+                "vigil_other_page_bytes": med(vr, "page_bytes"),
                 "runs": a.runs,
-                "vigil_runs": v, "vigil_tls_runs": vt, "qemu_defaults_runs": qd, "qemu_tuned_runs": qt,
+                "vigil_runs": v, "vigil_tls_runs": vt, "vigil_other_compress_runs": vr, "qemu_defaults_runs": qd, "qemu_tuned_runs": qt,
             }
             rec["total_ratio"] = ratio(rec["vigil_total_s"], rec["qemu_total_s"])
             rec["downtime_ratio"] = ratio(rec["vigil_downtime_ms"], rec["qemu_downtime_ms"])
@@ -406,7 +446,9 @@ def table(records, qemu, runs):
          "(to the target's ack / to the last byte sent) | "
          "qemu downtime ms | vigil guest stall ms | qemu guest stall ms | vigil MB sent | "
          "qemu MB sent | vigil rounds | throttle % | converged (vigil / qemu defaults / "
-         "qemu tuned) | vigil TLS total s (ratio to plain) |\n|" + "---|" * 16 + "\n")
+         "qemu tuned) | vigil TLS total s (ratio to plain) | stream GB/s (vigil first pass / "
+         "qemu) | vigil with the other --compress: total s / MB sent / MB of pages |\n|"
+         + "---|" * 18 + "\n")
     for r in records:
         mb = lambda b: None if b is None else round(b / 1e6, 1)  # noqa: E731
         t += (f"| {r['case']} | {r['guest_mib']} | {fmt(r['vigil_total_s'])} | "
@@ -418,7 +460,10 @@ def table(records, qemu, runs):
               f"{fmt(r['vigil_rounds'])} | {fmt(r['vigil_max_throttle'])} | "
               f"{r['vigil_converged_runs']}/{runs} / {r['qemu_defaults_converged_runs']}/{runs} / "
               f"{r['qemu_tuned_converged_runs']}/{runs} | "
-              f"{fmt(r['vigil_tls_total_s'])} ({fmt(r['tls_total_ratio'])}) |\n")
+              f"{fmt(r['vigil_tls_total_s'])} ({fmt(r['tls_total_ratio'])}) | "
+              f"{fmt(r.get('vigil_first_pass_gb_s'))} / {fmt(r.get('qemu_stream_gb_s'))} | "
+              f"{r['vigil_other_compress']}: {fmt(r['vigil_other_total_s'])} / "
+              f"{fmt(mb(r['vigil_other_bytes']))} / {fmt(mb(r['vigil_other_page_bytes']))} |\n")
     return t
 
 

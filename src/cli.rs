@@ -64,11 +64,15 @@ pub struct MigrateArgs {
     /// the memory the guest uses now and proceeds [default: standard].
     #[arg(long, value_enum)]
     pub priority: Option<PriorityArg>,
+    /// LZ4-compress data pages: auto (while --bandwidth caps the link),
+    /// on (every round before the guest is paused), off [default: auto].
+    #[arg(long, value_enum)]
+    pub compress: Option<CompressArg>,
     /// Progress and summary as JSON lines.
     #[arg(long)]
     pub json: bool,
     /// Cancel the running migration; the VM keeps running here.
-    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "max_duration_s", "checksum", "priority"])]
+    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "max_duration_s", "checksum", "priority", "compress"])]
     pub cancel: bool,
     /// TLS 1.3: this host's certificate (PEM); with --tls-key and --tls-ca.
     #[arg(long, value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
@@ -316,6 +320,17 @@ pub enum PriorityArg {
     Standard,
     /// Reserve on both hosts first; refuse if either cannot.
     High,
+}
+
+/// `vigil migrate --compress` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressArg {
+    /// While a bandwidth cap applies.
+    Auto,
+    /// Every round before the guest is paused.
+    On,
+    /// Never.
+    Off,
 }
 
 /// `--on-reboot` values.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use vmm::api::client;
 use vmm::control::EXIT_ERROR;
 
-use crate::cli::{MigrateArgs, PriorityArg};
+use crate::cli::{CompressArg, MigrateArgs, PriorityArg};
 use crate::run::chain;
 
 const POLL: Duration = Duration::from_millis(100);
@@ -39,6 +39,11 @@ pub fn migrate(args: MigrateArgs) -> i32 {
         "bandwidth_mbps": args.bandwidth,
         "max_duration_s": args.max_duration_s,
         "checksum": args.checksum,
+        "compress": match args.compress {
+            Some(CompressArg::On) => "on",
+            Some(CompressArg::Off) => "off",
+            Some(CompressArg::Auto) | None => "auto",
+        },
         "priority": match args.priority {
             Some(PriorityArg::High) => "high",
             Some(PriorityArg::Standard) | None => "standard",

@@ -505,11 +505,30 @@ fn dirtying_guest_migrates_with_every_page_intact() {
 fn dirty_rate_above_the_link_converges_by_throttling() {
     let _g = guest_lock();
     // 32 MiB rewritten flat out, over a 40 MB/s link: the dirty set never
-    // fits 100 ms without slowing the guest.
-    let s = migrate_and_verify("throttled", 47202, &["--bandwidth", "40"]);
+    // fits 100 ms without slowing the guest. Uncompressed: the dirtier's
+    // pages (one word in 4 KiB) would shrink ~100x in LZ4 and fit the link.
+    let s = migrate_and_verify(
+        "throttled",
+        47202,
+        &["--bandwidth", "40", "--compress", "off"],
+    );
     assert!(
         s["max_throttle"].as_u64().unwrap_or(0) > 0,
         "auto-converge never throttled: {s}"
+    );
+}
+
+#[test]
+fn compressed_migration_keeps_every_page_intact() {
+    let _g = guest_lock();
+    // LZ4 on every round before the stun, each page checked end to end
+    // against the CRC of its uncompressed bytes.
+    let s = migrate_and_verify("lz4", 47218, &["--compress", "on", "--checksum"]);
+    let raw = s["data_pages"].as_u64().unwrap() * 4096;
+    let sent = s["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < raw / 2,
+        "{sent} bytes sent for {raw} bytes of data pages: {s}"
     );
 }
 
@@ -771,7 +790,8 @@ fn version_mismatch_names_both_sides_and_the_guest_stays() {
 fn slow_migration(name: &str, port: u16) -> (Vmm, Vmm, Child) {
     let src = Vmm::source(&format!("{name}-src"));
     let tgt = Vmm::target(&format!("{name}-tgt"), port);
-    let child = src.migrate_bg(port, &["--bandwidth", "5"]);
+    // Uncompressed, so it stays slow whatever the guest's pages hold.
+    let child = src.migrate_bg(port, &["--bandwidth", "5", "--compress", "off"]);
     // Wait until memory is moving.
     tgt.wait_for(STEP_TIMEOUT, "pre-copy to start", |_| {
         std::fs::read_to_string(work_dir().join(format!("{name}-tgt.log")))

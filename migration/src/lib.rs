@@ -56,7 +56,7 @@ pub mod transport;
 pub mod vm;
 
 pub use progress::{CancelToken, Progress, Stage, Summary};
-pub use source::{migrate, Failed, SourceOptions};
+pub use source::{migrate, Compression, Failed, SourceOptions};
 pub use target::{receive, TargetOptions};
 pub use vm::{DirtyBitmap, IncomingVm, MigratableVm, Region, TargetHost};
 
@@ -71,4 +71,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// CPU time this thread has used: with wall time, tells a busy side from
+/// one that waits for its peer (logged with the first pass's figures).
+pub(crate) fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }

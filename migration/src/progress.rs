@@ -85,6 +85,11 @@ pub struct Summary {
     pub max_throttle: u8,
     /// Pages sent in the stunned round.
     pub last_round_pages: u64,
+    /// Bytes written by the full first pass over guest memory.
+    pub first_pass_bytes: u64,
+    /// How long the full first pass took to write: with
+    /// `first_pass_bytes`, the stream's throughput.
+    pub first_pass: Duration,
 }
 
 /// Cancels a migration from any thread; cheap to clone.

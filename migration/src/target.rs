@@ -15,11 +15,13 @@
 use crate::precheck::{self, VmFacts};
 use crate::progress::CancelToken;
 use crate::protocol::{
-    self, caps, Abort, Decoder, Encoder, Hello, Message, MessageType, ProtocolError, RawFrame,
-    Region, VersionMismatch, PAGE_SIZE,
+    self, caps, Abort, Decoder, Encoder, FrameHeader, Hello, Message, MessageType, ProtocolError,
+    RawFrame, Region, StreamError, StreamedFrame, VersionMismatch, HEADER_LEN, PAGE_SIZE,
+    RUN_HEADER_LEN,
 };
 use crate::transport::Channel;
 use crate::vm::{DirtyBitmap, IncomingVm, TargetHost, VmError};
+use std::io;
 use std::time::{Duration, Instant};
 
 /// Target settings.
@@ -129,6 +131,7 @@ pub fn receive<H: TargetHost, C: Channel>(
         opts,
         cancel,
         stage: "connect",
+        caps: 0,
     };
     match t.run(host) {
         Ok(v) => Ok(v),
@@ -164,10 +167,38 @@ struct Target<'a, C> {
     opts: &'a TargetOptions,
     cancel: &'a CancelToken,
     stage: &'static str,
+    /// Capabilities agreed on (ours, after the source's `Hello`).
+    caps: u32,
 }
 
 fn vm_err(op: &'static str) -> impl FnOnce(VmError) -> Error {
     move |source| Error::Vm { op, source }
+}
+
+/// Bytes read at once when a run header is due: a frame of zero runs
+/// (an idle guest's memory) is read a few hundred headers per call, and at
+/// most this much of a data run goes through the decoder's buffer.
+const RUN_AHEAD: usize = 4096;
+
+/// What the target tracks across `Pages` frames.
+struct PagesIn {
+    /// Pages that arrived at least once.
+    seen: DirtyBitmap,
+    /// Fresh guest memory reads as zero (zero runs for pages never written
+    /// need no work).
+    fresh_zero: bool,
+    /// End-to-end page checksums are on.
+    checksums: bool,
+    /// Runs received (the source counts them in `Complete`).
+    runs: u64,
+    /// Runs of the current frame to read back and compare once its CRC
+    /// has been checked (checksum mode).
+    to_verify: Vec<(u64, u32, u32)>,
+    /// Buffer for a VM that cannot lend its memory
+    /// ([`IncomingVm::pages_mut`]).
+    data: Vec<u8>,
+    /// An LZ4 block being received.
+    block: Vec<u8>,
 }
 
 impl<C: Channel> Target<'_, C> {
@@ -176,6 +207,293 @@ impl<C: Channel> Target<'_, C> {
             .send(&mut self.chan, m)
             .map(|_| ())
             .map_err(Error::Protocol)
+    }
+
+    /// On a read that timed out (the channel reads with a 100 ms timeout):
+    /// gives up if cancelled here or if nothing arrived for the idle
+    /// timeout; any other error is the stream's.
+    fn waited(&self, e: io::Error, last: Instant) -> Result<(), Error> {
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+        ) {
+            return Err(Error::Protocol(ProtocolError::Io(e)));
+        }
+        if self.cancel.is_cancelled() {
+            return Err(Error::LocalCancel);
+        }
+        if last.elapsed() >= self.opts.idle_timeout {
+            return Err(Error::Idle(self.opts.idle_timeout));
+        }
+        Ok(())
+    }
+
+    /// The next frame's header, checked (all but its CRC), reading no
+    /// further into the stream than a `Pages` frame's first run header.
+    fn next_header(&mut self) -> Result<FrameHeader, Error> {
+        self.chan
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| Error::Protocol(ProtocolError::Io(e)))?;
+        let mut last = Instant::now();
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(Error::LocalCancel);
+            }
+            if let Some(h) = self.dec.header().map_err(Error::Protocol)? {
+                return Ok(h);
+            }
+            match self
+                .dec
+                .fill_small(&mut self.chan, HEADER_LEN + 8 + RUN_HEADER_LEN)
+            {
+                Ok(0) => {
+                    self.dec.finish().map_err(Error::Protocol)?;
+                    return Err(Error::Protocol(ProtocolError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed the connection",
+                    ))));
+                }
+                Ok(_) => last = Instant::now(),
+                Err(e) => self.waited(e, last)?,
+            }
+        }
+    }
+
+    /// Fills `dst` with the next bytes of frame `f` through the decoder's
+    /// buffer (headers), reading up to `ahead` bytes at once.
+    fn stream_small(
+        &mut self,
+        f: &mut StreamedFrame,
+        dst: &mut [u8],
+        ahead: usize,
+    ) -> Result<(), Error> {
+        let mut last = Instant::now();
+        while self.dec.buffered() < dst.len() {
+            if dst.len() > f.left() {
+                // Let the decoder name the overrun.
+                break;
+            }
+            match self
+                .dec
+                .stream_fill(&mut self.chan, f, ahead.max(dst.len()))
+            {
+                Ok(0) => return Err(Error::Protocol(self.dec.stream_truncated(f))),
+                Ok(_) => last = Instant::now(),
+                Err(e) => self.waited(e, last)?,
+            }
+        }
+        let b = self
+            .dec
+            .stream_take(f, dst.len())
+            .map_err(Error::Protocol)?;
+        dst.copy_from_slice(b);
+        Ok(())
+    }
+
+    /// Fills `dst` with the next bytes of frame `f`, straight from the
+    /// stream once the decoder's buffer is drained.
+    fn stream_data(&mut self, f: &mut StreamedFrame, dst: &mut [u8]) -> Result<(), Error> {
+        let mut last = Instant::now();
+        let mut at = 0;
+        while at < dst.len() {
+            match self.dec.stream_into(&mut self.chan, f, &mut dst[at..]) {
+                Ok(0) => return Err(Error::Protocol(self.dec.stream_truncated(f))),
+                Ok(n) => {
+                    at += n;
+                    last = Instant::now();
+                }
+                Err(StreamError::Io(e)) => self.waited(e, last)?,
+                Err(StreamError::Protocol(e)) => return Err(Error::Protocol(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives a `Pages` frame whose header is `h`, writing each data run
+    /// straight from the stream into guest memory: one copy (the kernel's)
+    /// instead of two. The frame's CRC covers its whole payload, so it is
+    /// known to be intact only at its end; a bad one fails the migration,
+    /// and whatever was written meanwhile is in memory that no guest has
+    /// run (the VM starts only after `Complete`). Run headers are checked
+    /// before their data is written: the range must lie inside the
+    /// announced memory.
+    fn recv_pages<V: IncomingVm>(
+        &mut self,
+        vm: &mut V,
+        h: &FrameHeader,
+        p: &mut PagesIn,
+        got: &mut Received,
+    ) -> Result<(), Error> {
+        let mut f = self.dec.stream_begin(h);
+        match self.recv_runs(vm, h, &mut f, p, got) {
+            Ok(()) => {}
+            Err(e @ (Error::Violation(_) | Error::Protocol(ProtocolError::Malformed { .. }))) => {
+                // A run breaking the rules may be a corrupted one: read the
+                // rest of the frame and report corruption if its CRC says
+                // so, rather than blame the source.
+                if self.drain(&mut f).is_ok() {
+                    if let Err(c @ ProtocolError::Checksum { .. }) = self.dec.stream_end(f) {
+                        return Err(Error::Protocol(c));
+                    }
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+        self.dec.stream_end(f).map_err(Error::Protocol)?;
+        for &(gpa, pages, checksum) in &p.to_verify {
+            verify(vm, gpa, pages, checksum)?;
+        }
+        Ok(())
+    }
+
+    /// An LZ4 run (capability LZ4): its block's length, the block, then
+    /// the block decompressed into guest memory. The block must decompress
+    /// to exactly the run's pages: no more (the decoder stops at the
+    /// slice's end), no fewer.
+    fn recv_lz4<V: IncomingVm>(
+        &mut self,
+        vm: &mut V,
+        h: &FrameHeader,
+        f: &mut StreamedFrame,
+        p: &mut PagesIn,
+        r: &protocol::RunHeader,
+        len: usize,
+    ) -> Result<(), Error> {
+        let bad = |what: String| {
+            Error::Protocol(ProtocolError::Malformed {
+                sequence: h.sequence,
+                kind: MessageType::Pages,
+                what: format!("LZ4 run at {:#x} (+{}): {what}", r.gpa, r.pages),
+            })
+        };
+        if self.caps & caps::LZ4 == 0 {
+            return Err(bad("compression was not agreed on".into()));
+        }
+        let mut n = [0u8; 4];
+        self.stream_small(f, &mut n, 4)?;
+        let n = u32::from_le_bytes(n) as usize;
+        if n > f.left() {
+            return Err(bad(format!(
+                "a block of {n} bytes, the frame has {} left",
+                f.left()
+            )));
+        }
+        let mut block = std::mem::take(&mut p.block);
+        block.resize(n, 0);
+        self.stream_data(f, &mut block)?;
+        let out = match vm.pages_mut(r.gpa, len) {
+            Some(dst) => lz4_flex::block::decompress_into(&block, dst),
+            None => {
+                p.data.resize(len, 0);
+                lz4_flex::block::decompress_into(&block, &mut p.data)
+            }
+        };
+        p.block = block;
+        match out {
+            Ok(got) if got == len => {}
+            Ok(got) => return Err(bad(format!("decompressed to {got} bytes, not {len}"))),
+            Err(e) => return Err(bad(format!("not a valid block ({e})"))),
+        }
+        if vm.pages_mut(r.gpa, len).is_none() {
+            vm.write_pages(r.gpa, &p.data)
+                .map_err(vm_err("write_pages"))?;
+        }
+        Ok(())
+    }
+
+    /// Reads what is left of frame `f` and drops it (its CRC is computed
+    /// on the way).
+    fn drain(&mut self, f: &mut StreamedFrame) -> Result<(), Error> {
+        let mut junk = vec![0u8; f.left().min(RUN_AHEAD * 16)];
+        while f.left() > 0 {
+            let n = f.left().min(junk.len());
+            self.stream_data(f, &mut junk[..n])?;
+        }
+        Ok(())
+    }
+
+    /// The runs of `Pages` frame `h`, up to its end (see
+    /// [`recv_pages`](Self::recv_pages)).
+    fn recv_runs<V: IncomingVm>(
+        &mut self,
+        vm: &mut V,
+        h: &FrameHeader,
+        f: &mut StreamedFrame,
+        p: &mut PagesIn,
+        got: &mut Received,
+    ) -> Result<(), Error> {
+        let bad = |what: String| {
+            Error::Protocol(ProtocolError::Malformed {
+                sequence: h.sequence,
+                kind: MessageType::Pages,
+                what,
+            })
+        };
+        let mut head = [0u8; 8];
+        self.stream_small(f, &mut head, 8 + RUN_HEADER_LEN)?;
+        let round = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+        let n = u32::from_le_bytes(head[4..].try_into().expect("4 bytes")) as usize;
+        if n > f.left() / RUN_HEADER_LEN {
+            return Err(bad(format!(
+                "{n} runs announced, room for {}",
+                f.left() / RUN_HEADER_LEN
+            )));
+        }
+        if round != got.rounds {
+            return Err(Error::Violation(format!(
+                "pages for round {round} while in round {}",
+                got.rounds
+            )));
+        }
+        p.runs += n as u64;
+        p.to_verify.clear();
+        for i in 0..n {
+            let mut rh = [0u8; RUN_HEADER_LEN];
+            // Zero runs come many to a frame: read a few at once.
+            self.stream_small(f, &mut rh, RUN_AHEAD)?;
+            let r = protocol::parse_run_header(h.sequence, i, &rh).map_err(Error::Protocol)?;
+            // Fresh memory that never received a page is zero already.
+            let untouched = p.fresh_zero && !p.seen.any_set(r.gpa, r.pages);
+            if !p.seen.set_range(r.gpa, r.pages) {
+                return Err(Error::Violation(format!(
+                    "pages {:#x} (+{}) outside the announced memory",
+                    r.gpa, r.pages
+                )));
+            }
+            let Some(len) = r.data_len else {
+                if !untouched {
+                    vm.zero_pages(r.gpa, r.pages)
+                        .map_err(vm_err("zero_pages"))?;
+                }
+                got.zero_pages += u64::from(r.pages);
+                continue;
+            };
+            if !r.lz4 && len > f.left() {
+                return Err(bad(format!(
+                    "run {i} at {:#x}: {len} bytes of data, the frame has {} left",
+                    r.gpa,
+                    f.left()
+                )));
+            }
+            if r.lz4 {
+                self.recv_lz4(vm, h, f, p, &r, len)?;
+            } else if let Some(dst) = vm.pages_mut(r.gpa, len) {
+                self.stream_data(f, dst)?;
+            } else {
+                let mut data = std::mem::take(&mut p.data);
+                data.resize(len, 0);
+                self.stream_data(f, &mut data)?;
+                vm.write_pages(r.gpa, &data)
+                    .map_err(vm_err("write_pages"))?;
+                p.data = data;
+            }
+            got.data_pages += u64::from(r.pages);
+            if p.checksums {
+                p.to_verify.push((r.gpa, r.pages, r.checksum));
+            }
+        }
+        Ok(())
     }
 
     fn recv(&mut self) -> Result<Message, Error> {
@@ -235,6 +553,7 @@ impl<C: Channel> Target<'_, C> {
         // Our hello goes out even when the versions do not meet, so the
         // source can tell its user which side to upgrade.
         let checksums = ours.capabilities & caps::PAGE_CHECKSUM != 0;
+        self.caps = ours.capabilities;
         self.send(&Message::Hello(ours.clone()))?;
         protocol::negotiate(&ours, &theirs).map_err(Error::Version)?;
 
@@ -260,58 +579,46 @@ impl<C: Channel> Target<'_, C> {
         tracing::info!(vm = %facts.name, "receiving memory");
 
         self.stage = "precopy";
-        let mut seen = DirtyBitmap::new(&layout);
-        let fresh_zero = vm.fresh_memory_is_zero();
         let mut got = Received {
             name: facts.name.clone(),
             rounds: 0,
             data_pages: 0,
             zero_pages: 0,
         };
-        let mut runs = 0u64;
+        let mut pages = PagesIn {
+            seen: DirtyBitmap::new(&layout),
+            fresh_zero: vm.fresh_memory_is_zero(),
+            checksums,
+            runs: 0,
+            to_verify: Vec::new(),
+            data: Vec::new(),
+            block: Vec::new(),
+        };
         let mut state = None;
+        let (cpu0, wall0) = (crate::thread_cpu(), Instant::now());
         let complete = loop {
-            let frame = self.recv_frame()?;
-            if frame.kind == MessageType::Pages {
-                let (round, rs) = protocol::parse_pages(frame.sequence, frame.payload)
-                    .map_err(Error::Protocol)?;
-                if round != got.rounds || state.is_some() {
+            let header = self.next_header()?;
+            if header.kind == MessageType::Pages {
+                if state.is_some() {
                     return Err(Error::Violation(format!(
-                        "pages for round {round} while in round {}",
+                        "pages after the state, in round {}",
                         got.rounds
                     )));
                 }
-                runs += rs.len() as u64;
-                for r in rs {
-                    // Fresh memory that never received a page is zero
-                    // already.
-                    let untouched = fresh_zero && !seen.any_set(r.gpa, r.pages);
-                    if !seen.set_range(r.gpa, r.pages) {
-                        return Err(Error::Violation(format!(
-                            "pages {:#x} (+{}) outside the announced memory",
-                            r.gpa, r.pages
-                        )));
-                    }
-                    match r.data {
-                        None => {
-                            if !untouched {
-                                vm.zero_pages(r.gpa, r.pages)
-                                    .map_err(vm_err("zero_pages"))?;
-                            }
-                            got.zero_pages += u64::from(r.pages);
-                        }
-                        Some(d) => {
-                            vm.write_pages(r.gpa, d).map_err(vm_err("write_pages"))?;
-                            got.data_pages += u64::from(r.pages);
-                            if checksums {
-                                verify(&vm, r.gpa, r.pages, r.checksum)?;
-                            }
-                        }
-                    }
-                }
+                self.recv_pages(&mut vm, &header, &mut pages, &mut got)?;
                 continue;
             }
+            let frame = self.recv_frame()?;
             match frame.decode().map_err(Error::Protocol)? {
+                Message::RoundEnd(0) if got.rounds == 0 && state.is_none() => {
+                    got.rounds += 1;
+                    tracing::info!(
+                        bytes = self.dec.received(),
+                        wall_ms = wall0.elapsed().as_millis() as u64,
+                        cpu_ms = (crate::thread_cpu() - cpu0).as_millis() as u64,
+                        "first pass received"
+                    );
+                }
                 Message::RoundEnd(n) if n == got.rounds && state.is_none() => got.rounds += 1,
                 Message::State(s) if state.is_none() => {
                     self.stage = "switchover";
@@ -324,17 +631,17 @@ impl<C: Channel> Target<'_, C> {
         let Some(state) = state else {
             return Err(Error::Violation("Complete without a State".into()));
         };
-        if seen.count() != seen.total_pages() {
+        if pages.seen.count() != pages.seen.total_pages() {
             return Err(Error::Violation(format!(
                 "only {} of {} pages arrived",
-                seen.count(),
-                seen.total_pages()
+                pages.seen.count(),
+                pages.seen.total_pages()
             )));
         }
-        if complete.rounds != got.rounds || complete.runs != runs {
+        if complete.rounds != got.rounds || complete.runs != pages.runs {
             return Err(Error::Violation(format!(
                 "source says {} rounds / {} runs, {} / {} arrived",
-                complete.rounds, complete.runs, got.rounds, runs
+                complete.rounds, complete.runs, got.rounds, pages.runs
             )));
         }
         let t0 = Instant::now();

@@ -87,6 +87,15 @@ pub trait IncomingVm {
     fn fresh_memory_is_zero(&self) -> bool {
         false
     }
+    /// Guest memory at `gpa` to receive `len` bytes of pages into
+    /// directly, straight from the stream (no copy through a buffer), or
+    /// `None` to have them written with [`write_pages`](Self::write_pages).
+    /// Only for a VM that has not run yet: nothing else reads or writes its
+    /// memory meanwhile. `None` by default.
+    fn pages_mut(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
+        let _ = (gpa, len);
+        None
+    }
     /// Reads back pages: used only in end-to-end checksum mode.
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError>;
     /// Restores vCPU + device state from the source's blob.

@@ -334,6 +334,10 @@ pub struct MigrateRequest {
     /// if either cannot).
     #[serde(default)]
     pub priority: Priority,
+    /// `auto` (default: while a bandwidth cap applies), `on` or `off`:
+    /// LZ4 compression of data pages.
+    #[serde(default)]
+    pub compress: crate::Compression,
     /// Encrypt and authenticate the stream with TLS 1.3 (mutual
     /// certificates from the cluster CA).
     #[serde(default)]
@@ -367,6 +371,7 @@ impl MigrateRequest {
         let mut o = SourceOptions {
             host: host.to_string(),
             page_checksum: self.checksum,
+            compress: self.compress,
             ..Default::default()
         };
         if let Some(ms) = self.downtime_ms {
@@ -462,6 +467,8 @@ pub fn summary_json(s: &Summary) -> Value {
         "zero_pages": s.zero_pages,
         "max_throttle": s.max_throttle,
         "last_round_pages": s.last_round_pages,
+        "first_pass_bytes": s.first_pass_bytes,
+        "first_pass_s": s.first_pass.as_secs_f64(),
     })
 }
 

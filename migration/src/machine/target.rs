@@ -253,6 +253,28 @@ impl IncomingVm for IncomingShell {
         Ok(())
     }
 
+    /// The pages of the mapping itself: the stream is read straight into
+    /// them. The guest has not run (its vCPUs start in [`start`]) and the
+    /// VMM's devices do not exist yet, so nothing else touches this memory
+    /// while the slice lives.
+    fn pages_mut(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
+        use vm_memory::bitmap::Bitmap as _;
+        use vm_memory::GuestMemoryBackend as _;
+        let mem = self.mem.as_ref()?;
+        // Inside one region, or `None` (then the bounds-checked
+        // `write_pages` reports the error).
+        let slice = mem.get_slice(GuestAddress(gpa), len).ok()?;
+        // As `write_slice` would: the VMM's own dirty bitmap sees the write.
+        slice.bitmap().mark_dirty(0, len);
+        let ptr = slice.ptr_guard_mut().as_ptr();
+        // SAFETY: `get_slice` checked that [gpa, gpa + len) lies inside one
+        // mapped region of `mem`, which `self` owns and keeps mapped for
+        // longer than the returned borrow of `self`; no vCPU has run and no
+        // device exists, so no other reference to these bytes is in use
+        // while the `&mut self` borrow lasts.
+        Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+    }
+
     /// A fresh anonymous mapping (`create_vm`) reads as zero.
     fn fresh_memory_is_zero(&self) -> bool {
         true

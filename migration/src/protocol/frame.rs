@@ -8,23 +8,32 @@ use std::io::{self, Read, Write};
 
 /// Encodes one frame with the given sequence number.
 pub fn encode_frame(msg: &Message, sequence: u32) -> Result<Vec<u8>, ProtocolError> {
-    let payload = msg.encode_payload();
+    encode_raw(msg.kind(), sequence, &msg.encode_payload())
+}
+
+/// Encodes one frame of `kind` around a payload already encoded (a relay
+/// forwards frames this way without decoding them).
+pub fn encode_raw(
+    kind: MessageType,
+    sequence: u32,
+    payload: &[u8],
+) -> Result<Vec<u8>, ProtocolError> {
     if payload.len() > MAX_PAYLOAD as usize {
         return Err(ProtocolError::TooLargeToSend {
-            kind: msg.kind(),
+            kind,
             length: payload.len(),
             max: MAX_PAYLOAD,
         });
     }
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&(msg.kind() as u16).to_le_bytes());
+    out.extend_from_slice(&(kind as u16).to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&sequence.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&out), &payload);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out), payload);
     out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(payload);
     Ok(out)
 }
 
@@ -115,6 +124,16 @@ impl Decoder {
         .max(READ_CHUNK);
         self.reserve(want);
         let n = r.read(&mut self.buf[self.end..self.end + want])?;
+        self.end += n;
+        self.received += n as u64;
+        Ok(n)
+    }
+
+    /// Reads once from `r` into the buffer, at most `max` bytes: for a
+    /// frame header, without reading into the data that may follow it.
+    pub fn fill_small<R: Read + ?Sized>(&mut self, r: &mut R, max: usize) -> io::Result<usize> {
+        self.reserve(max);
+        let n = r.read(&mut self.buf[self.end..self.end + max])?;
         self.end += n;
         self.received += n as u64;
         Ok(n)
@@ -228,6 +247,156 @@ impl Decoder {
         }))
     }
 
+    /// The next frame's header once its bytes are buffered, checked as far
+    /// as it can be without the payload (magic, length, type, flags,
+    /// sequence); its CRC covers the payload too, so it is checked by
+    /// [`stream_end`](Self::stream_end) or [`next_frame`](Self::next_frame).
+    pub fn header(&self) -> Result<Option<FrameHeader>, ProtocolError> {
+        let Some(total) = self.frame_len()? else {
+            return Ok(None);
+        };
+        let b = self.data();
+        let seq = self.next_sequence;
+        let raw_kind = u16::from_le_bytes([b[4], b[5]]);
+        let kind = MessageType::from_u16(raw_kind).ok_or(ProtocolError::UnknownType {
+            sequence: seq,
+            value: raw_kind,
+        })?;
+        let flags = u16::from_le_bytes([b[6], b[7]]);
+        if flags != 0 {
+            return Err(ProtocolError::BadFlags {
+                sequence: seq,
+                kind,
+                flags,
+            });
+        }
+        let found_seq = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+        if found_seq != seq {
+            return Err(ProtocolError::Sequence {
+                kind,
+                expected: seq,
+                found: found_seq,
+            });
+        }
+        Ok(Some(FrameHeader {
+            kind,
+            sequence: seq,
+            length: total - HEADER_LEN,
+            stated: u32::from_le_bytes([b[16], b[17], b[18], b[19]]),
+            header_crc: crc32c::crc32c(&b[..16]),
+        }))
+    }
+
+    /// Starts reading the frame whose header [`header`](Self::header)
+    /// returned piece by piece (the target writes page data straight from
+    /// the stream into guest memory): consumes the header. Until
+    /// [`stream_end`](Self::stream_end), only the `stream_*` calls may be
+    /// used.
+    pub fn stream_begin(&mut self, h: &FrameHeader) -> StreamedFrame {
+        self.pos += HEADER_LEN;
+        StreamedFrame {
+            kind: h.kind,
+            sequence: h.sequence,
+            length: h.length,
+            left: h.length,
+            crc: h.header_crc,
+            stated: h.stated,
+        }
+    }
+
+    /// Reads once from `r` into the buffer, at most `want` bytes and never
+    /// past the end of frame `f`, so that data runs can be read straight
+    /// to their destination. Returns what `read` returned.
+    pub fn stream_fill<R: Read + ?Sized>(
+        &mut self,
+        r: &mut R,
+        f: &StreamedFrame,
+        want: usize,
+    ) -> io::Result<usize> {
+        let want = want.min(f.left.saturating_sub(self.buffered())).max(1);
+        self.reserve(want);
+        let n = r.read(&mut self.buf[self.end..self.end + want])?;
+        self.end += n;
+        self.received += n as u64;
+        Ok(n)
+    }
+
+    /// Consumes `n` buffered bytes of frame `f` (the caller made sure they
+    /// are buffered, with [`stream_fill`](Self::stream_fill)).
+    pub fn stream_take(&mut self, f: &mut StreamedFrame, n: usize) -> Result<&[u8], ProtocolError> {
+        if n > f.left {
+            return Err(f.overrun(n));
+        }
+        assert!(n <= self.buffered(), "stream_take past the buffered bytes");
+        let start = self.pos;
+        self.pos += n;
+        f.consumed(&self.buf[start..start + n]);
+        Ok(&self.buf[start..start + n])
+    }
+
+    /// Fills part of `dst` with the next bytes of frame `f`: from the
+    /// buffer if it holds any, else with one read from `r` straight into
+    /// `dst`. Returns how many bytes it wrote (0: end of stream).
+    pub fn stream_into<R: Read + ?Sized>(
+        &mut self,
+        r: &mut R,
+        f: &mut StreamedFrame,
+        dst: &mut [u8],
+    ) -> Result<usize, StreamError> {
+        if dst.len() > f.left {
+            return Err(StreamError::Protocol(f.overrun(dst.len())));
+        }
+        let n = if self.buffered() > 0 {
+            let n = dst.len().min(self.buffered());
+            dst[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+            self.pos += n;
+            n
+        } else {
+            let n = r.read(dst).map_err(StreamError::Io)?;
+            self.received += n as u64;
+            n
+        };
+        f.consumed(&dst[..n]);
+        Ok(n)
+    }
+
+    /// Ends frame `f`: all of its payload must have been consumed, and its
+    /// CRC must match; the next frame may follow.
+    pub fn stream_end(&mut self, f: StreamedFrame) -> Result<(), ProtocolError> {
+        if f.left != 0 {
+            return Err(ProtocolError::Malformed {
+                sequence: f.sequence,
+                kind: f.kind,
+                what: format!("{} bytes left over after its last run", f.left),
+            });
+        }
+        if f.crc != f.stated {
+            return Err(ProtocolError::Checksum {
+                sequence: f.sequence,
+                kind: kind_name(f.kind as u16),
+                length: f.length as u32,
+                computed: f.crc,
+                stated: f.stated,
+            });
+        }
+        if self.pos == self.end {
+            self.pos = 0;
+            self.end = 0;
+        }
+        self.next_sequence = self.next_sequence.wrapping_add(1);
+        Ok(())
+    }
+
+    /// The error for a stream that ended inside frame `f`.
+    pub fn stream_truncated(&self, f: &StreamedFrame) -> ProtocolError {
+        ProtocolError::Truncated {
+            sequence: f.sequence,
+            kind: kind_name(f.kind as u16),
+            got: HEADER_LEN + f.length - f.left,
+            want: HEADER_LEN + f.length,
+        }
+    }
+
     /// The next whole message, `Ok(None)` if more bytes are needed.
     pub fn next_message(&mut self) -> Result<Option<Message>, ProtocolError> {
         match self.next_frame()? {
@@ -253,6 +422,72 @@ impl Decoder {
             want,
         })
     }
+}
+
+/// A frame header checked by [`Decoder::header`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Its type.
+    pub kind: MessageType,
+    /// Its sequence number.
+    pub sequence: u32,
+    /// Payload bytes.
+    pub length: usize,
+    /// The CRC-32C the sender wrote (over header bytes 0..16 and the
+    /// payload).
+    stated: u32,
+    /// CRC-32C of header bytes 0..16, continued over the payload.
+    header_crc: u32,
+}
+
+/// A frame being read piece by piece ([`Decoder::stream_begin`]): how much
+/// of its payload is left, and its CRC so far.
+#[derive(Debug)]
+pub struct StreamedFrame {
+    kind: MessageType,
+    sequence: u32,
+    length: usize,
+    left: usize,
+    crc: u32,
+    stated: u32,
+}
+
+impl StreamedFrame {
+    /// Payload bytes not yet consumed.
+    pub fn left(&self) -> usize {
+        self.left
+    }
+
+    /// Its sequence number.
+    pub fn sequence(&self) -> u32 {
+        self.sequence
+    }
+
+    fn consumed(&mut self, bytes: &[u8]) {
+        self.crc = crc32c::crc32c_append(self.crc, bytes);
+        self.left -= bytes.len();
+    }
+
+    fn overrun(&self, n: usize) -> ProtocolError {
+        ProtocolError::Malformed {
+            sequence: self.sequence,
+            kind: self.kind,
+            what: format!(
+                "a run needs {n} more bytes, the frame has {} left",
+                self.left
+            ),
+        }
+    }
+}
+
+/// Why [`Decoder::stream_into`] failed.
+#[derive(Debug)]
+pub enum StreamError {
+    /// Reading the stream failed (a read timeout shows as `WouldBlock` or
+    /// `TimedOut`).
+    Io(io::Error),
+    /// The frame broke a rule.
+    Protocol(ProtocolError),
 }
 
 /// Writes frames with consecutive sequence numbers.
@@ -319,6 +554,8 @@ pub struct PagesFrame {
     buf: Vec<u8>,
     runs: u32,
     data_pages: u32,
+    /// Room to compress a run into.
+    lz4: Vec<u8>,
 }
 
 /// Offset of the run count inside a `Pages` frame (header, then round).
@@ -350,26 +587,44 @@ impl PagesFrame {
         self.data_pages
     }
 
-    fn run_header(&mut self, gpa: u64, pages: u32, zero: bool, checksum: u32) {
+    fn run_header(&mut self, gpa: u64, pages: u32, kind: u8, checksum: u32) {
         self.buf.extend_from_slice(&gpa.to_le_bytes());
         self.buf.extend_from_slice(&pages.to_le_bytes());
-        self.buf.extend_from_slice(&[u8::from(zero), 0, 0, 0]);
+        self.buf.extend_from_slice(&[kind, 0, 0, 0]);
         self.buf.extend_from_slice(&checksum.to_le_bytes());
         self.runs += 1;
     }
 
     /// Adds `pages` zero pages at `gpa`, announced without data.
     pub fn push_zero(&mut self, gpa: u64, pages: u32) {
-        self.run_header(gpa, pages, true, 0);
+        self.run_header(gpa, pages, 1, 0);
     }
 
     /// Adds the pages in `data` (a whole number of pages) at `gpa`, with
     /// their CRC-32C in checksum mode (else 0).
     pub fn push_data(&mut self, gpa: u64, data: &[u8], checksum: u32) {
         let pages = (data.len() / super::PAGE_SIZE) as u32;
-        self.run_header(gpa, pages, false, checksum);
+        self.run_header(gpa, pages, 0, checksum);
         self.buf.extend_from_slice(data);
         self.data_pages += pages;
+    }
+
+    /// Adds the pages in `data` at `gpa` as one LZ4 block if that makes
+    /// them smaller by at least an eighth, else as they are (capability
+    /// LZ4 only). `checksum` is of the uncompressed data.
+    pub fn push_data_lz4(&mut self, gpa: u64, data: &[u8], checksum: u32) {
+        let room = lz4_flex::block::get_maximum_output_size(data.len());
+        self.lz4.resize(room, 0);
+        match lz4_flex::block::compress_into(data, &mut self.lz4) {
+            Ok(n) if n + 4 < data.len() - data.len() / 8 => {
+                let pages = (data.len() / super::PAGE_SIZE) as u32;
+                self.run_header(gpa, pages, 2, checksum);
+                self.buf.extend_from_slice(&(n as u32).to_le_bytes());
+                self.buf.extend_from_slice(&self.lz4[..n]);
+                self.data_pages += pages;
+            }
+            _ => self.push_data(gpa, data, checksum),
+        }
     }
 }
 

@@ -57,10 +57,13 @@
 //! ```text
 //! MemoryLayout: count u32, then count x { gpa u64, size u64 }
 //! Pages:        round u32, count u32, then count x run:
-//!               gpa u64, pages u32, kind u8 (0 data, 1 zero), pad [u8; 3],
-//!               checksum u32 (CRC-32C of the run's data, 0 if not in
-//!               checksum mode or zero run), data (pages * PAGE_SIZE bytes,
-//!               data runs only)
+//!               gpa u64, pages u32, kind u8 (0 data, 1 zero, 2 LZ4),
+//!               pad [u8; 3], checksum u32 (CRC-32C of the run's
+//!               uncompressed data, 0 if not in checksum mode or zero run),
+//!               then for kind 0: data (pages * PAGE_SIZE bytes); for
+//!               kind 2 (capability LZ4 only): length u32, then that many
+//!               bytes of one LZ4 block that decompresses to exactly
+//!               pages * PAGE_SIZE bytes
 //! RoundEnd:     round u32
 //! State:        opaque bytes from the VMM's snapshot code
 //! Resumed, Cancel: empty
@@ -84,7 +87,7 @@ pub const VERSION_MIN: u16 = 1;
 pub const VERSION_MAX: u16 = 1;
 
 /// Bytes in one run header inside a `Pages` payload.
-const RUN_HEADER_LEN: usize = 20;
+pub const RUN_HEADER_LEN: usize = 20;
 
 /// Capability bits exchanged in `Hello`.
 pub mod caps {
@@ -93,8 +96,11 @@ pub mod caps {
     /// Each data run carries a CRC-32C of its pages, checked end to end
     /// against the target's memory after writing.
     pub const PAGE_CHECKSUM: u32 = 1 << 1;
+    /// Data runs may be LZ4-compressed (kind 2), used while a bandwidth
+    /// cap makes the link the bottleneck.
+    pub const LZ4: u32 = 1 << 2;
     /// Everything this build understands.
-    pub const ALL: u32 = ZERO_PAGES | PAGE_CHECKSUM;
+    pub const ALL: u32 = ZERO_PAGES | PAGE_CHECKSUM | LZ4;
 }
 
 /// Frame errors: each names the message and what was wrong.
@@ -570,35 +576,83 @@ pub fn parse_pages(sequence: u32, p: &[u8]) -> Result<(u32, Vec<PageRunRef<'_>>)
     }
     let mut runs = Vec::with_capacity(n);
     for i in 0..n {
-        let gpa = cur.u64().map_err(&bad)?;
-        let pages = cur.u32().map_err(&bad)?;
-        let kind = cur.take(4).map_err(&bad)?[0];
-        let checksum = cur.u32().map_err(&bad)?;
-        if pages == 0 {
-            return Err(bad(format!("run {i} at {gpa:#x} has 0 pages")));
+        let h = parse_run_header(sequence, i, cur.take(RUN_HEADER_LEN).map_err(&bad)?)?;
+        if h.lz4 {
+            // Only the target's streaming reader decompresses.
+            return Err(bad(format!(
+                "run {i} at {:#x}: an LZ4 run in a frame decoded whole",
+                h.gpa
+            )));
         }
-        let data = match kind {
-            0 => {
-                let len = (pages as usize)
-                    .checked_mul(PAGE_SIZE)
-                    .ok_or_else(|| bad(format!("run {i}: {pages} pages overflow")))?;
-                Some(
-                    cur.take(len)
-                        .map_err(|e| bad(format!("run {i} at {gpa:#x}: {e}")))?,
-                )
-            }
-            1 => None,
-            k => return Err(bad(format!("run {i} at {gpa:#x}: unknown kind {k}"))),
+        let data = match h.data_len {
+            Some(len) => Some(
+                cur.take(len)
+                    .map_err(|e| bad(format!("run {i} at {:#x}: {e}", h.gpa)))?,
+            ),
+            None => None,
         };
         runs.push(PageRunRef {
-            gpa,
-            pages,
+            gpa: h.gpa,
+            pages: h.pages,
             data,
-            checksum,
+            checksum: h.checksum,
         });
     }
     cur.end().map_err(&bad)?;
     Ok((round, runs))
+}
+
+/// One run's header inside a `Pages` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunHeader {
+    /// First page's guest address.
+    pub gpa: u64,
+    /// Pages in the run (at least 1).
+    pub pages: u32,
+    /// Bytes of data the run stands for (`None`: a zero run, no data).
+    pub data_len: Option<usize>,
+    /// The data comes as one LZ4 block after a `u32` length (kind 2).
+    pub lz4: bool,
+    /// The data's CRC-32C in checksum mode, else 0.
+    pub checksum: u32,
+}
+
+/// Parses run `i`'s header (`RUN_HEADER_LEN` bytes) of `Pages` frame
+/// `sequence`.
+pub fn parse_run_header(sequence: u32, i: usize, b: &[u8]) -> Result<RunHeader, ProtocolError> {
+    let bad = |what: String| ProtocolError::Malformed {
+        sequence,
+        kind: MessageType::Pages,
+        what,
+    };
+    if b.len() != RUN_HEADER_LEN {
+        return Err(bad(format!("run {i}: header of {} bytes", b.len())));
+    }
+    let gpa = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+    let pages = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+    let kind = b[12];
+    let checksum = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
+    if pages == 0 {
+        return Err(bad(format!("run {i} at {gpa:#x} has 0 pages")));
+    }
+    let len = || {
+        (pages as usize)
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(|| bad(format!("run {i}: {pages} pages overflow")))
+    };
+    let (data_len, lz4) = match kind {
+        0 => (Some(len()?), false),
+        1 => (None, false),
+        2 => (Some(len()?), true),
+        k => return Err(bad(format!("run {i} at {gpa:#x}: unknown kind {k}"))),
+    };
+    Ok(RunHeader {
+        gpa,
+        pages,
+        data_len,
+        lz4,
+        checksum,
+    })
 }
 
 /// Bounds-checked little-endian reader over a payload.
@@ -647,7 +701,8 @@ impl<'a> Cursor<'a> {
 
 mod frame;
 pub use frame::{
-    encode_frame, poll_frame, read_frame, read_message, Decoder, Encoder, PagesFrame, RawFrame,
+    encode_frame, encode_raw, poll_frame, read_frame, read_message, Decoder, Encoder, FrameHeader,
+    PagesFrame, RawFrame, StreamError, StreamedFrame,
 };
 
 #[cfg(test)]

@@ -362,6 +362,8 @@ pub enum Fault {
     CutAt(MessageType, usize),
     /// Flip one bit in the payload of the `nth` frame of `kind`.
     FlipAt(MessageType, usize),
+    /// Flip bit 0 of payload byte `offset` of the `nth` frame of `kind`.
+    FlipByte(MessageType, usize, usize),
 }
 
 /// A loopback proxy in front of `target`; returns the address to connect to.
@@ -387,12 +389,14 @@ pub fn proxy(target: std::net::SocketAddr, fault: Fault) -> std::net::SocketAddr
                 Ok(n) => n,
             };
             dec.push(&buf[..n]);
-            while let Ok(Some(m)) = dec.next_message() {
-                let k = m.kind();
+            // Frames are forwarded as they are, not decoded (a `Pages`
+            // frame with LZ4 runs is only ever read by the target).
+            while let Ok(Some(f)) = dec.next_frame() {
+                let k = f.kind;
                 let c = counts.entry(k as u16).or_insert(0usize);
                 let nth = *c;
                 *c += 1;
-                let mut frame = migration::protocol::encode_frame(&m, seq).unwrap();
+                let mut frame = migration::protocol::encode_raw(k, seq, f.payload).unwrap();
                 seq += 1;
                 match fault {
                     Fault::CutAt(kind, i) if kind == k && i == nth => {
@@ -403,6 +407,9 @@ pub fn proxy(target: std::net::SocketAddr, fault: Fault) -> std::net::SocketAddr
                     Fault::FlipAt(kind, i) if kind == k && i == nth => {
                         let at = frame.len() - 1;
                         frame[at] ^= 0x10;
+                    }
+                    Fault::FlipByte(kind, i, offset) if kind == k && i == nth => {
+                        frame[migration::protocol::HEADER_LEN + offset] ^= 0x01;
                     }
                     _ => {}
                 }
