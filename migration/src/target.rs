@@ -219,11 +219,25 @@ impl<C: Channel> Target<'_, C> {
         ) {
             return Err(Error::Protocol(ProtocolError::Io(e)));
         }
-        if self.cancel.is_cancelled() {
-            return Err(Error::LocalCancel);
-        }
+        self.check_cancel()?;
         if last.elapsed() >= self.opts.idle_timeout {
             return Err(Error::Idle(self.opts.idle_timeout));
+        }
+        Ok(())
+    }
+
+    /// Reads from now on time out every 100 ms, so cancellation and the
+    /// idle timeout are seen; returns when the wait began.
+    fn start_waiting(&mut self) -> Result<Instant, Error> {
+        self.chan
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| Error::Protocol(ProtocolError::Io(e)))?;
+        Ok(Instant::now())
+    }
+
+    fn check_cancel(&self) -> Result<(), Error> {
+        if self.cancel.is_cancelled() {
+            return Err(Error::LocalCancel);
         }
         Ok(())
     }
@@ -231,14 +245,9 @@ impl<C: Channel> Target<'_, C> {
     /// The next frame's header, checked (all but its CRC), reading no
     /// further into the stream than a `Pages` frame's first run header.
     fn next_header(&mut self) -> Result<FrameHeader, Error> {
-        self.chan
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .map_err(|e| Error::Protocol(ProtocolError::Io(e)))?;
-        let mut last = Instant::now();
+        let mut last = self.start_waiting()?;
         loop {
-            if self.cancel.is_cancelled() {
-                return Err(Error::LocalCancel);
-            }
+            self.check_cancel()?;
             if let Some(h) = self.dec.header().map_err(Error::Protocol)? {
                 return Ok(h);
             }
@@ -501,18 +510,14 @@ impl<C: Channel> Target<'_, C> {
         frame.decode().map_err(Error::Protocol)
     }
 
-    /// The next frame, checked, its payload still in the decoder (a
-    /// `Pages` frame is written to guest memory from there). An `Abort` or
-    /// `Cancel` from the source becomes the error it means.
+    /// The next frame, whole and checked, its payload still in the
+    /// decoder (`Pages` frames are read by [`recv_pages`](Self::recv_pages)
+    /// instead). An `Abort` or `Cancel` from the source becomes the error
+    /// it means.
     fn recv_frame(&mut self) -> Result<RawFrame<'_>, Error> {
-        self.chan
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .map_err(|e| Error::Protocol(ProtocolError::Io(e)))?;
-        let mut last = Instant::now();
+        let mut last = self.start_waiting()?;
         loop {
-            if self.cancel.is_cancelled() {
-                return Err(Error::LocalCancel);
-            }
+            self.check_cancel()?;
             let before = self.dec.received();
             if protocol::poll_frame(&mut self.chan, &mut self.dec).map_err(Error::Protocol)? {
                 break;

@@ -278,44 +278,16 @@ fn connection_cut_mid_switchover_resumes_source() {
     assert_not_started(&seen);
 }
 
-#[test]
-fn corrupted_stream_target_refuses_to_start() {
+/// Runs a migration of a 16 MiB fake through a proxy that corrupts the
+/// stream with `fault`: the target must report corruption in transit
+/// (the frame's CRC) in a `Pages` frame, not start the guest, and the
+/// source must run on. Returns the source's report and the target's error.
+fn corruption_is_reported(fault: Fault, opts: &SourceOptions) -> (String, String) {
     let (tgt_addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
-    let addr = proxy(tgt_addr, Fault::FlipAt(MessageType::Pages, 2));
+    let addr = proxy(tgt_addr, fault);
     let mut vm = idle(16);
-    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let (r, _) = run_source(&mut vm, addr, opts, None);
     let f = r.unwrap_err();
-    assert_source_running(&vm);
-    let t = tgt.join().unwrap();
-    let e = t.unwrap_err();
-    let chain = format!(
-        "{e}: {}",
-        std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_default()
-    );
-    assert!(
-        chain.contains("checksum mismatch") && chain.contains("Pages"),
-        "{chain}"
-    );
-    assert_not_started(&seen);
-    println!("source: {}\ntarget: {chain}", f.report());
-}
-
-/// The target writes page data straight from the stream and checks a
-/// frame's CRC at its end: a corrupted run header (here the first run's
-/// address, moved 1 TiB outside the guest's memory) is still reported as
-/// corruption in transit, not as a protocol violation by the source, and
-/// nothing is written outside the guest's memory.
-#[test]
-fn corrupted_run_header_is_reported_as_corruption() {
-    let (tgt_addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
-    // Payload: round (4), run count (4), then the first run's gpa (8):
-    // byte 5 of the gpa is bit 40.
-    let addr = proxy(tgt_addr, Fault::FlipByte(MessageType::Pages, 1, 8 + 5));
-    let mut vm = idle(16);
-    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
-    r.unwrap_err();
     assert_source_running(&vm);
     let e = tgt.join().unwrap().unwrap_err();
     let chain = format!(
@@ -329,6 +301,29 @@ fn corrupted_run_header_is_reported_as_corruption() {
         "{chain}"
     );
     assert_not_started(&seen);
+    (f.report(), chain)
+}
+
+#[test]
+fn corrupted_stream_target_refuses_to_start() {
+    let (source, target) =
+        corruption_is_reported(Fault::FlipAt(MessageType::Pages, 2), &source_opts());
+    println!("source: {source}\ntarget: {target}");
+}
+
+/// The target writes page data straight from the stream and checks a
+/// frame's CRC at its end: a corrupted run header (here the first run's
+/// address, moved 1 TiB outside the guest's memory) is still reported as
+/// corruption in transit, not as a protocol violation by the source, and
+/// nothing is written outside the guest's memory.
+#[test]
+fn corrupted_run_header_is_reported_as_corruption() {
+    // Payload: round (4), run count (4), then the first run's gpa (8):
+    // byte 5 of the gpa is bit 40.
+    corruption_is_reported(
+        Fault::FlipByte(MessageType::Pages, 1, 8 + 5),
+        &source_opts(),
+    );
 }
 
 /// With compression on, data runs travel as LZ4 blocks: every page
@@ -403,33 +398,16 @@ fn target_without_lz4_gets_raw_pages() {
 /// the frame's CRC once the frame is read; the guest stays on the source.
 #[test]
 fn corrupted_lz4_block_is_reported_as_corruption() {
-    let (tgt_addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
     // Payload: round (4), count (4), the first run's header (20: a data
     // run, page 0 holds data), the block's length (4), then the block.
-    let addr = proxy(
-        tgt_addr,
-        Fault::FlipByte(MessageType::Pages, 0, 8 + 20 + 4 + 2),
-    );
-    let mut vm = idle(16);
     let opts = SourceOptions {
         compress: Compression::On,
         ..source_opts()
     };
-    let (r, _) = run_source(&mut vm, addr, &opts, None);
-    r.unwrap_err();
-    assert_source_running(&vm);
-    let e = tgt.join().unwrap().unwrap_err();
-    let chain = format!(
-        "{e}: {}",
-        std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_default()
+    corruption_is_reported(
+        Fault::FlipByte(MessageType::Pages, 0, 8 + 20 + 4 + 2),
+        &opts,
     );
-    assert!(
-        chain.contains("checksum mismatch") && chain.contains("Pages"),
-        "{chain}"
-    );
-    assert_not_started(&seen);
 }
 
 #[test]
