@@ -326,28 +326,37 @@ fn corrupted_run_header_is_reported_as_corruption() {
     );
 }
 
+/// Migrates a 16 MiB fake intact with `opts` to a target accepting
+/// `caps`; returns (bytes sent, bytes of the data pages moved).
+fn intact_with(opts: &SourceOptions, capabilities: u32) -> (u64, u64) {
+    let topts = TargetOptions {
+        capabilities,
+        ..target_opts()
+    };
+    let (addr, tgt, seen) = spawn_target(FakeHost::new(), topts);
+    let mut vm = idle(16);
+    let (r, _) = run_source(&mut vm, addr, opts, None);
+    let summary = r.unwrap_or_else(|e| panic!("{}", e.report()));
+    tgt.join().unwrap().unwrap();
+    assert_intact(&vm, &seen);
+    (summary.bytes_sent, summary.data_pages * PAGE_SIZE as u64)
+}
+
 /// With compression on, data runs travel as LZ4 blocks: every page
 /// arrives intact (checked end to end against the uncompressed pages) in
 /// far fewer bytes than the pages hold (the fake's pages are one word and
 /// one byte in 4 KiB).
 #[test]
 fn compressed_migration_is_intact_and_smaller() {
-    let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
-    let mut vm = idle(16);
     let opts = SourceOptions {
         compress: Compression::On,
         page_checksum: true,
         ..source_opts()
     };
-    let (r, _) = run_source(&mut vm, addr, &opts, None);
-    let summary = r.unwrap_or_else(|e| panic!("{}", e.report()));
-    tgt.join().unwrap().unwrap();
-    assert_intact(&vm, &seen);
-    let raw = summary.data_pages * PAGE_SIZE as u64;
+    let (sent, raw) = intact_with(&opts, caps::ALL);
     assert!(
-        summary.bytes_sent < raw / 10,
-        "{} bytes sent for {raw} bytes of pages",
-        summary.bytes_sent
+        sent < raw / 10,
+        "{sent} bytes sent for {raw} bytes of pages"
     );
 }
 
@@ -355,21 +364,15 @@ fn compressed_migration_is_intact_and_smaller() {
 #[test]
 fn auto_compression_follows_the_bandwidth_cap() {
     for cap in [None, Some(1 << 30)] {
-        let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
-        let mut vm = idle(16);
         let opts = SourceOptions {
             bandwidth_cap: cap,
             ..source_opts()
         };
-        let (r, _) = run_source(&mut vm, addr, &opts, None);
-        let summary = r.unwrap_or_else(|e| panic!("{}", e.report()));
-        tgt.join().unwrap().unwrap();
-        assert_intact(&vm, &seen);
-        let raw = summary.data_pages * PAGE_SIZE as u64;
+        let (sent, raw) = intact_with(&opts, caps::ALL);
         assert_eq!(
-            summary.bytes_sent < raw / 10,
+            sent < raw / 10,
             cap.is_some(),
-            "cap {cap:?}: {summary:?}"
+            "cap {cap:?}: {sent} of {raw}"
         );
     }
 }
@@ -377,25 +380,14 @@ fn auto_compression_follows_the_bandwidth_cap() {
 /// A target that does not offer LZ4 gets the pages as they are.
 #[test]
 fn target_without_lz4_gets_raw_pages() {
-    let opts_t = TargetOptions {
-        capabilities: caps::ZERO_PAGES | caps::PAGE_CHECKSUM,
-        ..target_opts()
-    };
-    let (addr, tgt, seen) = spawn_target(FakeHost::new(), opts_t);
-    let mut vm = idle(16);
     let opts = SourceOptions {
         compress: Compression::On,
         ..source_opts()
     };
-    let (r, _) = run_source(&mut vm, addr, &opts, None);
-    let summary = r.unwrap_or_else(|e| panic!("{}", e.report()));
-    tgt.join().unwrap().unwrap();
-    assert_intact(&vm, &seen);
-    assert!(summary.bytes_sent > summary.data_pages * PAGE_SIZE as u64);
+    let (sent, raw) = intact_with(&opts, caps::ZERO_PAGES | caps::PAGE_CHECKSUM);
+    assert!(sent > raw, "{sent} bytes sent for {raw} bytes of pages");
 }
 
-/// A flipped bit inside an LZ4 block is corruption in transit, found by
-/// the frame's CRC once the frame is read; the guest stays on the source.
 #[test]
 fn corrupted_lz4_block_is_reported_as_corruption() {
     // Payload: round (4), count (4), the first run's header (20: a data
