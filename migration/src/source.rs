@@ -48,7 +48,7 @@
 //! both writing. A cancel that arrives after `Complete` is forwarded; if the
 //! target has already resumed the migration reports success.
 
-use crate::precheck::Failure;
+use crate::precheck::{Failure, Priority};
 use crate::progress::{CancelToken, Progress, Stage, Summary};
 use crate::protocol::{
     self, caps, Abort, Complete, Decoder, Encoder, Hello, Message, PagesFrame, ProtocolError,
@@ -477,6 +477,15 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
     }
 
     fn run(&mut self) -> Result<Summary, Error> {
+        let facts = self.vm.facts();
+        if facts.priority == Priority::High {
+            // Reserve first (M6): the buffers this side needs are
+            // allocated and written before anything is sent, so a host
+            // short of memory fails here, not mid-stream.
+            let pages = self.opts.pages_per_frame.max(1);
+            self.scratch.resize(pages as usize * PAGE_SIZE, 0);
+            self.frame.commit(pages);
+        }
         self.enter(Stage::Connect, 0)?;
         self.chan
             .set_write_timeout(Some(self.opts.write_timeout))
@@ -505,7 +514,7 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
         tracing::info!(version, peer = %theirs.host, "migration connected");
 
         self.enter(Stage::Precheck, 5)?;
-        self.send(&Message::Precheck(self.vm.facts()))?;
+        self.send(&Message::Precheck(facts))?;
         match self.reply("PrecheckResult")? {
             Message::PrecheckResult(f) if f.is_empty() => {}
             Message::PrecheckResult(failures) => return Err(Error::Precheck { failures }),

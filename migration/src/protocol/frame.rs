@@ -567,6 +567,19 @@ impl PagesFrame {
         Self::default()
     }
 
+    /// Allocates, and writes to, room for frames of up to `pages` data
+    /// pages, so the memory is committed now rather than on the first
+    /// frame (a `high` priority migration reserves before it connects).
+    pub fn commit(&mut self, pages: u32) {
+        let len = pages as usize * super::PAGE_SIZE;
+        let frame = HEADER_LEN + 8 + len + pages as usize * (super::RUN_HEADER_LEN + 4);
+        self.buf.clear();
+        self.buf.resize(frame, 0);
+        self.lz4.clear();
+        self.lz4
+            .resize(lz4_flex::block::get_maximum_output_size(len), 0);
+    }
+
     /// Starts a frame of round `round`, dropping whatever it held.
     pub fn begin(&mut self, round: u32) {
         self.buf.clear();
