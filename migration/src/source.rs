@@ -10,7 +10,11 @@
 //! 3. **Pre-copy round 0**: start the dirty log, then send all of guest
 //!    memory; all-zero pages are announced without data.
 //! 4. **Rounds 1..N**: take the dirty set, and if it can be sent within the
-//!    downtime target at the measured bandwidth, go to 5. Otherwise send it
+//!    downtime target at the measured bandwidth, go to 5, once the target
+//!    has acknowledged every round sent so far (capability ROUND_ACK: until
+//!    then the data is in flight or being written there, and pausing would
+//!    add that to the downtime; the guest runs on meanwhile and what it
+//!    dirties joins the set). Otherwise send it
 //!    and repeat. When the guest dirties memory faster than the link carries
 //!    it (more than `trigger_percent` of the pages moved in the same
 //!    interval, counted as bytes of pages, for `unproductive_rounds` rounds
@@ -310,6 +314,7 @@ pub fn migrate<V: MigratableVm, C: Channel>(
         runs: 0,
         dirty_rate: 0.0,
         bandwidth: 0.0,
+        acked: None,
         remaining: 0,
         expected: Duration::ZERO,
         last_report: None,
@@ -346,6 +351,8 @@ struct Source<'a, V, C> {
     runs: u64,
     dirty_rate: f64,
     bandwidth: f64,
+    /// Highest round the target acknowledged (capability ROUND_ACK).
+    acked: Option<u32>,
     remaining: u64,
     expected: Duration,
     last_report: Option<Instant>,
@@ -490,7 +497,7 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
         self.chan
             .set_write_timeout(Some(self.opts.write_timeout))
             .map_err(|e| Error::Protocol(ProtocolError::Io(e)))?;
-        let mut wanted = caps::ZERO_PAGES;
+        let mut wanted = caps::ZERO_PAGES | caps::ROUND_ACK;
         if self.opts.compress != Compression::Off {
             wanted |= caps::LZ4;
         }
@@ -552,9 +559,13 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
 
         let mut round = 0;
         let mut unproductive = 0;
+        let mut carried: Option<DirtyBitmap> = None;
         let pending = loop {
             round += 1;
-            let dirty = self.vm.take_dirty().map_err(vm_err("take_dirty"))?;
+            let mut dirty = self.vm.take_dirty().map_err(vm_err("take_dirty"))?;
+            if let Some(c) = carried.take() {
+                dirty.merge(&c);
+            }
             let n = dirty.count();
             let interval = taken.elapsed().as_secs_f64().max(1e-6);
             taken = Instant::now();
@@ -580,6 +591,16 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
             let dirty_bytes = n * PAGE_SIZE as u64;
             self.expected = Duration::from_secs_f64(dirty_bytes as f64 / self.bandwidth.max(1.0));
             if self.expected <= self.opts.downtime_target {
+                if !self.caught_up(round - 1) {
+                    // What was sent is still in flight or being written on
+                    // the target: stunning now would make that downtime.
+                    // Wait with the guest running, then look again at what
+                    // it dirtied meanwhile (this round is not sent yet).
+                    self.wait_caught_up(round - 1)?;
+                    carried = Some(dirty);
+                    round -= 1;
+                    continue;
+                }
                 break dirty;
             }
             if self.start.elapsed() > self.opts.max_duration {
@@ -689,10 +710,45 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
 
     /// Picks up an `Abort` the target sent while we were streaming.
     fn poll_target(&mut self) -> Result<(), Error> {
-        match self.recv(Duration::from_millis(1))? {
-            None => Ok(()),
-            Some(m) => Err(unexpected(&m, "nothing during pre-copy")),
+        while let Some(m) = self.recv(Duration::from_millis(1))? {
+            match m {
+                Message::RoundDone(n) => self.note_done(n),
+                m => return Err(unexpected(&m, "RoundDone during pre-copy")),
+            }
         }
+        Ok(())
+    }
+
+    fn note_done(&mut self, n: u32) {
+        self.acked = Some(self.acked.map_or(n, |a| a.max(n)));
+    }
+
+    /// Whether the target has round `n` in guest memory (always, if it
+    /// does not acknowledge rounds).
+    fn caught_up(&self, n: u32) -> bool {
+        self.caps & caps::ROUND_ACK == 0 || self.acked.is_some_and(|a| a >= n)
+    }
+
+    /// Waits, the guest running, until the target acknowledges round `n`.
+    fn wait_caught_up(&mut self, n: u32) -> Result<(), Error> {
+        let t0 = Instant::now();
+        while !self.caught_up(n) {
+            self.check_cancel()?;
+            if self.start.elapsed() > self.opts.max_duration {
+                return Err(self.timeout());
+            }
+            match self.recv(Duration::from_millis(20))? {
+                Some(Message::RoundDone(d)) => self.note_done(d),
+                Some(m) => return Err(unexpected(&m, "RoundDone")),
+                None => {}
+            }
+        }
+        tracing::debug!(
+            round = n,
+            waited_us = t0.elapsed().as_micros() as u64,
+            "target caught up"
+        );
+        Ok(())
     }
 
     /// After `Complete`: `Resumed` is success. A cancel now is forwarded;
@@ -707,6 +763,8 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
             }
             match self.recv(Duration::from_millis(50)) {
                 Ok(Some(Message::Resumed)) => return Ok(()),
+                // The stunned round's acknowledgement.
+                Ok(Some(Message::RoundDone(_))) => {}
                 Ok(Some(m)) => return Err(unexpected(&m, "Resumed")),
                 Ok(None) if Instant::now() >= deadline => {
                     return Err(Error::NoReply {

@@ -617,6 +617,9 @@ impl<C: Channel> Target<'_, C> {
             match frame.decode().map_err(Error::Protocol)? {
                 Message::RoundEnd(0) if got.rounds == 0 && state.is_none() => {
                     got.rounds += 1;
+                    if self.caps & caps::ROUND_ACK != 0 {
+                        self.send(&Message::RoundDone(0))?;
+                    }
                     tracing::info!(
                         bytes = self.dec.received(),
                         wall_ms = wall0.elapsed().as_millis() as u64,
@@ -624,7 +627,12 @@ impl<C: Channel> Target<'_, C> {
                         "first pass received"
                     );
                 }
-                Message::RoundEnd(n) if n == got.rounds && state.is_none() => got.rounds += 1,
+                Message::RoundEnd(n) if n == got.rounds && state.is_none() => {
+                    got.rounds += 1;
+                    if self.caps & caps::ROUND_ACK != 0 {
+                        self.send(&Message::RoundDone(n))?;
+                    }
+                }
                 Message::State(s) if state.is_none() => {
                     self.stage = "switchover";
                     state = Some(s);

@@ -17,6 +17,7 @@
 //!    |--- RoundEnd {0} -------------------------------->|  pages as announcements
 //!    |--- Pages {round N, dirty runs} ... ------------->|  pre-copy rounds,
 //!    |--- RoundEnd {N} -------------------------------->|  guest still running
+//!    |<-- RoundDone {N} ---------------------------------|  (ROUND_ACK) round N in memory
 //!    |        (source pauses the guest: "stun")         |
 //!    |--- Pages {last round} ... ---------------------->|
 //!    |--- State {vCPU + device blob} ------------------>|
@@ -65,6 +66,7 @@
 //!               bytes of one LZ4 block that decompresses to exactly
 //!               pages * PAGE_SIZE bytes
 //! RoundEnd:     round u32
+//! RoundDone:    round u32
 //! State:        opaque bytes from the VMM's snapshot code
 //! Resumed, Cancel: empty
 //! ```
@@ -99,8 +101,13 @@ pub mod caps {
     /// Data runs may be LZ4-compressed (kind 2), used while a bandwidth
     /// cap makes the link the bottleneck.
     pub const LZ4: u32 = 1 << 2;
+    /// The target acknowledges each pre-copy round once it is in guest
+    /// memory (`RoundDone`): the source stuns the guest only when the
+    /// target has caught up, so what is still in flight or being written
+    /// there is not downtime.
+    pub const ROUND_ACK: u32 = 1 << 3;
     /// Everything this build understands.
-    pub const ALL: u32 = ZERO_PAGES | PAGE_CHECKSUM | LZ4;
+    pub const ALL: u32 = ZERO_PAGES | PAGE_CHECKSUM | LZ4 | ROUND_ACK;
 }
 
 /// Frame errors: each names the message and what was wrong.
@@ -233,6 +240,9 @@ pub enum MessageType {
     Abort = 10,
     /// The user cancelled (source to target).
     Cancel = 11,
+    /// A pre-copy round is in guest memory (target to source, capability
+    /// ROUND_ACK).
+    RoundDone = 12,
 }
 
 impl MessageType {
@@ -250,6 +260,7 @@ impl MessageType {
             9 => Resumed,
             10 => Abort,
             11 => Cancel,
+            12 => RoundDone,
             _ => return None,
         })
     }
@@ -402,6 +413,8 @@ pub enum Message {
     Abort(Abort),
     /// See [`MessageType::Cancel`].
     Cancel,
+    /// See [`MessageType::RoundDone`].
+    RoundDone(u32),
 }
 
 impl Message {
@@ -419,6 +432,7 @@ impl Message {
             Message::Resumed => MessageType::Resumed,
             Message::Abort(_) => MessageType::Abort,
             Message::Cancel => MessageType::Cancel,
+            Message::RoundDone(_) => MessageType::RoundDone,
         }
     }
 
@@ -463,7 +477,7 @@ impl Message {
                 }
                 out
             }
-            Message::RoundEnd(n) => n.to_le_bytes().to_vec(),
+            Message::RoundEnd(n) | Message::RoundDone(n) => n.to_le_bytes().to_vec(),
             Message::State(blob) => blob.clone(),
             Message::Resumed | Message::Cancel => Vec::new(),
         }
@@ -536,6 +550,11 @@ impl Message {
             MessageType::Cancel => {
                 cur.end().map_err(&bad)?;
                 Message::Cancel
+            }
+            MessageType::RoundDone => {
+                let n = cur.u32().map_err(&bad)?;
+                cur.end().map_err(&bad)?;
+                Message::RoundDone(n)
             }
         };
         Ok(msg)

@@ -51,6 +51,7 @@ fn samples() -> Vec<Message> {
             ],
         },
         Message::RoundEnd(3),
+        Message::RoundDone(3),
         Message::State(vec![1, 2, 3, 4, 5]),
         Message::Complete(Complete {
             rounds: 4,

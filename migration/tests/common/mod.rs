@@ -23,6 +23,8 @@ struct Shared {
     logging: bool,
     paused: bool,
     at_pause: Option<Vec<u8>>,
+    /// A counter read when the VM pauses (see [`FakeVm::probe_at_pause`]).
+    probe: Option<(Arc<AtomicU64>, u64)>,
 }
 
 /// The source VM. Pages `[hot_start, hot_start + hot_pages)` are rewritten
@@ -75,6 +77,7 @@ impl FakeVm {
             logging: false,
             paused: false,
             at_pause: None,
+            probe: None,
         }));
         let throttle = Arc::new(AtomicU8::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -138,6 +141,14 @@ impl FakeVm {
     }
     pub fn memory_at_pause(&self) -> Option<Vec<u8>> {
         self.shared.lock().unwrap().at_pause.clone()
+    }
+    /// Reads `counter` when the VM pauses; [`probed`](Self::probed) tells
+    /// what it held then.
+    pub fn probe_at_pause(&mut self, counter: Arc<AtomicU64>) {
+        self.shared.lock().unwrap().probe = Some((counter, 0));
+    }
+    pub fn probed(&self) -> Option<u64> {
+        self.shared.lock().unwrap().probe.as_ref().map(|p| p.1)
     }
 }
 
@@ -242,6 +253,9 @@ impl MigratableVm for FakeVm {
         let mut s = self.shared.lock().unwrap();
         s.paused = true;
         s.at_pause = Some(s.mem.clone());
+        if let Some((c, v)) = s.probe.as_mut() {
+            *v = c.load(Ordering::SeqCst);
+        }
         Ok(())
     }
     fn quiesce_devices(&mut self) -> Result<(), VmError> {
@@ -272,6 +286,10 @@ pub struct FakeHost {
     pub facts: HostFacts,
     pub seen: Arc<Mutex<TargetSeen>>,
     pub fail_restore: bool,
+    /// How long each page write takes (a slow target).
+    pub write_delay: Duration,
+    /// Pages written so far.
+    pub written: Arc<AtomicU64>,
 }
 
 impl FakeHost {
@@ -287,6 +305,8 @@ impl FakeHost {
             },
             seen: Arc::default(),
             fail_restore: false,
+            write_delay: Duration::ZERO,
+            written: Arc::default(),
         }
     }
 }
@@ -297,6 +317,8 @@ pub struct FakeIncoming {
     state: Option<Vec<u8>>,
     seen: Arc<Mutex<TargetSeen>>,
     fail_restore: bool,
+    write_delay: Duration,
+    written: Arc<AtomicU64>,
 }
 
 impl TargetHost for FakeHost {
@@ -323,6 +345,8 @@ impl TargetHost for FakeHost {
             state: None,
             seen: self.seen.clone(),
             fail_restore: self.fail_restore,
+            write_delay: self.write_delay,
+            written: self.written.clone(),
         })
     }
 }
@@ -331,6 +355,9 @@ impl IncomingVm for FakeIncoming {
     fn write_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
         let r = range(&self.layout, gpa, data.len())?;
         self.mem[r].copy_from_slice(data);
+        let pages = (data.len() / PAGE_SIZE) as u64;
+        std::thread::sleep(self.write_delay * pages as u32);
+        self.written.fetch_add(pages, Ordering::SeqCst);
         Ok(())
     }
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
