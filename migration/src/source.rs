@@ -491,7 +491,9 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
             // short of memory fails here, not mid-stream.
             let pages = self.opts.pages_per_frame.max(1);
             self.scratch.resize(pages as usize * PAGE_SIZE, 0);
-            self.frame.commit(pages);
+            // Frames carry up to two frames' worth of data pages (see
+            // `send_round`).
+            self.frame.commit(pages * 2);
         }
         self.enter(Stage::Connect, 0)?;
         self.chan
@@ -810,22 +812,33 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
         let mut done = 0u64;
         for (gpa, n) in pages.runs(max) {
             let n_us = n as usize;
+            if !lz4 {
+                // Read straight into the frame. A frame holds up to
+                // `max` data pages before this read, 2 x `max` after it.
+                if frame.data_pages() >= max || frame.runs() + n > MAX_RUNS_PER_FRAME {
+                    self.flush(&mut frame, round)?;
+                }
+                let bytes = frame.read_area(n_us);
+                self.vm
+                    .read_pages_sparse(gpa, bytes, &mut zero[..n_us])
+                    .map_err(vm_err("read_pages"))?;
+                mark_zero(&mut zero[..n_us], bytes, zero_ok);
+                let (d, z, r) = frame.finish_read(gpa, &zero[..n_us], checksums);
+                self.data_pages += u64::from(d);
+                self.zero_pages += u64::from(z);
+                self.runs += u64::from(r);
+                done += u64::from(n);
+                if let Some(total) = full {
+                    self.percent = (10 + done * 60 / total) as u8;
+                    self.remaining = total - done;
+                }
+                continue;
+            }
             let bytes = &mut scratch[..n_us * PAGE_SIZE];
             self.vm
                 .read_pages_sparse(gpa, bytes, &mut zero[..n_us])
                 .map_err(vm_err("read_pages"))?;
-            for (z, page) in zero[..n_us]
-                .iter_mut()
-                .zip(bytes.chunks_exact_mut(PAGE_SIZE))
-            {
-                if zero_ok {
-                    *z = *z || is_zero(page);
-                } else if *z {
-                    // Unread, and the target wants every page's bytes.
-                    page.fill(0);
-                    *z = false;
-                }
-            }
+            mark_zero(&mut zero[..n_us], bytes, zero_ok);
             let mut i = 0;
             while i < n_us {
                 let z = zero[i];
@@ -845,11 +858,7 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
                     let data = &bytes[i * PAGE_SIZE..j * PAGE_SIZE];
                     let checksum = if checksums { crc32c::crc32c(data) } else { 0 };
                     self.data_pages += u64::from(count);
-                    if lz4 {
-                        frame.push_data_lz4(at, data, checksum);
-                    } else {
-                        frame.push_data(at, data, checksum);
-                    }
+                    frame.push_data_lz4(at, data, checksum);
                 }
                 self.runs += 1;
                 i = j;
@@ -961,6 +970,21 @@ fn unexpected(m: &Message, expected: &'static str) -> Error {
 /// Whether a page is all zero. Each 64-byte block is OR-ed as eight words
 /// (which the compiler vectorises) before the test, so a zero page costs
 /// 64 branches rather than 512.
+/// Completes the zero flags of pages just read (`zero` comes set for pages
+/// never touched, left unread): a page read as all zero is one too. If the
+/// target does not take zero announcements, unread pages are zero-filled
+/// and sent as data instead.
+fn mark_zero(zero: &mut [bool], bytes: &mut [u8], zero_ok: bool) {
+    for (z, page) in zero.iter_mut().zip(bytes.chunks_exact_mut(PAGE_SIZE)) {
+        if zero_ok {
+            *z = *z || is_zero(page);
+        } else if *z {
+            page.fill(0);
+            *z = false;
+        }
+    }
+}
+
 fn is_zero(page: &[u8]) -> bool {
     page.chunks(64).all(|block| {
         block

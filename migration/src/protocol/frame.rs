@@ -510,7 +510,7 @@ impl Encoder {
         w: &mut W,
         frame: &mut PagesFrame,
     ) -> Result<usize, ProtocolError> {
-        let len = frame.buf.len() - HEADER_LEN;
+        let len = frame.len - HEADER_LEN;
         if len > MAX_PAYLOAD as usize {
             return Err(ProtocolError::TooLargeToSend {
                 kind: MessageType::Pages,
@@ -518,7 +518,7 @@ impl Encoder {
                 max: MAX_PAYLOAD,
             });
         }
-        let b = &mut frame.buf;
+        let b = &mut frame.buf[..frame.len];
         b[RUN_COUNT_AT..RUN_COUNT_AT + 4].copy_from_slice(&frame.runs.to_le_bytes());
         b[..4].copy_from_slice(&MAGIC);
         b[4..6].copy_from_slice(&(MessageType::Pages as u16).to_le_bytes());
@@ -551,7 +551,10 @@ impl Encoder {
 /// from runs to payload to frame. The source's hot path.
 #[derive(Debug, Default)]
 pub struct PagesFrame {
+    /// `buf[..len]` is the frame; the rest is room kept from larger
+    /// frames (initialized once, so pages can be read straight into it).
     buf: Vec<u8>,
+    len: usize,
     runs: u32,
     data_pages: u32,
     /// Room to compress a run into.
@@ -573,6 +576,7 @@ impl PagesFrame {
     pub fn commit(&mut self, pages: u32) {
         let len = pages as usize * super::PAGE_SIZE;
         let frame = HEADER_LEN + 8 + len + pages as usize * (super::RUN_HEADER_LEN + 4);
+        self.len = 0;
         self.buf.clear();
         self.buf.resize(frame, 0);
         self.lz4.clear();
@@ -582,12 +586,95 @@ impl PagesFrame {
 
     /// Starts a frame of round `round`, dropping whatever it held.
     pub fn begin(&mut self, round: u32) {
-        self.buf.clear();
-        self.buf.resize(HEADER_LEN, 0);
-        self.buf.extend_from_slice(&round.to_le_bytes());
-        self.buf.extend_from_slice(&0u32.to_le_bytes());
+        self.len = HEADER_LEN;
+        self.room(8);
+        self.put(&round.to_le_bytes());
+        self.put(&0u32.to_le_bytes());
         self.runs = 0;
         self.data_pages = 0;
+    }
+
+    /// Makes `buf[len..len + n]` exist.
+    fn room(&mut self, n: usize) {
+        if self.buf.len() < self.len + n {
+            self.buf.resize(self.len + n, 0);
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        self.room(bytes.len());
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn header_at(&mut self, at: usize, gpa: u64, pages: u32, kind: u8, checksum: u32) {
+        let h = &mut self.buf[at..at + super::RUN_HEADER_LEN];
+        h[..8].copy_from_slice(&gpa.to_le_bytes());
+        h[8..12].copy_from_slice(&pages.to_le_bytes());
+        h[12..16].copy_from_slice(&[kind, 0, 0, 0]);
+        h[16..20].copy_from_slice(&checksum.to_le_bytes());
+    }
+
+    /// Room after the frame's end for `pages` pages, preceded by room for
+    /// a run header: the source reads guest memory straight into it (one
+    /// copy instead of two), then calls [`finish_read`](Self::finish_read).
+    pub fn read_area(&mut self, pages: usize) -> &mut [u8] {
+        let len = pages * super::PAGE_SIZE;
+        self.room(super::RUN_HEADER_LEN + len);
+        let at = self.len + super::RUN_HEADER_LEN;
+        &mut self.buf[at..at + len]
+    }
+
+    /// Turns the pages read into [`read_area`](Self::read_area) (`zero`:
+    /// one flag per page, set for pages to announce as zero) into runs in
+    /// place: zero runs become headers, data runs keep their bytes, moved
+    /// down over the zero pages before them. With `checksums`, each data
+    /// run carries its CRC-32C. Returns (data pages, zero pages, runs).
+    ///
+    /// In place is safe because the write position never passes the read
+    /// position: it starts one run header before the first page, a data
+    /// run adds a header and its pages, and a zero run adds a header but
+    /// removes at least one page (4096 bytes) of input.
+    pub fn finish_read(&mut self, gpa: u64, zero: &[bool], checksums: bool) -> (u32, u32, u32) {
+        const PAGE: usize = super::PAGE_SIZE;
+        const RH: usize = super::RUN_HEADER_LEN;
+        let data0 = self.len + RH;
+        let mut w = self.len;
+        let (mut data, mut zeros, mut runs) = (0, 0, 0);
+        let mut i = 0;
+        while i < zero.len() {
+            let z = zero[i];
+            let mut j = i + 1;
+            while j < zero.len() && zero[j] == z {
+                j += 1;
+            }
+            let count = (j - i) as u32;
+            let at = gpa + (i * PAGE) as u64;
+            if z {
+                self.header_at(w, at, count, 1, 0);
+                w += RH;
+                zeros += count;
+            } else {
+                let (src, len) = (data0 + i * PAGE, (j - i) * PAGE);
+                if src != w + RH {
+                    self.buf.copy_within(src..src + len, w + RH);
+                }
+                let checksum = if checksums {
+                    crc32c::crc32c(&self.buf[w + RH..w + RH + len])
+                } else {
+                    0
+                };
+                self.header_at(w, at, count, 0, checksum);
+                w += RH + len;
+                data += count;
+            }
+            runs += 1;
+            i = j;
+        }
+        self.len = w;
+        self.runs += runs;
+        self.data_pages += data;
+        (data, zeros, runs)
     }
 
     /// Runs added since [`begin`](Self::begin).
@@ -601,10 +688,9 @@ impl PagesFrame {
     }
 
     fn run_header(&mut self, gpa: u64, pages: u32, kind: u8, checksum: u32) {
-        self.buf.extend_from_slice(&gpa.to_le_bytes());
-        self.buf.extend_from_slice(&pages.to_le_bytes());
-        self.buf.extend_from_slice(&[kind, 0, 0, 0]);
-        self.buf.extend_from_slice(&checksum.to_le_bytes());
+        self.room(super::RUN_HEADER_LEN);
+        self.header_at(self.len, gpa, pages, kind, checksum);
+        self.len += super::RUN_HEADER_LEN;
         self.runs += 1;
     }
 
@@ -618,7 +704,7 @@ impl PagesFrame {
     pub fn push_data(&mut self, gpa: u64, data: &[u8], checksum: u32) {
         let pages = (data.len() / super::PAGE_SIZE) as u32;
         self.run_header(gpa, pages, 0, checksum);
-        self.buf.extend_from_slice(data);
+        self.put(data);
         self.data_pages += pages;
     }
 
@@ -632,8 +718,10 @@ impl PagesFrame {
             Ok(n) if n + 4 < data.len() - data.len() / 8 => {
                 let pages = (data.len() / super::PAGE_SIZE) as u32;
                 self.run_header(gpa, pages, 2, checksum);
-                self.buf.extend_from_slice(&(n as u32).to_le_bytes());
-                self.buf.extend_from_slice(&self.lz4[..n]);
+                self.put(&(n as u32).to_le_bytes());
+                let lz4 = std::mem::take(&mut self.lz4);
+                self.put(&lz4[..n]);
+                self.lz4 = lz4;
                 self.data_pages += pages;
             }
             _ => self.push_data(gpa, data, checksum),

@@ -347,3 +347,77 @@ fn pages_frame_built_in_place_is_byte_for_byte_the_message() {
     assert_eq!(got, expected);
     assert_eq!(decode_all(&got).unwrap()[1], msg);
 }
+
+/// Pages read straight into a frame and turned into runs in place give the
+/// same bytes as the runs pushed one by one, for every shape of zero and
+/// data pages in a read (leading, trailing, alternating, all of one kind),
+/// after an earlier read in the same frame and after a bigger frame.
+#[test]
+fn pages_read_in_place_are_byte_for_byte_the_pushed_runs() {
+    let shapes: [&[bool]; 6] = [
+        &[false, false, true, true, false],
+        &[true, false, true, false, true, false],
+        &[true, true, true],
+        &[false, false, false, false],
+        &[false],
+        &[true, false, false, true, true, true, false],
+    ];
+    let mut in_place = PagesFrame::new();
+    // A bigger frame first, so stale bytes sit in the room it leaves.
+    in_place.begin(0);
+    in_place.push_data(0, &vec![0xee; 64 * PAGE_SIZE], 0);
+    for checksums in [false, true] {
+        in_place.begin(4);
+        let mut pushed = PagesFrame::new();
+        pushed.begin(4);
+        for (k, zero) in shapes.iter().enumerate() {
+            let gpa = 0x10_0000 * (k as u64 + 1);
+            let pages: Vec<Vec<u8>> = (0..zero.len())
+                .map(|i| {
+                    vec![
+                        if zero[i] {
+                            0xaa
+                        } else {
+                            (k * 16 + i + 1) as u8
+                        };
+                        PAGE_SIZE
+                    ]
+                })
+                .collect();
+            let area = in_place.read_area(zero.len());
+            for (dst, src) in area.chunks_exact_mut(PAGE_SIZE).zip(&pages) {
+                dst.copy_from_slice(src);
+            }
+            let counts = in_place.finish_read(gpa, zero, checksums);
+            let (mut d, mut z, mut r) = (0, 0, 0);
+            let mut i = 0;
+            while i < zero.len() {
+                let mut j = i + 1;
+                while j < zero.len() && zero[j] == zero[i] {
+                    j += 1;
+                }
+                let at = gpa + (i * PAGE_SIZE) as u64;
+                if zero[i] {
+                    pushed.push_zero(at, (j - i) as u32);
+                    z += j - i;
+                } else {
+                    let data = pages[i..j].concat();
+                    let crc = if checksums { crc32c::crc32c(&data) } else { 0 };
+                    pushed.push_data(at, &data, crc);
+                    d += j - i;
+                }
+                r += 1;
+                i = j;
+            }
+            assert_eq!(counts, (d as u32, z as u32, r), "shape {k}");
+        }
+        assert_eq!(
+            (in_place.runs(), in_place.data_pages()),
+            (pushed.runs(), pushed.data_pages())
+        );
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        Encoder::new().send_pages(&mut a, &mut in_place).unwrap();
+        Encoder::new().send_pages(&mut b, &mut pushed).unwrap();
+        assert_eq!(a, b, "checksums {checksums}");
+    }
+}
