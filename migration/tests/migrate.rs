@@ -191,6 +191,8 @@ fn hard_limit_fails_cleanly_and_resumes_source() {
             enabled: false,
             ..Default::default()
         },
+        // Compressed, the fake's pages would fit the cap.
+        compress: Compression::Off,
         ..source_opts()
     };
     let (r, _) = run_source(&mut vm, addr, &opts, None);
@@ -225,6 +227,8 @@ fn cancel_in_each_stage_resumes_source() {
         });
         let opts = SourceOptions {
             bandwidth_cap: Some(64 << 20),
+            // Uncompressed, so every stage lasts long enough to cancel in.
+            compress: Compression::Off,
             ..source_opts()
         };
         let (r, progress) = run_source(&mut vm, addr, &opts, Some(stage));
