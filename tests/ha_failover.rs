@@ -88,32 +88,7 @@ fn wait_writing(lab: &Lab, i: usize, vm: &str, n: usize) {
 /// tags, in order of appearance) and panics if a writer came back after
 /// another took over, or if sequence numbers went backwards.
 fn check_journal(disk: &Path) -> Vec<String> {
-    let data = std::fs::read(disk).unwrap();
-    let mut writers: Vec<[u8; 16]> = Vec::new();
-    let mut last_seq = 0u64;
-    let mut records = 0;
-    for (k, rec) in data.chunks(512).enumerate() {
-        if rec.len() < 512 || &rec[0..8] != b"VIGILJ01" {
-            break;
-        }
-        let tag: [u8; 16] = rec[8..24].try_into().unwrap();
-        let seq = u64::from_le_bytes(rec[24..32].try_into().unwrap());
-        assert!(
-            records == 0 || seq > last_seq,
-            "split brain or corruption: record {k} has seq {seq} after {last_seq}"
-        );
-        match writers.iter().position(|w| *w == tag) {
-            Some(p) if p + 1 == writers.len() => {}
-            Some(p) => panic!(
-                "split brain: writer {} wrote record {k} (seq {seq}) after writer {} took over",
-                p,
-                writers.len() - 1
-            ),
-            None => writers.push(tag),
-        }
-        last_seq = seq;
-        records += 1;
-    }
+    let (writers, records, _) = common::journal(disk);
     assert!(records > 0, "no journal records on {}", disk.display());
     writers
         .iter()

@@ -801,14 +801,18 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
         let t0 = Instant::now();
         let b0 = self.bytes;
         let max = self.opts.pages_per_frame.max(1);
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize(max as usize * PAGE_SIZE, 0);
-        let mut zero = vec![false; max as usize];
-        let mut frame = std::mem::take(&mut self.frame);
-        frame.begin(round);
         let zero_ok = self.caps & caps::ZERO_PAGES != 0;
         let checksums = self.caps & caps::PAGE_CHECKSUM != 0;
         let lz4 = self.compressing();
+        // Pages are read into the frame itself, or, to be compressed, into
+        // a scratch buffer first.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if lz4 {
+            scratch.resize(max as usize * PAGE_SIZE, 0);
+        }
+        let mut zero = vec![false; max as usize];
+        let mut frame = std::mem::take(&mut self.frame);
+        frame.begin(round);
         let mut done = 0u64;
         for (gpa, n) in pages.runs(max) {
             let n_us = n as usize;

@@ -248,8 +248,16 @@ impl<C: Channel> Target<'_, C> {
         let mut last = self.start_waiting()?;
         loop {
             self.check_cancel()?;
-            if let Some(h) = self.dec.header().map_err(Error::Protocol)? {
-                return Ok(h);
+            match self.dec.header() {
+                Ok(Some(h)) => return Ok(h),
+                Ok(None) => {}
+                Err(e) => {
+                    // As for a whole frame, the CRC speaks first: a
+                    // corrupted type, flags or sequence field is
+                    // corruption in transit. Read the frame to tell.
+                    self.recv_frame()?;
+                    return Err(Error::Protocol(e));
+                }
             }
             match self
                 .dec
@@ -277,11 +285,8 @@ impl<C: Channel> Target<'_, C> {
         ahead: usize,
     ) -> Result<(), Error> {
         let mut last = Instant::now();
-        while self.dec.buffered() < dst.len() {
-            if dst.len() > f.left() {
-                // Let the decoder name the overrun.
-                break;
-            }
+        // Past the frame's end, the decoder names the overrun below.
+        while dst.len() <= f.left() && self.dec.buffered() < dst.len() {
             match self
                 .dec
                 .stream_fill(&mut self.chan, f, ahead.max(dst.len()))
@@ -391,11 +396,11 @@ impl<C: Channel> Target<'_, C> {
         let mut block = std::mem::take(&mut p.block);
         block.resize(n, 0);
         self.stream_data(f, &mut block)?;
-        let out = match vm.pages_mut(r.gpa, len) {
-            Some(dst) => lz4_flex::block::decompress_into(&block, dst),
+        let (out, buffered) = match vm.pages_mut(r.gpa, len) {
+            Some(dst) => (lz4_flex::block::decompress_into(&block, dst), false),
             None => {
                 p.data.resize(len, 0);
-                lz4_flex::block::decompress_into(&block, &mut p.data)
+                (lz4_flex::block::decompress_into(&block, &mut p.data), true)
             }
         };
         p.block = block;
@@ -404,7 +409,7 @@ impl<C: Channel> Target<'_, C> {
             Ok(got) => return Err(bad(format!("decompressed to {got} bytes, not {len}"))),
             Err(e) => return Err(bad(format!("not a valid block ({e})"))),
         }
-        if vm.pages_mut(r.gpa, len).is_none() {
+        if buffered {
             vm.write_pages(r.gpa, &p.data)
                 .map_err(vm_err("write_pages"))?;
         }

@@ -392,6 +392,14 @@ fn target_without_lz4_gets_raw_pages() {
     assert!(sent > raw, "{sent} bytes sent for {raw} bytes of pages");
 }
 
+/// A flipped bit in a frame's flags field (header byte 6) is corruption
+/// found by the CRC too, not a frame with unknown flags, although the
+/// target reads `Pages` headers before their payload.
+#[test]
+fn corrupted_header_field_is_reported_as_corruption() {
+    corruption_is_reported(Fault::FlipHeader(MessageType::Pages, 1, 6), &source_opts());
+}
+
 #[test]
 fn corrupted_lz4_block_is_reported_as_corruption() {
     // Payload: round (4), count (4), the first run's header (20: a data

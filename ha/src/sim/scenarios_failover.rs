@@ -769,10 +769,10 @@ fn dedicated_failover_host_takes_restarts_not_power_ons() {
     assert_eq!(sim.running_on("vm-a"), vec![h("host-1")]);
 }
 
-/// Entering maintenance mode is refused by admission control with the
-/// arithmetic, and the master shows current and failover capacity.
-#[test]
-fn maintenance_refused_by_admission_and_capacity_shown() {
+/// Three uniform hosts under "percentage reserved" (CPU 25 %, memory
+/// 40 %), vm-1 on host-1 and vm-2 on host-2 reserving 4000 MHz / 40000 MiB
+/// each; settled, with host-3 the master.
+fn reserved_pair_cluster() -> Sim {
     let mut spec = uniform(3);
     spec.admission = AdmissionPolicy::PercentageReserved {
         cpu_pct: 25,
@@ -785,6 +785,14 @@ fn maintenance_refused_by_admission_and_capacity_shown() {
     let mut sim = Sim::new(spec);
     assert_eq!(sim.settle(), h("host-3"));
     sim.run_secs(3);
+    sim
+}
+
+/// Entering maintenance mode is refused by admission control with the
+/// arithmetic, and the master shows current and failover capacity.
+#[test]
+fn maintenance_refused_by_admission_and_capacity_shown() {
+    let mut sim = reserved_pair_cluster();
     let cap = sim.hosts[&h("host-3")]
         .agent
         .capacity(sim.now)
@@ -858,18 +866,7 @@ fn maintenance_refused_by_admission_and_capacity_shown() {
 /// there and places nothing on it; exiting brings it back.
 #[test]
 fn maintenance_needs_an_empty_host_and_takes_no_vms() {
-    let mut spec = uniform(3);
-    spec.admission = AdmissionPolicy::PercentageReserved {
-        cpu_pct: 25,
-        mem_pct: 40,
-    };
-    spec.vms = vec![
-        (vmc("vm-1", 4000, 40_000), "host-1"),
-        (vmc("vm-2", 4000, 40_000), "host-2"),
-    ];
-    let mut sim = Sim::new(spec);
-    assert_eq!(sim.settle(), h("host-3"));
-    sim.run_secs(3);
+    let mut sim = reserved_pair_cluster();
     let check = |sim: &mut Sim, power_off| {
         sim.command(
             "host-3",
@@ -949,18 +946,7 @@ fn maintenance_needs_an_empty_host_and_takes_no_vms() {
 /// names the master. Once registered, the new reservation counts.
 #[test]
 fn reservation_increase_checked_by_admission_on_the_master() {
-    let mut spec = uniform(3);
-    spec.admission = AdmissionPolicy::PercentageReserved {
-        cpu_pct: 25,
-        mem_pct: 40,
-    };
-    spec.vms = vec![
-        (vmc("vm-1", 4000, 40_000), "host-1"),
-        (vmc("vm-2", 4000, 40_000), "host-2"),
-    ];
-    let mut sim = Sim::new(spec);
-    assert_eq!(sim.settle(), h("host-3"));
-    sim.run_secs(3);
+    let mut sim = reserved_pair_cluster();
     let check = |sim: &mut Sim, host: &str, name: &str, cpu, mem| {
         sim.command(
             host,

@@ -196,43 +196,21 @@ impl Decoder {
             return Ok(None);
         };
         let b = &self.buf[self.pos..self.pos + total];
-        let seq = self.next_sequence;
-        let raw_kind = u16::from_le_bytes([b[4], b[5]]);
-        let flags = u16::from_le_bytes([b[6], b[7]]);
-        let length = (total - HEADER_LEN) as u32;
-        let found_seq = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
         let stated = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
-        let payload = &b[HEADER_LEN..total];
         // Checksum first: any later complaint about a corrupted field would
         // be misleading.
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&b[..16]), payload);
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&b[..16]), &b[HEADER_LEN..]);
         if computed != stated {
             return Err(ProtocolError::Checksum {
-                sequence: seq,
-                kind: kind_name(raw_kind),
-                length,
+                sequence: self.next_sequence,
+                kind: kind_name(u16::from_le_bytes([b[4], b[5]])),
+                length: (total - HEADER_LEN) as u32,
                 computed,
                 stated,
             });
         }
-        let kind = MessageType::from_u16(raw_kind).ok_or(ProtocolError::UnknownType {
-            sequence: seq,
-            value: raw_kind,
-        })?;
-        if flags != 0 {
-            return Err(ProtocolError::BadFlags {
-                sequence: seq,
-                kind,
-                flags,
-            });
-        }
-        if found_seq != seq {
-            return Err(ProtocolError::Sequence {
-                kind,
-                expected: seq,
-                found: found_seq,
-            });
-        }
+        let h = self.header()?.expect("a whole frame has a header");
+        let (kind, seq) = (h.kind, h.sequence);
         let start = self.pos;
         self.pos += total;
         if self.pos == self.end {
@@ -313,12 +291,7 @@ impl Decoder {
         f: &StreamedFrame,
         want: usize,
     ) -> io::Result<usize> {
-        let want = want.min(f.left.saturating_sub(self.buffered())).max(1);
-        self.reserve(want);
-        let n = r.read(&mut self.buf[self.end..self.end + want])?;
-        self.end += n;
-        self.received += n as u64;
-        Ok(n)
+        self.fill_small(r, want.min(f.left.saturating_sub(self.buffered())).max(1))
     }
 
     /// Consumes `n` buffered bytes of frame `f` (the caller made sure they

@@ -391,6 +391,8 @@ pub enum Fault {
     FlipAt(MessageType, usize),
     /// Flip bit 0 of payload byte `offset` of the `nth` frame of `kind`.
     FlipByte(MessageType, usize, usize),
+    /// Flip bit 0 of header byte `offset` of the `nth` frame of `kind`.
+    FlipHeader(MessageType, usize, usize),
 }
 
 /// A loopback proxy in front of `target`; returns the address to connect to.
@@ -437,6 +439,9 @@ pub fn proxy(target: std::net::SocketAddr, fault: Fault) -> std::net::SocketAddr
                     }
                     Fault::FlipByte(kind, i, offset) if kind == k && i == nth => {
                         frame[migration::protocol::HEADER_LEN + offset] ^= 0x01;
+                    }
+                    Fault::FlipHeader(kind, i, offset) if kind == k && i == nth => {
+                        frame[offset] ^= 0x01;
                     }
                     _ => {}
                 }
