@@ -76,6 +76,15 @@ pub enum VmEvent {
         /// Their generation.
         generation: u64,
     },
+    /// The VM live-migrated away: the target acknowledged and holds the
+    /// lease. It no longer runs here and nothing is to be restarted.
+    MigratedAway {
+        /// The lease's new holder, when read.
+        to: Option<HostId>,
+    },
+    /// An incoming migration ended without the guest running here (the
+    /// migration failed or was cancelled): nothing ran, nothing to report.
+    IncomingEnded,
 }
 
 /// Operator commands (from the CLI).
@@ -131,6 +140,36 @@ pub enum Command {
     /// enabled: add it to the cluster view (the runtime finds registrations
     /// on the datastores).
     RegisterVm(VmConfig),
+    /// Plan a live migration of `vm` (master): to `to`, or to a host the
+    /// master places it on. `from_outside`: the VM runs on a VMM outside
+    /// the cluster and comes in (admission control decides, as for a
+    /// power-on); otherwise it runs on a cluster host and moves within it.
+    /// `Ok` is `"FROM -> TO"` (FROM is `outside` for a VM coming in); the
+    /// master then counts the migration as in flight until
+    /// [`Command::EndMigration`] (or a timeout), and does not take the VM's
+    /// absence from its source's reports for a loss meanwhile.
+    BeginMigration {
+        /// The VM.
+        vm: VmId,
+        /// The target host; placed when absent.
+        to: Option<HostId>,
+        /// The VM comes from outside the cluster.
+        from_outside: bool,
+    },
+    /// A planned migration ended (master): `ok` when the guest runs on the
+    /// target.
+    EndMigration {
+        /// The VM.
+        vm: VmId,
+        /// The guest runs on the target.
+        ok: bool,
+    },
+    /// This host is about to receive `vm` by live migration (the host
+    /// itself): refused in maintenance mode or when the VM runs here.
+    AcceptIncoming {
+        /// The VM.
+        vm: VmId,
+    },
 }
 
 /// Everything the agent can be told.
@@ -314,6 +353,14 @@ pub enum CommandError {
         host: HostId,
         /// The VMs running or starting there, comma-separated.
         vms: String,
+    },
+    /// A live migration cannot be done.
+    #[error("cannot migrate VM {vm}: {reason}")]
+    Migration {
+        /// The VM.
+        vm: VmId,
+        /// Why.
+        reason: String,
     },
     /// No host can take the VM.
     #[error("no host can run VM {vm}: {reason}")]

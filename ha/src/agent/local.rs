@@ -44,11 +44,46 @@ impl Agent {
             .local
             .get(&vm.id)
             .is_some_and(|v| v.power == PowerState::On);
-        if running || self.starting.contains(&vm.id) {
+        if running || self.starting.contains(&vm.id) || self.incoming.contains(&vm.id) {
             return;
         }
         self.starting.insert(vm.id.clone());
         out.push(Action::StartVm { vm });
+    }
+
+    /// Accepts a VM arriving by live migration (`Command::AcceptIncoming`).
+    pub(super) fn accept_incoming(&mut self, vm: VmId, out: &mut Vec<Action>) {
+        let refuse = |reason: String| {
+            Action::CommandDone(Err(CommandError::Migration {
+                vm: vm.clone(),
+                reason,
+            }))
+        };
+        if self.state == HostHaState::Maintenance {
+            out.push(refuse(format!(
+                "host {} is in maintenance mode and runs no VMs",
+                self.cfg.host
+            )));
+            return;
+        }
+        let here = self
+            .local
+            .get(&vm)
+            .is_some_and(|v| v.power == PowerState::On)
+            || self.starting.contains(&vm)
+            || self.incoming.contains(&vm);
+        if here {
+            out.push(refuse(format!(
+                "it already runs, starts or arrives on {}",
+                self.cfg.host
+            )));
+            return;
+        }
+        self.incoming.insert(vm.clone());
+        out.push(Action::CommandDone(Ok(format!(
+            "{} accepts {vm}",
+            self.cfg.host
+        ))));
     }
 
     pub(super) fn user_power_off(&mut self, vm: VmId, out: &mut Vec<Action>) {
@@ -78,6 +113,7 @@ impl Agent {
         match event {
             VmEvent::PoweredOn => {
                 self.starting.remove(&vm);
+                self.incoming.remove(&vm);
                 self.off_reasons.remove(&vm);
                 let settings = self.cluster().monitoring_for(&vm);
                 let monitor = settings.enabled().then(|| VmMonitor::new(settings, now));
@@ -124,6 +160,15 @@ impl Agent {
                         limit_reported: false,
                     },
                 );
+            }
+            VmEvent::IncomingEnded => {
+                self.incoming.remove(&vm);
+                return;
+            }
+            VmEvent::MigratedAway { to } => {
+                tracing::info!(host = %self.cfg.host, vm = %vm, to = ?to, "VM migrated away");
+                self.local.remove(&vm);
+                self.off_reasons.remove(&vm);
             }
             VmEvent::StartFailed { reason } => {
                 self.starting.remove(&vm);

@@ -61,6 +61,25 @@ pub(super) struct VmEntry {
     pub(super) restart: Restart,
 }
 
+/// A live migration the master planned (`Command::BeginMigration`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Migration {
+    /// The source host; `None` for a VM coming from outside the cluster.
+    pub(super) from: Option<HostId>,
+    /// The target host.
+    pub(super) to: HostId,
+    /// Forgotten after this: an orchestrator that never reported the end.
+    pub(super) until: Time,
+    /// It ended with the guest on the target.
+    pub(super) done: bool,
+}
+
+/// How long a planned migration may run before the master forgets it
+/// (the migration's own hard limit is 100 s by default).
+pub(super) const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long after a migration the source's reports of the VM are ignored.
+pub(super) const MIGRATED_GRACE: Duration = Duration::from_secs(10);
+
 /// Master-only state, dropped when the host stops being master.
 #[derive(Debug, Clone)]
 pub(super) struct MasterState {
@@ -85,6 +104,10 @@ pub(super) struct MasterState {
     pub(super) ds_loss_handled: BTreeMap<(VmId, HostId, DatastoreId), Time>,
     /// VMs reported as having no host to go to (reported once).
     pub(super) ds_loss_no_target: BTreeSet<(VmId, DatastoreId)>,
+    /// Live migrations in flight, and for a few seconds after one that
+    /// succeeded (the source's reports may still list the VM until its VMM
+    /// is gone).
+    pub(super) migrating: BTreeMap<VmId, Migration>,
 }
 
 impl MasterState {
@@ -146,6 +169,7 @@ impl MasterState {
             ds_lost: BTreeMap::new(),
             ds_loss_handled: BTreeMap::new(),
             ds_loss_no_target: BTreeSet::new(),
+            migrating: BTreeMap::new(),
         }
     }
 
@@ -404,6 +428,14 @@ impl Agent {
                 restart: Restart::Idle,
             });
             match ps {
+                PowerState::On
+                    if m.migrating
+                        .get(&vm)
+                        .is_some_and(|g| g.done && g.from.as_ref() == Some(from)) =>
+                {
+                    // The source's VMM lingers a moment after the target
+                    // took over: the VM is the target's.
+                }
                 PowerState::On => {
                     if let Restart::InFlight { host, attempt, .. } = &e.restart {
                         if host == from && *attempt > 0 {
@@ -455,6 +487,7 @@ impl Agent {
                     && e.host.as_ref() == Some(from)
                     && e.restart == Restart::Idle
                     && !reported.contains(*id)
+                    && !m.migrating.contains_key(*id)
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -468,7 +501,7 @@ impl Agent {
         self.persist_if_changed(out);
     }
 
-    fn persist_if_changed(&mut self, out: &mut Vec<Action>) {
+    pub(super) fn persist_if_changed(&mut self, out: &mut Vec<Action>) {
         let Some(m) = self.master_state.as_mut() else {
             return;
         };
@@ -557,6 +590,13 @@ impl Agent {
         };
         let cluster = self.cluster.clone().expect("HA enabled");
         let t = self.cfg.timings.clone();
+        m.migrating.retain(|vm, g| {
+            let keep = now < g.until;
+            if !keep && !g.done {
+                tracing::warn!(vm = %vm, to = %g.to, "a planned migration never reported its end: forgotten");
+            }
+            keep
+        });
         let poll_due = now >= m.next_poll;
         if poll_due {
             m.next_poll = now + t.ds_poll_interval;

@@ -140,6 +140,8 @@ pub struct Agent {
     hb_datastores: Vec<DatastoreId>,
     local: BTreeMap<VmId, LocalVm>,
     starting: BTreeSet<VmId>,
+    /// VMs arriving by live migration: not reported until they run here.
+    incoming: BTreeSet<VmId>,
     off_reasons: BTreeMap<VmId, PowerOffReason>,
     released: BTreeSet<VmId>,
     master_state: Option<MasterState>,
@@ -174,6 +176,7 @@ impl Agent {
             hb_datastores: Vec::new(),
             local: BTreeMap::new(),
             starting: BTreeSet::new(),
+            incoming: BTreeSet::new(),
             off_reasons: BTreeMap::new(),
             released: BTreeSet::new(),
             master_state: None,
@@ -373,6 +376,7 @@ impl Agent {
                     .into_iter()
                     .filter(|(_, p)| matches!(p, PowerState::On | PowerState::Starting))
                     .map(|(vm, _)| vm.to_string())
+                    .chain(self.incoming.iter().map(|vm| format!("{vm} (arriving)")))
                     .collect();
                 if !busy.is_empty() {
                     out.push(Action::CommandDone(Err(CommandError::MaintenanceBusy {
@@ -435,6 +439,19 @@ impl Agent {
                 )));
             }
             Command::PowerOffVm { vm } => self.user_power_off(vm, out),
+            Command::BeginMigration {
+                vm,
+                to,
+                from_outside,
+            } => {
+                let r = self.begin_migration(now, vm, to, from_outside);
+                out.push(Action::CommandDone(r));
+            }
+            Command::EndMigration { vm, ok } => {
+                let r = self.end_migration(now, vm, ok, out);
+                out.push(Action::CommandDone(r));
+            }
+            Command::AcceptIncoming { vm } => self.accept_incoming(vm, out),
             Command::PowerOnVm { vm, host } => self.user_power_on(now, vm, host, out),
         }
     }

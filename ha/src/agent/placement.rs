@@ -32,6 +32,46 @@ impl Agent {
         v
     }
 
+    /// Why `h` cannot take `cfg` now (`None`: it can): datastores it
+    /// cannot reach or does not mount, a dedicated failover host (only
+    /// restarts go there), restarts already in flight, too little
+    /// unreserved capacity.
+    fn host_refusal(
+        &self,
+        h: &HostId,
+        cfg: &crate::types::VmConfig,
+        restart: bool,
+        failover_hosts: &std::collections::BTreeSet<HostId>,
+    ) -> Option<String> {
+        let cluster = self.cluster();
+        let m = self.master_state.as_ref()?;
+        let Some(spec) = cluster.hosts.get(h) else {
+            return Some(format!("{h}: not in the cluster"));
+        };
+        let lost = self.lost_on(h);
+        if let Some(d) = cfg.datastores.iter().find(|d| lost.contains(*d)) {
+            return Some(format!("{h}: cannot reach datastore {d}"));
+        }
+        if !restart && failover_hosts.contains(h) {
+            return Some(format!("{h}: dedicated failover host"));
+        }
+        if !cfg.datastores.is_subset(&spec.datastores) {
+            return Some(format!("{h}: does not mount the VM's datastores"));
+        }
+        let (used, inflight) = m.used_on(h, cluster);
+        let free = spec.capacity.saturating_sub(&used);
+        if inflight >= self.cfg.timings.max_concurrent_restarts_per_host {
+            return Some(format!("{h}: {inflight} restarts already in flight"));
+        }
+        if !free.fits(&cfg.reservation) {
+            return Some(format!(
+                "{h}: {} MHz / {} MiB free",
+                free.cpu_mhz, free.mem_mib
+            ));
+        }
+        None
+    }
+
     /// Chooses a host for `vm`: mounts its datastores, has the reservation
     /// free, has a restart slot; most free memory first. `avoid` is used only
     /// if nothing else fits. With dedicated failover hosts, a restart goes to
@@ -56,36 +96,14 @@ impl Agent {
         let mut best: Vec<(Resources, HostId)> = Vec::new();
         let mut why = Vec::new();
         for h in self.placement_candidates(now) {
-            let Some(spec) = cluster.hosts.get(&h) else {
-                continue;
-            };
-            let lost = self.lost_on(&h);
-            if let Some(d) = cfg.datastores.iter().find(|d| lost.contains(*d)) {
-                why.push(format!("{h}: cannot reach datastore {d}"));
-                continue;
+            match self.host_refusal(&h, cfg, restart, &failover_hosts) {
+                Some(r) => why.push(r),
+                None => {
+                    let spec = &cluster.hosts[&h];
+                    let (used, _) = m.used_on(&h, cluster);
+                    best.push((spec.capacity.saturating_sub(&used), h));
+                }
             }
-            if !restart && failover_hosts.contains(&h) {
-                why.push(format!("{h}: dedicated failover host"));
-                continue;
-            }
-            if !cfg.datastores.is_subset(&spec.datastores) {
-                why.push(format!("{h}: does not mount the VM's datastores"));
-                continue;
-            }
-            let (used, inflight) = m.used_on(&h, cluster);
-            let free = spec.capacity.saturating_sub(&used);
-            if inflight >= self.cfg.timings.max_concurrent_restarts_per_host {
-                why.push(format!("{h}: {inflight} restarts already in flight"));
-                continue;
-            }
-            if !free.fits(&cfg.reservation) {
-                why.push(format!(
-                    "{h}: {} MHz / {} MiB free",
-                    free.cpu_mhz, free.mem_mib
-                ));
-                continue;
-            }
-            best.push((free, h));
         }
         best.sort_by(|a, b| {
             failover_hosts
@@ -408,5 +426,195 @@ impl Agent {
             "starting {vm} on {target}"
         ))));
         self.order_start(&vm, &target, out);
+    }
+
+    /// Plans a live migration (master only): see `Command::BeginMigration`.
+    /// Within the cluster the totals admission control judges do not
+    /// change, so the target only needs what a power-on there would (live,
+    /// not in maintenance, not a dedicated failover host, the VM's
+    /// datastores reachable, its reservation free); a VM coming from
+    /// outside is also a power-on for admission control.
+    pub(super) fn begin_migration(
+        &mut self,
+        now: Time,
+        vm: VmId,
+        to: Option<HostId>,
+        from_outside: bool,
+    ) -> Result<String, CommandError> {
+        if self.state != HostHaState::Master {
+            return Err(CommandError::NotMaster {
+                master: self.master.clone(),
+            });
+        }
+        let refuse = |reason: String| CommandError::Migration {
+            vm: vm.clone(),
+            reason,
+        };
+        let cluster = self.cluster.clone().expect("HA enabled");
+        let Some(cfg) = cluster.vms.get(&vm).cloned() else {
+            return Err(CommandError::UnknownVm(vm));
+        };
+        let m = self.master_state.as_ref().expect("master");
+        if let Some(g) = m.migrating.get(&vm).filter(|g| !g.done) {
+            return Err(refuse(format!(
+                "a migration to {} is already under way",
+                g.to
+            )));
+        }
+        let entry = m.vms.get(&vm);
+        let running_on = entry
+            .filter(|e| e.power == Some(PowerState::On) && e.restart == Restart::Idle)
+            .and_then(|e| e.host.clone());
+        let busy = entry.is_some_and(|e| {
+            matches!(
+                e.restart,
+                Restart::InFlight { .. } | Restart::Pending { .. }
+            )
+        });
+        let from = match (from_outside, running_on) {
+            (_, _) if busy => {
+                return Err(refuse(
+                    "it is being started or restarted: wait until it runs".into(),
+                ))
+            }
+            (false, Some(h)) => Some(h),
+            (false, None) => {
+                return Err(refuse(
+                    "it does not run in the cluster: start it with `vigil vm start`, or bring a                      VM running outside the cluster in with --from-api-socket"
+                        .into(),
+                ))
+            }
+            (true, Some(h)) => {
+                return Err(refuse(format!(
+                    "it already runs in the cluster, on {h}: another copy cannot come in"
+                )))
+            }
+            (true, None) => None,
+        };
+        let failover_hosts = match &cluster.admission {
+            AdmissionPolicy::DedicatedFailoverHosts(f) => f.clone(),
+            _ => Default::default(),
+        };
+        let cands = self.placement_candidates(now);
+        let target = match to {
+            Some(h) if Some(&h) == from.as_ref() => {
+                return Err(refuse(format!("it already runs on {h}")))
+            }
+            Some(h) => {
+                if m.hosts
+                    .get(&h)
+                    .is_some_and(|mon| mon.state == HostHaState::Maintenance)
+                {
+                    return Err(refuse(format!(
+                        "host {h} is in maintenance mode and runs no VMs until it exits it                          (`vigil cluster maintenance exit {h}`)"
+                    )));
+                }
+                if !cands.contains(&h) {
+                    return Err(refuse(format!(
+                        "host {h} is not a live member of this master's cluster"
+                    )));
+                }
+                if let Some(r) = self.host_refusal(&h, &cfg, false, &failover_hosts) {
+                    return Err(refuse(format!("the target cannot take it: {r}")));
+                }
+                h
+            }
+            None => {
+                let mut why = Vec::new();
+                let mut best: Option<(u64, HostId)> = None;
+                for h in cands.iter().filter(|h| Some(*h) != from.as_ref()) {
+                    match self.host_refusal(h, &cfg, false, &failover_hosts) {
+                        Some(r) => why.push(r),
+                        None => {
+                            let spec = &cluster.hosts[h];
+                            let (used, _) = m.used_on(h, &cluster);
+                            let free = spec.capacity.saturating_sub(&used).mem_mib;
+                            if best.as_ref().is_none_or(|(f, _)| free > *f) {
+                                best = Some((free, h.clone()));
+                            }
+                        }
+                    }
+                }
+                match best {
+                    Some((_, h)) => h,
+                    None => {
+                        return Err(refuse(format!(
+                            "no other host can take it (needs {} MHz / {} MiB): {}",
+                            cfg.reservation.cpu_mhz,
+                            cfg.reservation.mem_mib,
+                            if why.is_empty() {
+                                "no other live host".to_string()
+                            } else {
+                                why.join("; ")
+                            }
+                        )))
+                    }
+                }
+            }
+        };
+        if from_outside {
+            let (hosts, powered_on) = self.admission_inputs(now);
+            admit(
+                &cluster.admission,
+                &hosts,
+                &powered_on,
+                cfg.reservation,
+                Some(&target),
+            )
+            .map_err(|e| refuse(format!("admission control: {e}")))?;
+        }
+        let m = self.master_state.as_mut().expect("master");
+        m.migrating.insert(
+            vm.clone(),
+            super::master::Migration {
+                from: from.clone(),
+                to: target.clone(),
+                until: now + super::master::MIGRATION_TIMEOUT,
+                done: false,
+            },
+        );
+        tracing::info!(vm = %vm, from = ?from, to = %target, "migration planned");
+        Ok(format!(
+            "{} -> {target}",
+            from.map_or_else(|| "outside".to_string(), |h| h.to_string())
+        ))
+    }
+
+    /// A planned migration ended (master only).
+    pub(super) fn end_migration(
+        &mut self,
+        now: Time,
+        vm: VmId,
+        ok: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<String, CommandError> {
+        if self.state != HostHaState::Master {
+            return Err(CommandError::NotMaster {
+                master: self.master.clone(),
+            });
+        }
+        let m = self.master_state.as_mut().expect("master");
+        let Some(g) = m.migrating.get_mut(&vm) else {
+            return Ok(format!("no migration of {vm} is known here"));
+        };
+        if !ok {
+            m.migrating.remove(&vm);
+            return Ok(format!("{vm}: migration failed; it stays where it ran"));
+        }
+        g.done = true;
+        g.until = now + super::master::MIGRATED_GRACE;
+        let to = g.to.clone();
+        let e = m.vms.entry(vm.clone()).or_insert(VmEntry {
+            protected: false,
+            host: None,
+            power: None,
+            restart: Restart::Idle,
+        });
+        e.protected = true;
+        e.host = Some(to.clone());
+        e.power = Some(PowerState::On);
+        e.restart = Restart::Idle;
+        self.persist_if_changed(out);
+        Ok(format!("{vm} runs on {to}"))
     }
 }

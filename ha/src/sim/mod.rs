@@ -10,6 +10,7 @@ mod runtime;
 mod scenarios_election;
 mod scenarios_failover;
 mod scenarios_isolation;
+mod scenarios_migration;
 mod scenarios_misc;
 mod scenarios_security;
 mod scenarios_vmcp;
@@ -707,6 +708,55 @@ impl Sim {
                 _ => None,
             })
             .expect("every command is answered")
+    }
+
+    /// A live migration's switchover as the VMMs do it: the target claims
+    /// the next lease generation, the guest runs there and no longer on
+    /// the source; each agent hears it as its runtime reports it (the
+    /// target: `PoweredOn`; the source: `MigratedAway`).
+    pub fn migrate_vm(&mut self, v: &str, from: &str, to: &str) {
+        let (id, from, to) = (vm(v), h(from), h(to));
+        let ds = self.lease_ds(&id);
+        let rec = self
+            .datastores
+            .entry(ds)
+            .or_default()
+            .leases
+            .get_mut(&id)
+            .expect("the VM holds a lease");
+        *rec = rec.acquired_by(&to);
+        let holder = LeaseHolder::acquired(rec.generation, self.now);
+        let sv = self
+            .hosts
+            .get_mut(&from)
+            .expect("host")
+            .vms
+            .remove(&id)
+            .expect("the VM runs on the source");
+        self.hosts.get_mut(&to).expect("host").vms.insert(
+            id.clone(),
+            SimVm {
+                holder,
+                next_renew: self.now + self.timings.lease.renew_interval,
+                shutdown_at: sv.shutdown_at,
+            },
+        );
+        self.feed(
+            &to,
+            Input::Vm {
+                vm: id.clone(),
+                event: VmEvent::PoweredOn,
+            },
+        );
+        self.feed(
+            &from,
+            Input::Vm {
+                vm: id,
+                event: VmEvent::MigratedAway {
+                    to: Some(to.clone()),
+                },
+            },
+        );
     }
 
     /// Waits for the first stable master of a fresh cluster.
