@@ -125,8 +125,16 @@ pub fn run_with(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, Error> 
     let max = vm::kvm_max_vcpus(&kvm).min(config::MAX_VCPUS_SUPPORTED);
     config::validate_vcpus(cfg.vcpus, max)?;
     install_kick_handler()?;
+    if opts.lease.as_ref().is_some_and(|s| s.handoff) {
+        let file = opts
+            .lease
+            .as_ref()
+            .map(|s| s.file.clone())
+            .unwrap_or_default();
+        return Err(crate::lease::LeaseError::HandoffOnly(file).into());
+    }
     // Declared before the terminal guard so it is dropped (released) last.
-    let _lease = start_lease(opts)?;
+    let mut lease = start_lease(opts)?;
     let _terminal = match cfg.console {
         ConsoleMode::Stdio => TerminalGuard::enter()?,
         _ => None,
@@ -135,7 +143,7 @@ pub fn run_with(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, Error> 
     loop {
         boots += 1;
         tracing::info!(stage = "boot", boots, "starting guest");
-        let reason = run_once(&kvm, cfg, opts, None)?;
+        let reason = run_once(&kvm, cfg, opts, None, &mut lease)?;
         match (&reason, cfg.on_reboot) {
             (ExitReason::Reboot, OnReboot::Restart) => {
                 tracing::info!(stage = "reboot", "guest rebooted; restarting it");
@@ -157,9 +165,14 @@ pub fn preflight(cfg: &VmConfig) -> Result<(), Error> {
 }
 
 /// Takes over the lease the agent acquired, once the VM is known to be
-/// buildable; the guard renews it until the VM ends.
+/// buildable; the guard renews it until the VM ends. Nothing to start if
+/// this process already holds it (an incoming migration renews it from
+/// the moment it listens) or if it is a migration's handoff (taken over in
+/// [`run_once`] once the guest's state is restored, before its vCPUs run).
 fn start_lease(opts: &RunOptions) -> Result<Option<crate::lease::LeaseGuard>, Error> {
     match &opts.lease {
+        Some(_) if crate::lease::is_active() => Ok(None),
+        Some(spec) if spec.handoff => Ok(None),
         Some(spec) => Ok(Some(crate::lease::start(spec.clone())?)),
         None => Ok(None),
     }
@@ -227,6 +240,9 @@ pub fn run_restored(
     overrides: RestoreOverrides,
     opts: &RunOptions,
 ) -> Result<ExitReason, Error> {
+    if let Some(spec) = opts.lease.as_ref().filter(|s| s.handoff) {
+        return Err(crate::lease::LeaseError::HandoffOnly(spec.file.clone()).into());
+    }
     let state = snapshot::load(dir)?;
     run_from(state, RestoreMem::File(dir.to_path_buf()), overrides, opts)
 }
@@ -262,7 +278,7 @@ fn run_from(
         "timing: /dev/kvm opened"
     );
     install_kick_handler()?;
-    let _lease = start_lease(opts)?;
+    let mut lease = start_lease(opts)?;
     let _terminal = match cfg.console {
         ConsoleMode::Stdio => TerminalGuard::enter()?,
         _ => None,
@@ -275,7 +291,7 @@ fn run_from(
     }
     let mut restore = Some(Restore { state, mem });
     loop {
-        let reason = run_once(&kvm, &cfg, opts, restore.take())?;
+        let reason = run_once(&kvm, &cfg, opts, restore.take(), &mut lease)?;
         match (&reason, cfg.on_reboot) {
             (ExitReason::Reboot, OnReboot::Restart) => {
                 preflight(&cfg)?;
@@ -316,6 +332,7 @@ fn run_once(
     cfg: &VmConfig,
     opts: &RunOptions,
     restore: Option<Restore>,
+    lease: &mut Option<crate::lease::LeaseGuard>,
 ) -> Result<ExitReason, Error> {
     // Bind first: a socket in use is a user error worth failing on before
     // any memory is allocated.
@@ -442,6 +459,14 @@ fn run_once(
     machine.migration = opts.migration.clone();
     let machine = Arc::new(machine);
     crate::devices::virtio::hooks::register(&machine, &virtio);
+    // A migration target's lease: the source handed over generation G
+    // (`spec.generation`); claim G+1 now that the guest's state is
+    // restored, before any vCPU runs. Lost: the guest never runs here.
+    if let Some(spec) = opts.lease.as_ref().filter(|s| s.handoff) {
+        if lease.is_none() && !crate::lease::is_active() {
+            *lease = Some(crate::lease::take_over(spec, spec.generation)?);
+        }
+    }
     if opts.lease.is_some() {
         crate::lease::set_hook(Some(Arc::new(crate::machine::LeaseHook(Arc::downgrade(
             &machine,

@@ -110,6 +110,13 @@ pub struct LeaseSpec {
     /// (above `stop_time_ms`) with `on_loss = "pause"`.
     #[serde(default)]
     pub takeover_time_ms: u64,
+    /// A live migration's target (`vigil run --incoming ... --lease`): hold
+    /// no lease while memory arrives, then take over the lease the source
+    /// hands over at switchover by claiming its generation + 1 (see
+    /// [`take_over`]). `generation` and `acquired_mono_ms` are ignored;
+    /// `file` must name the record the source holds.
+    #[serde(default)]
+    pub handoff: bool,
 }
 
 /// What a VMM does when it cannot renew its lease in time.
@@ -216,6 +223,21 @@ pub enum LeaseError {
     /// The renewal thread cannot start.
     #[error("cannot start the lease thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// A handoff spec outside a live migration's target.
+    #[error(
+        "lease spec {0}: handoff = true only applies with --incoming (a live migration's target)"
+    )]
+    HandoffOnly(PathBuf),
+    /// The target of a migration could not claim the handed-over lease.
+    #[error("cannot take over lease {path} at generation {generation}: {reason}; the guest was not started here")]
+    Takeover {
+        /// The record.
+        path: PathBuf,
+        /// The generation claimed (the source's + 1).
+        generation: u64,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// `CLOCK_MONOTONIC` in milliseconds.
@@ -633,6 +655,44 @@ pub struct Keeper {
     counter: u64,
     suspended: Option<Suspension>,
     resumptions: u64,
+    /// Where a live migration's lease handoff stands.
+    handoff: Handoff,
+    /// A planned operation has not been applied yet.
+    in_flight: bool,
+    /// The deadline is at most this (a lease sent to a migration target
+    /// whose fate is unknown: generation G is not ours to renew any more).
+    cut: u64,
+}
+
+/// A live migration's lease handoff, as the source's keeper sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// No handoff: renew as usual.
+    None,
+    /// The guest is paused for the switchover: no renewal is issued and the
+    /// deadline stops nothing (the guest cannot write; the fence still
+    /// closes at the deadline).
+    Stopped,
+    /// The lease went to the target with the final state: generation G is
+    /// no longer ours to renew; only the claim of G+1 decides.
+    Sent,
+    /// The target holds the lease: never renew, release or write it again.
+    Gone,
+}
+
+/// How the source's race for generation G+1 after a failed switchover
+/// ended (see [`Keeper::apply_race`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Race {
+    /// The claim is ours and the record names us at G+1: the guest may run
+    /// here again.
+    Won,
+    /// Someone else (the target) holds G+1: the guest runs there; this copy
+    /// must never run it or write anything again.
+    Lost(String),
+    /// The claim could not be decided (datastore I/O): the guest stays
+    /// paused, lease-suspended, and the keeper re-acquires as a peer would.
+    Unknown(String),
 }
 
 impl Keeper {
@@ -645,7 +705,136 @@ impl Keeper {
             counter: 0,
             suspended: None,
             resumptions: 0,
+            handoff: Handoff::None,
+            in_flight: false,
+            cut: u64::MAX,
             spec,
+        }
+    }
+
+    /// Where a lease handoff stands.
+    pub fn handoff(&self) -> Handoff {
+        self.handoff
+    }
+
+    /// Whether a planned operation is still being performed.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    /// Switchover: issue no renewal from now on (one in flight may still
+    /// land; see [`in_flight`](Self::in_flight)). The deadline stops
+    /// nothing while handing off: the guest is paused and drained.
+    pub fn stop_renewals(&mut self) {
+        if self.handoff == Handoff::None {
+            self.handoff = Handoff::Stopped;
+        }
+    }
+
+    /// Once nothing is in flight: the generation to hand over, if the lease
+    /// is still valid at `now`.
+    pub fn handoff_ready(&self, now: u64) -> Result<u64, String> {
+        if self.handoff != Handoff::Stopped {
+            return Err(format!("lease handoff in state {:?}", self.handoff));
+        }
+        if self.suspended.is_some() {
+            return Err("the VM is lease-suspended".into());
+        }
+        if now >= self.deadline() {
+            return Err(format!(
+                "the lease was not renewed for {} ms (stop time passed)",
+                self.spec.stop_time_ms
+            ));
+        }
+        Ok(self.generation)
+    }
+
+    /// The lease went out with the final state.
+    pub fn mark_sent(&mut self) {
+        if self.handoff == Handoff::Stopped {
+            self.handoff = Handoff::Sent;
+        }
+    }
+
+    /// The target acknowledged (or won the race): it holds the lease.
+    pub fn mark_gone(&mut self) {
+        self.handoff = Handoff::Gone;
+    }
+
+    /// A migration failed before the lease was sent: renew again. Returns
+    /// the deadline step if the stop time passed meanwhile (the usual
+    /// lease-suspended path, or power-off).
+    pub fn resume_renewals(&mut self, now: u64) -> Option<Step> {
+        if self.handoff != Handoff::Stopped {
+            return None;
+        }
+        self.handoff = Handoff::None;
+        self.next = self.next.min(now);
+        self.check_deadline(now)
+    }
+
+    /// The claim of G+1 a source makes after a failure once the lease was
+    /// sent (planned under the lock, performed with [`perform`]).
+    pub fn race_op(&self, now: u64) -> Option<Op> {
+        (self.handoff == Handoff::Sent).then_some(Op::Claim {
+            generation: self.generation + 1,
+            issued: now,
+        })
+    }
+
+    /// Applies the race's claim: won (G+1 is ours, renewals go on at G+1),
+    /// lost (the target holds it) or unknown (lease-suspended: the fence
+    /// closes now and the keeper re-acquires as a peer would, claiming G+1
+    /// only after seeing the record unchanged for the takeover time).
+    pub fn apply_race(&mut self, now: u64, op: Op, res: OpResult) -> (Race, Vec<Step>) {
+        let Op::Claim { generation, issued } = op else {
+            return (Race::Unknown(format!("not a claim: {op:?}")), Vec::new());
+        };
+        match res {
+            OpResult::Claimed(Ok(())) => {
+                self.handoff = Handoff::None;
+                self.cut = u64::MAX;
+                self.generation = generation;
+                self.last = issued;
+                self.counter = 0;
+                self.next = issued + self.spec.renew_interval_ms;
+                tracing::warn!(lease = %self.spec.file.display(), generation,
+                    "migration failed after the lease was sent: lease claimed back at the next generation");
+                (Race::Won, vec![Step::Status(self.status("held"))])
+            }
+            OpResult::ClaimTaken => {
+                self.handoff = Handoff::Gone;
+                let why = format!(
+                    "lease generation {generation} of {} is claimed by the target: the guest runs there",
+                    self.spec.file.display()
+                );
+                (Race::Lost(why), Vec::new())
+            }
+            res @ (OpResult::Claimed(Err(_)) | OpResult::Failed(_)) => {
+                // A claim that is ours with the record unwritten is retried
+                // by the suspended keeper (nobody else can hold it).
+                let (e, claimed) = match res {
+                    OpResult::Claimed(Err(e)) => (e, Some(generation)),
+                    OpResult::Failed(e) => (e, None),
+                    _ => unreachable!(),
+                };
+                self.handoff = Handoff::None;
+                // Generation G is no longer ours to renew: the deadline is
+                // now, so only a re-acquisition resumes the guest.
+                self.cut = now;
+                self.suspended = Some(Suspension {
+                    since: now,
+                    seen: None,
+                    claimed,
+                });
+                self.next = now;
+                let st = self.status("suspended");
+                (Race::Unknown(e), vec![Step::Status(st)])
+            }
+            other => (
+                Race::Unknown(format!("unexpected claim result {other:?}")),
+                Vec::new(),
+            ),
         }
     }
 
@@ -665,7 +854,7 @@ impl Keeper {
     }
 
     fn deadline(&self) -> u64 {
-        self.last + self.spec.stop_time_ms
+        (self.last + self.spec.stop_time_ms).min(self.cut)
     }
 
     /// How long before the deadline a pausing VMM parks the guest, so that
@@ -712,7 +901,7 @@ impl Keeper {
     /// The deadline check (every few ms, from its own thread: it never waits
     /// for the datastore).
     pub fn check_deadline(&mut self, now: u64) -> Option<Step> {
-        if self.suspended.is_some() {
+        if self.suspended.is_some() || self.handoff != Handoff::None {
             return None;
         }
         match self.spec.on_loss {
@@ -737,7 +926,13 @@ impl Keeper {
 
     /// The datastore operation due at `now`, if any.
     pub fn plan(&mut self, now: u64) -> Option<Op> {
-        if now < self.next {
+        let op = self.plan_op(now);
+        self.in_flight = op.is_some();
+        op
+    }
+
+    fn plan_op(&mut self, now: u64) -> Option<Op> {
+        if now < self.next || self.handoff != Handoff::None {
             return None;
         }
         self.next = now + self.spec.renew_interval_ms;
@@ -792,6 +987,11 @@ impl Keeper {
 
     /// Applies what `op` found; `now` is the time the result came back.
     pub fn apply(&mut self, now: u64, op: Op, res: OpResult) -> Vec<Step> {
+        self.in_flight = false;
+        if self.handoff == Handoff::Gone {
+            // The lease is the target's: whatever a late answer says.
+            return Vec::new();
+        }
         match (op, res) {
             (Op::Renew { issued, .. }, OpResult::Renewed(counter)) => {
                 self.last = self.last.max(issued);
@@ -840,6 +1040,7 @@ impl Keeper {
             }
             (Op::Claim { generation, issued }, OpResult::Claimed(Ok(()))) => {
                 let since = self.suspended.take().map_or(now, |s| s.since);
+                self.cut = u64::MAX;
                 self.generation = generation;
                 self.last = issued;
                 self.counter = 0;
@@ -901,8 +1102,226 @@ fn lock(k: &Mutex<Keeper>) -> MutexGuard<'_, Keeper> {
     k.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The lease this process holds, for a live migration's pre-checks and
+/// handoff (set while a [`LeaseGuard`] lives).
+struct Active {
+    spec: LeaseSpec,
+    keeper: Arc<Mutex<Keeper>>,
+}
+
+static ACTIVE: Mutex<Option<Active>> = Mutex::new(None);
+
+fn active() -> MutexGuard<'static, Option<Active>> {
+    ACTIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether this process holds a lease (a [`LeaseGuard`] is alive).
+pub fn is_active() -> bool {
+    active().is_some()
+}
+
+/// A lease as a live migration hands it over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLease {
+    /// The record.
+    pub file: PathBuf,
+    /// Its holder (this host).
+    pub owner: String,
+    /// The generation held.
+    pub generation: u64,
+}
+
+/// The lease this process holds, if any.
+pub fn held() -> Option<HeldLease> {
+    let g = active();
+    let a = g.as_ref()?;
+    let generation = lock(&a.keeper).generation();
+    Some(HeldLease {
+        file: a.spec.file.clone(),
+        owner: a.spec.owner.clone(),
+        generation,
+    })
+}
+
+fn active_keeper() -> Option<(LeaseSpec, Arc<Mutex<Keeper>>)> {
+    active()
+        .as_ref()
+        .map(|a| (a.spec.clone(), a.keeper.clone()))
+}
+
+/// Switchover of a live migration (the guest is paused and its devices
+/// drained): stops renewals, waits for one in flight to land, and returns
+/// the lease to send to the target (`None` without a lease). An error
+/// (lease-suspended, stop time passed) means it cannot be handed over; the
+/// caller then calls [`handoff_abort`].
+pub fn handoff_stop() -> Result<Option<HeldLease>, String> {
+    let Some((spec, keeper)) = active_keeper() else {
+        return Ok(None);
+    };
+    lock(&keeper).stop_renewals();
+    // A renewal in flight is bounded by two I/O timeouts (read, write).
+    let give_up = mono_ms() + 2 * spec.io_timeout_ms + 500;
+    loop {
+        let k = lock(&keeper);
+        if !k.in_flight() {
+            let generation = k.handoff_ready(mono_ms())?;
+            tracing::info!(lease = %spec.file.display(), generation,
+                "lease renewals stopped for the switchover");
+            return Ok(Some(HeldLease {
+                file: spec.file.clone(),
+                owner: spec.owner.clone(),
+                generation,
+            }));
+        }
+        drop(k);
+        if mono_ms() > give_up {
+            return Err("a lease renewal is still in flight".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The lease goes out with the final state: from now on only the claim of
+/// the next generation decides who holds it.
+pub fn handoff_sent() {
+    if let Some((_, keeper)) = active_keeper() {
+        lock(&keeper).mark_sent();
+    }
+}
+
+/// The migration failed before the lease was sent: renewals resume. If the
+/// stop time passed meanwhile, the usual deadline path applies (with
+/// `pause`, the guest stays lease-suspended until the lease is
+/// re-acquired; the caller's resume is then refused).
+pub fn handoff_abort() {
+    let Some((spec, keeper)) = active_keeper() else {
+        return;
+    };
+    let step = {
+        let mut k = lock(&keeper);
+        let s = k.resume_renewals(mono_ms());
+        k.publish();
+        s
+    };
+    tracing::info!(lease = %spec.file.display(), "lease renewals resumed: the migration failed before the lease was sent");
+    if let Some(step) = step {
+        let suspend = step == Step::Suspend;
+        run_steps(&spec, &keeper, vec![step]);
+        if suspend {
+            // The migration paused the guest, which ran before: the
+            // re-acquisition resumes it.
+            hook_slot().paused_by_lease = true;
+        }
+    }
+}
+
+/// The target acknowledged: the lease is its own now. This process never
+/// renews, releases or writes it again.
+pub fn handoff_done() {
+    if let Some((spec, keeper)) = active_keeper() {
+        lock(&keeper).mark_gone();
+        tracing::info!(lease = %spec.file.display(), "lease handed over to the migration target");
+    }
+}
+
+/// The migration failed after the lease was sent (no ack, cut, target
+/// died): claim the next generation exactly as the target would. See
+/// [`Race`]. With [`Race::Unknown`] the guest is lease-suspended (keep it
+/// paused: the keeper resumes it if it re-acquires the lease, or ends the
+/// process with status 5 if someone else holds it).
+pub fn handoff_race() -> Race {
+    let Some((spec, keeper)) = active_keeper() else {
+        return Race::Won;
+    };
+    let planned = {
+        let k = lock(&keeper);
+        k.race_op(mono_ms()).map(|op| (op, k.generation()))
+    };
+    let Some((op, generation)) = planned else {
+        return Race::Won;
+    };
+    let mut io = FileIo::new(&spec);
+    let res = perform(op, &spec, generation, &mut io);
+    let (race, steps) = {
+        let mut k = lock(&keeper);
+        let r = k.apply_race(mono_ms(), op, res);
+        k.publish();
+        r
+    };
+    if let Race::Unknown(e) = &race {
+        tracing::warn!(lease = %spec.file.display(), error = %e,
+            "cannot tell who holds the lease after the failed switchover: guest kept paused (lease-suspended), re-acquiring");
+        let mut slot = hook_slot();
+        slot.paused_by_lease = true;
+    }
+    run_steps(&spec, &keeper, steps);
+    race
+}
+
+/// A live migration's target takes over the lease the source handed over
+/// (generation `from`): claims `from + 1` with the exclusive claim file,
+/// writes the record naming this host at that generation, and starts
+/// renewing it (the deadline counts from when the claim was issued). Call
+/// once the guest's state is restored and before its vCPUs run: if the
+/// claim is someone else's (the source reclaimed it after a failure), the
+/// guest must not run here.
+pub fn take_over(spec: &LeaseSpec, from: u64) -> Result<LeaseGuard, LeaseError> {
+    let mut io = FileIo::new(spec);
+    let issued = mono_ms();
+    let generation = claim_next(spec, from, issued, &mut io)?;
+    tracing::info!(lease = %spec.file.display(), generation, "lease taken over from the migration source");
+    start(LeaseSpec {
+        generation,
+        acquired_mono_ms: issued,
+        handoff: false,
+        ..spec.clone()
+    })
+}
+
+/// The claim and record write of [`take_over`], on any [`LeaseIo`].
+pub fn claim_next(
+    spec: &LeaseSpec,
+    from: u64,
+    issued: u64,
+    io: &mut dyn LeaseIo,
+) -> Result<u64, LeaseError> {
+    let generation = from + 1;
+    let err = |reason: String| LeaseError::Takeover {
+        path: spec.file.clone(),
+        generation,
+        reason,
+    };
+    let op = Op::Claim { generation, issued };
+    let mut res = perform(op, spec, generation, io);
+    // The claim is ours: nobody else can write this generation, so a
+    // failed record write is retried a few times.
+    for _ in 0..3 {
+        match &res {
+            OpResult::Claimed(Err(_)) => {
+                std::thread::sleep(Duration::from_millis(spec.io_timeout_ms.min(200)));
+                res = perform(op, spec, generation, io);
+            }
+            _ => break,
+        }
+    }
+    match res {
+        OpResult::Claimed(Ok(())) => Ok(generation),
+        OpResult::Claimed(Err(e)) => Err(err(format!(
+            "the claim is ours but the record cannot be written: {e}"
+        ))),
+        OpResult::ClaimTaken => Err(err(format!(
+            "generation {generation} is already claimed by another holder"
+        ))),
+        OpResult::Failed(e) => Err(err(e)),
+        other => Err(err(format!("unexpected result {other:?}"))),
+    }
+}
+
 /// Checks the record names us, then starts renewing.
 pub fn start(spec: LeaseSpec) -> Result<LeaseGuard, LeaseError> {
+    if spec.handoff {
+        return Err(LeaseError::HandoffOnly(spec.file.clone()));
+    }
     let path = spec.file.clone();
     let read = {
         let p = path.clone();
@@ -948,6 +1367,10 @@ pub fn start(spec: LeaseSpec) -> Result<LeaseGuard, LeaseError> {
     };
     tracing::info!(lease = %spec.file.display(), generation = spec.generation,
         on_loss = ?spec.on_loss, "lease held; renewing");
+    *active() = Some(Active {
+        spec: spec.clone(),
+        keeper: keeper.clone(),
+    });
     Ok(LeaseGuard {
         spec,
         keeper,
@@ -962,14 +1385,29 @@ impl Drop for LeaseGuard {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let (generation, suspended) = {
+        let (generation, suspended, handoff) = {
             let k = lock(&self.keeper);
-            (k.generation(), k.is_suspended())
+            (k.generation(), k.is_suspended(), k.handoff())
         };
+        {
+            let mut a = active();
+            if a.as_ref()
+                .is_some_and(|a| Arc::ptr_eq(&a.keeper, &self.keeper))
+            {
+                *a = None;
+            }
+        }
         // The guest has stopped; no lease, no fence.
         WRITE_FENCE_MS.store(u64::MAX, Ordering::SeqCst);
         SUSPENDED.store(false, Ordering::SeqCst);
         publish_info(None);
+        if handoff != Handoff::None {
+            // Handed over (or being handed over): the record is the
+            // migration target's, or the claim of the next generation
+            // decides whose it is; never write it from here.
+            tracing::info!(lease = %self.spec.file.display(), ?handoff, "VM migrated away; lease left to the target");
+            return;
+        }
         if suspended {
             // Not ours to release: a peer may be taking it over.
             tracing::info!(lease = %self.spec.file.display(), "guest stopped while lease-suspended; lease left alone");
@@ -1095,6 +1533,7 @@ mod tests {
             status: Some(dir.join("status")),
             on_loss: LeaseLoss::PowerOff,
             takeover_time_ms: 0,
+            handoff: false,
         }
     }
 
@@ -1251,6 +1690,7 @@ mod tests {
             status: None,
             on_loss,
             takeover_time_ms: 3200,
+            handoff: false,
         })
     }
 
@@ -1521,6 +1961,200 @@ mod tests {
         .unwrap();
         let e = LeaseSpec::load(&p).unwrap_err().to_string();
         assert!(e.contains("needs takeover_time_ms"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_handoff_stops_renewals_and_the_deadline_until_it_is_aborted() {
+        let mut k = keeper(LeaseLoss::PowerOff);
+        let mut io = Fake::holding("host-a", 4);
+        run(&mut k, &mut io, 0, 1000);
+        let writes = io.writes.len();
+        // A renewal is in flight when the switchover begins: it may land.
+        let op = k.plan(1000).unwrap();
+        assert!(k.in_flight());
+        k.stop_renewals();
+        let res = perform(op, &k.spec.clone(), 4, &mut io);
+        k.apply(1010, op, res);
+        assert!(!k.in_flight());
+        assert_eq!(k.handoff_ready(1020), Ok(4));
+        // Nothing more is issued, and the deadline (3000) powers nothing
+        // off while the guest is paused for the switchover.
+        let steps = run(&mut k, &mut io, 1020, 5000);
+        assert!(kinds(&steps).is_empty(), "{steps:?}");
+        assert_eq!(io.writes.len(), writes + 1);
+        assert_eq!(k.fence(), 1000 + 2000, "the fence still closes");
+        // Too late to hand over now.
+        assert!(k
+            .handoff_ready(5000)
+            .unwrap_err()
+            .contains("stop time passed"));
+        // Aborted before the lease was sent, past the deadline: the usual
+        // deadline path (here power-off).
+        assert!(matches!(
+            k.resume_renewals(5000),
+            Some(Step::PowerOff { .. })
+        ));
+        // Aborted in time: renewals go on in the same generation.
+        let mut k = keeper(LeaseLoss::Pause);
+        let mut io = Fake::holding("host-a", 4);
+        run(&mut k, &mut io, 0, 1000);
+        k.stop_renewals();
+        run(&mut k, &mut io, 1000, 1400);
+        assert_eq!(k.resume_renewals(1400), None);
+        let steps = run(&mut k, &mut io, 1400, 4000);
+        assert!(kinds(&steps).is_empty(), "{steps:?}");
+        assert_eq!(k.generation(), 4);
+        assert!(k.fence() > 5000);
+    }
+
+    fn target_spec() -> LeaseSpec {
+        LeaseSpec {
+            owner: "host-b".into(),
+            handoff: true,
+            generation: 0,
+            ..keeper(LeaseLoss::Pause).spec
+        }
+    }
+
+    #[test]
+    fn the_target_claims_the_next_generation_or_does_not_start() {
+        let mut io = Fake::holding("host-a", 4);
+        io.me = "host-b vmm".into();
+        assert_eq!(claim_next(&target_spec(), 4, 77, &mut io).unwrap(), 5);
+        assert_eq!(
+            io.rec,
+            Some(LeaseRecord {
+                owner: Some("host-b".into()),
+                generation: 5,
+                counter: 0
+            })
+        );
+        // The source reclaimed generation 5 first: no write, an error.
+        let mut io = Fake::holding("host-a", 4);
+        io.me = "host-b vmm".into();
+        io.claims.insert(5, "host-a vmm".into());
+        let e = claim_next(&target_spec(), 4, 77, &mut io).unwrap_err();
+        assert!(e.to_string().contains("already claimed"), "{e}");
+        assert!(io.writes.is_empty());
+        // Unreachable datastore: not taken over either.
+        let mut io = Fake::holding("host-a", 4);
+        io.reachable = false;
+        assert!(claim_next(&target_spec(), 4, 77, &mut io).is_err());
+    }
+
+    /// A keeper that sent generation 4 to the target at t=1000.
+    fn sent() -> (Keeper, Fake) {
+        let mut k = keeper(LeaseLoss::Pause);
+        let mut io = Fake::holding("host-a", 4);
+        run(&mut k, &mut io, 0, 1000);
+        k.stop_renewals();
+        assert_eq!(k.handoff_ready(1000), Ok(4));
+        k.mark_sent();
+        (k, io)
+    }
+
+    fn race(k: &mut Keeper, io: &mut Fake, now: u64) -> (Race, Vec<Step>) {
+        let op = k.race_op(now).unwrap();
+        let res = perform(op, &k.spec.clone(), k.generation(), io);
+        k.apply_race(now, op, res)
+    }
+
+    #[test]
+    fn the_source_wins_the_race_when_the_target_never_claimed() {
+        let (mut k, mut io) = sent();
+        // Nothing is renewed while the lease is out.
+        assert!(kinds(&run(&mut k, &mut io, 1000, 1500)).is_empty());
+        let writes = io.writes.len();
+        let (r, _) = race(&mut k, &mut io, 1500);
+        assert_eq!(r, Race::Won);
+        assert_eq!(k.generation(), 5);
+        assert_eq!(k.handoff(), Handoff::None);
+        assert_eq!(
+            io.writes[writes],
+            LeaseRecord {
+                owner: Some("host-a".into()),
+                generation: 5,
+                counter: 0
+            }
+        );
+        // Renewals go on at generation 5, deadline from the claim.
+        assert_eq!(k.fence(), 1500 + 2000);
+        let steps = run(&mut k, &mut io, 1500, 6000);
+        assert!(kinds(&steps).is_empty(), "{steps:?}");
+        assert_eq!(io.rec.as_ref().unwrap().generation, 5);
+        assert!(io.rec.as_ref().unwrap().counter >= 8);
+    }
+
+    #[test]
+    fn the_source_loses_the_race_to_a_target_that_runs_the_guest() {
+        let (mut k, mut io) = sent();
+        // The target claimed 5 and wrote the record; only its ack was lost.
+        io.claims.insert(5, "host-b vmm".into());
+        io.rec = Some(LeaseRecord {
+            owner: Some("host-b".into()),
+            generation: 5,
+            counter: 0,
+        });
+        let writes = io.writes.len();
+        let (r, steps) = race(&mut k, &mut io, 1500);
+        assert!(
+            matches!(&r, Race::Lost(why) if why.contains("claimed by the target")),
+            "{r:?}"
+        );
+        assert!(steps.is_empty());
+        assert_eq!(k.handoff(), Handoff::Gone);
+        // Never a write again, whatever happens next.
+        let steps = run(&mut k, &mut io, 1500, 8000);
+        assert!(kinds(&steps).is_empty(), "{steps:?}");
+        assert_eq!(io.writes.len(), writes);
+    }
+
+    #[test]
+    fn a_race_that_cannot_be_decided_keeps_the_guest_paused_and_reacquires_like_a_peer() {
+        let (mut k, mut io) = sent();
+        io.reachable = false;
+        let (r, _) = race(&mut k, &mut io, 1500);
+        assert!(matches!(r, Race::Unknown(_)), "{r:?}");
+        assert!(k.is_suspended());
+        assert!(k.fence() <= 1500, "fence closed at once");
+        let writes = io.writes.len();
+        // Storage back at 2000; nobody claimed 5: after the takeover time
+        // of an unchanged record, the keeper claims 5 and resumes.
+        io.reachable = true;
+        let steps = run(&mut k, &mut io, 2000, 6000);
+        let k2 = kinds(&steps);
+        assert_eq!(k2.len(), 1, "{steps:?}");
+        assert_eq!(k2[0].1, "resume");
+        assert!(k2[0].0 >= 2000 + 3200, "{k2:?}");
+        assert_eq!(k.generation(), 5);
+        assert_eq!(io.writes[writes].generation, 5);
+        // Had the target claimed 5 meanwhile, the copy here powers off
+        // without a write.
+        let (mut k, mut io) = sent();
+        io.reachable = false;
+        race(&mut k, &mut io, 1500);
+        io.reachable = true;
+        io.claims.insert(5, "host-b vmm".into());
+        let writes = io.writes.len();
+        let steps = run(&mut k, &mut io, 2000, 8000);
+        assert_eq!(kinds(&steps).last().unwrap().1, "power-off");
+        assert_eq!(io.writes.len(), writes);
+    }
+
+    #[test]
+    fn handoff_spec_field_defaults_off_and_start_refuses_it() {
+        let d = tmpdir("handoffspec");
+        let p = d.join("spec.toml");
+        let base = "file = \"/x\"\nowner = \"a\"\ngeneration = 1\nacquired_mono_ms = 0\n\
+             renew_interval_ms = 500\nio_timeout_ms = 500\nstop_time_ms = 2000\n";
+        std::fs::write(&p, base).unwrap();
+        assert!(!LeaseSpec::load(&p).unwrap().handoff);
+        std::fs::write(&p, format!("{base}handoff = true\n")).unwrap();
+        let s = LeaseSpec::load(&p).unwrap();
+        assert!(s.handoff);
+        let e = start(s).err().unwrap().to_string();
+        assert!(e.contains("only applies with --incoming"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
