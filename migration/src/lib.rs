@@ -56,9 +56,9 @@ pub mod transport;
 pub mod vm;
 
 pub use progress::{CancelToken, Progress, Stage, Summary};
-pub use source::{migrate, Compression, Failed, SourceOptions};
+pub use source::{migrate, Compression, Failed, LeaseAfterFailure, SourceOptions};
 pub use target::{receive, TargetOptions};
-pub use vm::{DirtyBitmap, IncomingVm, MigratableVm, Region, TargetHost};
+pub use vm::{DirtyBitmap, IncomingVm, LeaseRace, MigratableVm, Region, TargetHost};
 
 /// An error and its causes on one line, for logs, CLIs and `Abort` reasons
 /// (the peer's user should read the whole story, not just the top line).

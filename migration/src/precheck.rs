@@ -121,6 +121,58 @@ pub struct VmFacts {
     /// devices (`disk /dev/sdb (block device 8:16)`).
     #[serde(default)]
     pub host_local_devices: Vec<String>,
+    /// The HA disk lease the VM holds on the source (`vigil run --lease`).
+    #[serde(default)]
+    pub lease: Option<LeaseFacts>,
+}
+
+/// An HA disk lease record as one side sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LeaseFacts {
+    /// The record's path.
+    pub file: PathBuf,
+    /// The generation held (source) or 0 (a target's handoff spec).
+    pub generation: u64,
+    /// Canonical path of the record's directory on this side, if it
+    /// resolves.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Device and inode of that directory on this side.
+    #[serde(default)]
+    pub dir_id: Option<(u64, u64)>,
+}
+
+impl LeaseFacts {
+    /// The facts of record `file` at `generation`, as seen from this host.
+    pub fn of(file: &Path, generation: u64) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let parent = file.parent().unwrap_or(Path::new("."));
+        LeaseFacts {
+            file: file.to_path_buf(),
+            generation,
+            dir: parent.canonicalize().ok(),
+            dir_id: std::fs::metadata(parent).ok().map(|m| (m.dev(), m.ino())),
+        }
+    }
+
+    /// Whether `other` names the same record: the same file name in the
+    /// same directory (canonical path, or device and inode).
+    pub fn same_record(&self, other: &LeaseFacts) -> bool {
+        self.file.file_name() == other.file.file_name()
+            && (self.dir.is_some() && self.dir == other.dir
+                || self.dir_id.is_some() && self.dir_id == other.dir_id)
+    }
+}
+
+/// The lease a target was started with (`vigil run --incoming --lease`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HostLease {
+    /// The record, as the target sees it.
+    pub record: LeaseFacts,
+    /// `handoff = true`: take over the source's lease at switchover.
+    /// `false`: the target holds a lease of its own (acquired by the agent
+    /// for a VM coming from a source without one).
+    pub handoff: bool,
 }
 
 /// What the target host offers, gathered for one VM's facts.
@@ -146,6 +198,8 @@ pub struct HostFacts {
     pub disks: Vec<(PathBuf, Result<DiskIdentity, String>)>,
     /// Networks defined on this host.
     pub networks: BTreeSet<String>,
+    /// The lease spec the target runs with, if any.
+    pub lease: Option<HostLease>,
 }
 
 /// One failed check.
@@ -163,6 +217,10 @@ pub struct Failure {
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.check == "lease" {
+            // Whole sentences on each side (see `check_lease`).
+            return write!(f, "{}; {}: {}", self.source, self.target, self.remedy);
+        }
         write!(
             f,
             "{}: source {}, target {}: {}",
@@ -480,6 +538,71 @@ pub fn check_devices(vm: &VmFacts, host: &HostFacts) -> Vec<Failure> {
         .collect()
 }
 
+/// The refusal of a VM with an HA disk lease by a target that cannot take
+/// it over (no handoff lease spec, or a build without lease handoff).
+pub fn lease_refusal(vm: &VmFacts, lease: &LeaseFacts, host: &str) -> Failure {
+    fail(
+        "lease",
+        format!(
+            "the VM holds an HA disk lease ({}, generation {})",
+            lease.file.display(),
+            lease.generation
+        ),
+        "the target has none",
+        format!(
+            "migrate HA-protected VMs with `vigil vm migrate {} --host {host}`, or start the \
+             target with --lease and handoff = true",
+            vm.name
+        ),
+    )
+}
+
+/// The lease moves with the VM only between a source that holds one and a
+/// target started to take it over, on the same record.
+pub fn check_lease(vm: &VmFacts, host: &HostFacts) -> Option<Failure> {
+    let target = host.lease.as_ref().filter(|l| l.handoff);
+    match (&vm.lease, target) {
+        (None, None) => None,
+        (Some(l), None) => Some(lease_refusal(vm, l, &host.host)),
+        (None, Some(t)) => Some(fail(
+            "lease",
+            "the VM holds no HA disk lease",
+            format!(
+                "the target {} was started to take over a lease ({}, handoff = true)",
+                host.host,
+                t.record.file.display()
+            ),
+            "start the target without --lease (or with a lease acquired for it, handoff = false)",
+        )),
+        (Some(l), Some(t)) if !l.same_record(&t.record) => Some(fail(
+            "lease",
+            format!(
+                "the VM's HA disk lease is {} on the source ({})",
+                l.file.display(),
+                l.dir
+                    .as_ref()
+                    .map_or("directory unresolved".into(), |d| format!(
+                        "in {}",
+                        d.display()
+                    ))
+            ),
+            format!(
+                "the target's handoff lease spec names {} ({})",
+                t.record.file.display(),
+                t.record
+                    .dir
+                    .as_ref()
+                    .map_or("directory not found there".into(), |d| format!(
+                        "in {}",
+                        d.display()
+                    ))
+            ),
+            "both must name the same lease record on the VM's shared datastore",
+        )),
+        (Some(_), Some(_)) => None,
+    }
+}
+
 /// All checks; empty means the VM can move.
 pub fn check_all(vm: &VmFacts, host: &HostFacts) -> Vec<Failure> {
     let mut out = Vec::new();
@@ -488,6 +611,7 @@ pub fn check_all(vm: &VmFacts, host: &HostFacts) -> Vec<Failure> {
     out.extend(check_disks(vm, host));
     out.extend(check_networks(vm, host));
     out.extend(check_devices(vm, host));
+    out.extend(check_lease(vm, host));
     out
 }
 

@@ -59,7 +59,7 @@ use crate::protocol::{
     VersionMismatch, PAGE_SIZE,
 };
 use crate::transport::Channel;
-use crate::vm::{DirtyBitmap, MigratableVm, VmError};
+use crate::vm::{DirtyBitmap, LeaseRace, MigratableVm, VmError};
 use std::time::{Duration, Instant};
 
 /// Auto-converge (vCPU throttling) settings. Defaults are QEMU's.
@@ -262,7 +262,9 @@ fn join(f: &[Failure]) -> String {
 /// A failed migration: the stage, the cause, and whether the source VM runs
 /// again.
 #[derive(Debug, thiserror::Error)]
-#[error("migration failed at {stage}{}", .resume_error.as_ref().map(|e| format!(" and the source VM could not be resumed: {e}")).unwrap_or_default())]
+#[error("migration failed at {stage}{}{}",
+    .resume_error.as_ref().map(|e| format!(" and the source VM could not be resumed: {e}")).unwrap_or_default(),
+    .lease.as_deref().map(ToString::to_string).unwrap_or_default())]
 pub struct Failed {
     /// Stage the failure happened in.
     pub stage: Stage,
@@ -271,12 +273,59 @@ pub struct Failed {
     pub error: Error,
     /// Set if resuming the source failed too (the VM is stopped).
     pub resume_error: Option<String>,
+    /// What became of the VM's lease when it had been sent (`None`: the
+    /// lease stays here, or there is none).
+    pub lease: Option<Box<LeaseAfterFailure>>,
+}
+
+/// A lease sent to the target before the migration failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseAfterFailure {
+    /// The target won its next generation: the guest runs there (only the
+    /// ack was lost). The source must stop without resuming or writing
+    /// anything.
+    TargetHolds(String),
+    /// Its next generation could not be claimed either way: the source VM
+    /// stays paused, lease-suspended.
+    Suspended(String),
+}
+
+impl std::fmt::Display for LeaseAfterFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseAfterFailure::TargetHolds(w) => {
+                write!(f, " but the guest runs on the target ({w})")
+            }
+            LeaseAfterFailure::Suspended(e) => write!(
+                f,
+                " and the lease's next holder is undecided ({e}): the VM stays paused here, \
+                 lease-suspended"
+            ),
+        }
+    }
 }
 
 impl Failed {
     /// The whole chain on one line, for logs and CLIs.
     pub fn report(&self) -> String {
         format!("{self}: {}", crate::error_chain(&self.error))
+    }
+
+    /// Why the target holds the lease, if it won it (the guest runs there).
+    pub fn target_holds_lease(&self) -> Option<&str> {
+        match self.lease.as_deref() {
+            Some(LeaseAfterFailure::TargetHolds(w)) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Why the lease's next holder is undecided, if it is (the VM stays
+    /// paused here, lease-suspended).
+    pub fn lease_suspended(&self) -> Option<&str> {
+        match self.lease.as_deref() {
+            Some(LeaseAfterFailure::Suspended(e)) => Some(e),
+            _ => None,
+        }
     }
 }
 
@@ -320,6 +369,7 @@ pub fn migrate<V: MigratableVm, C: Channel>(
         last_report: None,
         scratch: Vec::new(),
         frame: PagesFrame::new(),
+        lease: LeaseStep::None,
     };
     match s.run() {
         Ok(summary) => Ok(summary),
@@ -360,6 +410,19 @@ struct Source<'a, V, C> {
     scratch: Vec<u8>,
     /// The `Pages` frame being built, reused from frame to frame.
     frame: PagesFrame,
+    /// Where the VM's lease handoff stands.
+    lease: LeaseStep,
+}
+
+/// The source's side of a lease handoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseStep {
+    /// Renewing as usual (or no lease).
+    None,
+    /// Renewals stopped for the switchover; not sent yet.
+    Stopped,
+    /// Sent with the final state: only the claim of G+1 decides.
+    Sent,
 }
 
 fn vm_err(op: &'static str) -> impl FnOnce(VmError) -> Error {
@@ -506,6 +569,9 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
         if self.opts.page_checksum {
             wanted |= caps::PAGE_CHECKSUM;
         }
+        if facts.lease.is_some() {
+            wanted |= caps::LEASE_HANDOFF;
+        }
         let mut ours = Hello::ours(&self.opts.host, wanted);
         (ours.version_min, ours.version_max) = self.opts.versions;
         self.send(&Message::Hello(ours.clone()))?;
@@ -521,6 +587,14 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
             });
         }
         tracing::info!(version, peer = %theirs.host, "migration connected");
+        if let Some(l) = &facts.lease {
+            if self.caps & caps::LEASE_HANDOFF == 0 {
+                // A target that cannot take the lease over never sees it.
+                return Err(Error::Precheck {
+                    failures: vec![crate::precheck::lease_refusal(&facts, l, &theirs.host)],
+                });
+            }
+        }
 
         self.enter(Stage::Precheck, 5)?;
         self.send(&Message::Precheck(facts))?;
@@ -639,6 +713,13 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
         self.vm
             .quiesce_devices()
             .map_err(vm_err("quiesce_devices"))?;
+        // No guest disk write can be issued now: the lease's renewals stop
+        // here and the lease goes to the target with the final state.
+        self.lease = LeaseStep::Stopped;
+        let lease = self.vm.stop_lease().map_err(vm_err("stop_lease"))?;
+        if lease.is_none() {
+            self.lease = LeaseStep::None;
+        }
         let mut last = pending;
         last.merge(&self.vm.take_dirty().map_err(vm_err("take_dirty"))?);
         let last_round_pages = last.count();
@@ -653,12 +734,22 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
         let state_len = state.len();
         self.send(&Message::State(state))?;
         self.check_cancel()?;
+        if lease.is_some() {
+            // From the first byte of `Complete` on, the target may hold it.
+            self.vm.lease_sent();
+            self.lease = LeaseStep::Sent;
+        }
         self.send(&Message::Complete(Complete {
             rounds: round + 1,
             runs: self.runs,
+            lease,
         }))?;
         let t_complete = stunned.elapsed();
         self.wait_resumed()?;
+        if self.lease == LeaseStep::Sent {
+            self.vm.lease_gone();
+            self.lease = LeaseStep::None;
+        }
         let downtime = stunned.elapsed();
         tracing::info!(
             paused_us = t_paused.as_micros() as u64,
@@ -945,8 +1036,28 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
             self.vm.stop_dirty_log();
             self.logging = false;
         }
+        // The lease first: whether the guest may run here again.
+        let mut lease_after = None;
+        match self.lease {
+            LeaseStep::None => {}
+            LeaseStep::Stopped => self.vm.keep_lease(),
+            LeaseStep::Sent => match self.vm.race_lease() {
+                LeaseRace::Won => {
+                    tracing::warn!("the lease's next generation is ours: the guest resumes here");
+                }
+                LeaseRace::Lost(why) => {
+                    tracing::warn!(%why, "the target holds the lease: the guest runs there; not resuming here");
+                    lease_after = Some(LeaseAfterFailure::TargetHolds(why));
+                }
+                LeaseRace::Unknown(e) => {
+                    tracing::error!(error = %e, "cannot claim the lease's next generation: the guest stays paused, lease-suspended");
+                    lease_after = Some(LeaseAfterFailure::Suspended(e));
+                }
+            },
+        }
+        self.lease = LeaseStep::None;
         let mut resume_error = None;
-        if self.paused {
+        if self.paused && lease_after.is_none() {
             match self.vm.resume() {
                 Ok(()) => self.paused = false,
                 Err(e) => resume_error = Some(e.to_string()),
@@ -958,6 +1069,7 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
             stage,
             error,
             resume_error,
+            lease: lease_after.map(Box::new),
         };
         tracing::warn!(report = %f.report(), "migration failed");
         f

@@ -572,7 +572,10 @@ impl<C: Channel> Target<'_, C> {
             Message::Precheck(f) => f,
             m => return Err(violation(&m, "Precheck")),
         };
-        let failures = precheck::check_all(&facts, &host.host_facts(&facts));
+        let host_facts = host.host_facts(&facts);
+        // Whether the guest may run here only under the source's lease.
+        let takes_lease = host_facts.lease.as_ref().is_some_and(|l| l.handoff);
+        let failures = precheck::check_all(&facts, &host_facts);
         self.send(&Message::PrecheckResult(failures.clone()))?;
         if !failures.is_empty() {
             return Err(Error::Precheck(failures));
@@ -664,6 +667,26 @@ impl<C: Channel> Target<'_, C> {
         }
         let t0 = Instant::now();
         vm.restore_state(&state).map_err(vm_err("restore_state"))?;
+        match (&complete.lease, takes_lease) {
+            // Claimed by `start`, before any vCPU runs.
+            (Some(l), true) => vm.take_lease(l).map_err(vm_err("take_lease"))?,
+            (None, false) => {}
+            (None, true) => {
+                return Err(Error::Violation(
+                    "the source sent no lease; this target runs the guest only under the \
+                     lease it takes over"
+                        .into(),
+                ))
+            }
+            (Some(l), false) => {
+                return Err(Error::Violation(format!(
+                    "the source sent its lease ({}, generation {}) to a target without a \
+                     handoff lease spec",
+                    l.file.display(),
+                    l.generation
+                )))
+            }
+        }
         let t_parsed = t0.elapsed();
         vm.start().map_err(vm_err("start"))?;
         tracing::info!(

@@ -16,6 +16,7 @@
 //! tests in this crate drive fakes over real loopback TCP.
 
 use crate::precheck::{HostFacts, VmFacts};
+pub use crate::protocol::LeaseHandoff;
 pub use crate::protocol::Region;
 use crate::protocol::PAGE_SIZE;
 
@@ -68,8 +69,41 @@ pub trait MigratableVm {
     fn save_state(&mut self) -> Result<Vec<u8>, VmError>;
     /// Undoes [`pause`](Self::pause) and
     /// [`quiesce_devices`](Self::quiesce_devices): the guest runs again on
-    /// the source. Called on every failure before the target's ack.
+    /// the source. Called on every failure before the target's ack
+    /// (unless the target holds the VM's lease, see
+    /// [`race_lease`](Self::race_lease)).
     fn resume(&mut self) -> Result<(), VmError>;
+    /// Switchover, with the guest paused and its devices drained: stop
+    /// renewing the VM's HA disk lease (after a renewal in flight lands)
+    /// and return it for the target; `None` without a lease (the default).
+    fn stop_lease(&mut self) -> Result<Option<LeaseHandoff>, VmError> {
+        Ok(None)
+    }
+    /// The lease is about to go out with the final state.
+    fn lease_sent(&mut self) {}
+    /// The migration failed before the lease was sent: renew it again.
+    fn keep_lease(&mut self) {}
+    /// The target acknowledged: the lease is its own; never write it again.
+    fn lease_gone(&mut self) {}
+    /// The migration failed after the lease was sent: claim its next
+    /// generation, as the target does before it runs the guest.
+    fn race_lease(&mut self) -> LeaseRace {
+        LeaseRace::Won
+    }
+}
+
+/// Who holds the lease after a switchover that failed once the lease was
+/// sent (both sides claim generation G+1; one wins).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseRace {
+    /// The source: the guest resumes there.
+    Won,
+    /// The target: the guest runs there (only its ack was lost); the
+    /// source stops without writing anything.
+    Lost(String),
+    /// Undecided (datastore I/O): the source keeps the guest paused,
+    /// lease-suspended, and re-acquires the lease as a peer would.
+    Unknown(String),
 }
 
 /// A VM being received. Dropped (and its memory freed) unless started.
@@ -100,6 +134,18 @@ pub trait IncomingVm {
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError>;
     /// Restores vCPU + device state from the source's blob.
     fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError>;
+    /// Takes the lease handed over with `Complete`: [`start`](Self::start)
+    /// claims its next generation before any vCPU runs and fails, without
+    /// running the guest, if the claim is someone else's. The default
+    /// refuses (a target without lease handoff).
+    fn take_lease(&mut self, lease: &LeaseHandoff) -> Result<(), VmError> {
+        Err(format!(
+            "this target cannot take over the lease {} (generation {})",
+            lease.file.display(),
+            lease.generation
+        )
+        .into())
+    }
     /// Starts the vCPUs (and announces the VM's MACs, M3).
     fn start(&mut self) -> Result<(), VmError>;
 }

@@ -656,3 +656,196 @@ fn cancel_from_another_thread_mid_round() {
     assert_not_started(&seen);
     canceller.join().unwrap();
 }
+
+/// An idle source holding generation 3 of the lease in `store`.
+fn leased(store: &Store) -> FakeVm {
+    let mut vm = idle(8);
+    vm.lease = Some(FakeLease {
+        store: store.clone(),
+        generation: 3,
+        renewing: true,
+        gone: false,
+    });
+    vm
+}
+
+fn leased_host(store: &Store) -> FakeHost {
+    let mut host = FakeHost::new();
+    host.lease = Some(store.clone());
+    host
+}
+
+fn record(store: &Store) -> Option<(String, u64)> {
+    store.lock().unwrap().record.clone()
+}
+
+#[test]
+fn lease_is_handed_over_with_the_final_state() {
+    let store = store("host-a", 3);
+    let (addr, tgt, seen) = spawn_target(leased_host(&store), target_opts());
+    let mut vm = leased(&store);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    r.unwrap();
+    tgt.join().unwrap().unwrap();
+    assert_intact(&vm, &seen);
+    // The target claimed generation 4 before it ran the guest; the source
+    // neither renews nor resumes.
+    assert_eq!(record(&store), Some(("host-b".into(), 4)));
+    assert_eq!(
+        store.lock().unwrap().claims.get(&4).map(String::as_str),
+        Some("host-b")
+    );
+    let l = vm.lease.as_ref().unwrap();
+    assert!(l.gone && !l.renewing);
+    assert_eq!(vm.resumes, 0);
+}
+
+#[test]
+fn target_killed_after_claiming_leaves_the_source_stopped() {
+    let store = store("host-a", 3);
+    let mut host = leased_host(&store);
+    host.crash_after_claim = true;
+    let (addr, tgt, _seen) = spawn_target(host, target_opts());
+    let mut vm = leased(&store);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    // The source raced for generation 4 and lost: the guest is the
+    // target's (it died, but it held the lease), never resumed here.
+    assert!(
+        f.target_holds_lease()
+            .is_some_and(|w| w.contains("generation 4")),
+        "{}",
+        f.report()
+    );
+    assert!(
+        f.report().contains("the guest runs on the target"),
+        "{}",
+        f.report()
+    );
+    assert_eq!(vm.resumes, 0);
+    assert!(vm.is_paused());
+    assert!(vm.lease.as_ref().unwrap().gone);
+    assert_eq!(record(&store), Some(("host-b".into(), 4)));
+    assert!(tgt.join().is_err(), "the target thread died");
+}
+
+#[test]
+fn source_wins_the_race_when_the_target_never_claimed() {
+    let store = store("host-a", 3);
+    let mut host = leased_host(&store);
+    host.fail_restore = true;
+    let (addr, tgt, seen) = spawn_target(host, target_opts());
+    let mut vm = leased(&store);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    assert_eq!(f.stage, Stage::Switchover);
+    assert!(f.lease.is_none(), "{}", f.report());
+    // The lease had been sent: the source claimed generation 4 itself and
+    // runs the guest again under it.
+    assert_eq!(record(&store), Some(("host-a".into(), 4)));
+    let l = vm.lease.as_ref().unwrap();
+    assert_eq!(l.generation, 4);
+    assert!(l.renewing && !l.gone);
+    assert_eq!(vm.resumes, 1);
+    assert_source_running(&vm);
+    assert!(tgt.join().unwrap().is_err());
+    assert_not_started(&seen);
+}
+
+#[test]
+fn an_undecided_race_keeps_the_source_paused() {
+    let store = store("host-a", 3);
+    let mut host = leased_host(&store);
+    host.fail_restore = true;
+    store.lock().unwrap().unreachable = true;
+    let (addr, tgt, _seen) = spawn_target(host, target_opts());
+    let mut vm = leased(&store);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    assert!(f.lease_suspended().is_some(), "{}", f.report());
+    assert!(f.report().contains("lease-suspended"), "{}", f.report());
+    assert_eq!(vm.resumes, 0);
+    assert!(vm.is_paused());
+    assert!(tgt.join().unwrap().is_err());
+}
+
+#[test]
+fn a_failure_before_the_lease_was_sent_keeps_it_renewed_here() {
+    let store = store("host-a", 3);
+    let (addr, tgt, seen) = spawn_target(leased_host(&store), target_opts());
+    let mut vm = leased(&store);
+    vm.fail_save = true;
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let f = r.unwrap_err();
+    assert!(f.lease.is_none());
+    let l = vm.lease.as_ref().unwrap();
+    assert!(l.renewing && !l.gone && l.generation == 3);
+    assert!(store.lock().unwrap().claims.is_empty());
+    assert_source_running(&vm);
+    assert!(tgt.join().unwrap().is_err());
+    assert_not_started(&seen);
+}
+
+#[test]
+fn lease_prechecks_refuse_before_any_memory_moves() {
+    // A source with a lease, a target without a handoff spec.
+    let store = store("host-a", 3);
+    let (addr, tgt, seen) = spawn_target(FakeHost::new(), target_opts());
+    let mut vm = leased(&store);
+    let (r, progress) = run_source(&mut vm, addr, &source_opts(), None);
+    let e = r.unwrap_err().report();
+    assert!(
+        e.contains(
+            "the VM holds an HA disk lease (/srv/ds1/fake.lease, generation 3); the target has \
+             none: migrate HA-protected VMs with `vigil vm migrate fake --host host-b`, or start \
+             the target with --lease and handoff = true"
+        ),
+        "{e}"
+    );
+    assert!(progress.iter().all(|p| p.bytes_sent < 1 << 20));
+    assert_source_running(&vm);
+    assert!(vm.lease.as_ref().unwrap().renewing);
+    assert!(tgt.join().unwrap().is_err());
+    assert_not_started(&seen);
+    // A target with a handoff spec, a source without a lease.
+    let (addr, tgt, _) = spawn_target(leased_host(&store), target_opts());
+    let mut vm = idle(8);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let e = r.unwrap_err().report();
+    assert!(
+        e.contains("the VM holds no HA disk lease") && e.contains("handoff = true"),
+        "{e}"
+    );
+    assert!(tgt.join().unwrap().is_err());
+    // Two different records.
+    let mut host = leased_host(&store);
+    host.lease_file = "/srv/ds2/fake.lease".into();
+    let (addr, tgt, _) = spawn_target(host, target_opts());
+    let mut vm = leased(&store);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let e = r.unwrap_err().report();
+    assert!(
+        e.contains("/srv/ds1/fake.lease") && e.contains("/srv/ds2/fake.lease"),
+        "{e}"
+    );
+    assert!(tgt.join().unwrap().is_err());
+    assert_eq!(record(&store), Some(("host-a".into(), 3)));
+    assert!(store.lock().unwrap().claims.is_empty());
+}
+
+#[test]
+fn a_target_without_lease_handoff_never_gets_the_lease() {
+    let store = store("host-a", 3);
+    let opts = TargetOptions {
+        capabilities: caps::ALL & !caps::LEASE_HANDOFF,
+        ..target_opts()
+    };
+    let (addr, tgt, seen) = spawn_target(leased_host(&store), opts);
+    let mut vm = leased(&store);
+    let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
+    let e = r.unwrap_err().report();
+    assert!(e.contains("the target has none"), "{e}");
+    assert_source_running(&vm);
+    let _ = tgt.join();
+    assert_not_started(&seen);
+}

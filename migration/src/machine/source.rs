@@ -169,6 +169,7 @@ pub fn facts(m: &Machine) -> VmFacts {
             .collect(),
         networks: c.nics.iter().map(|n| n.network.clone()).collect(),
         host_local_devices: devices.into_iter().flatten().collect(),
+        lease: vmm::lease::held().map(|l| precheck::LeaseFacts::of(&l.file, l.generation)),
         ..Default::default()
     }
 }
@@ -309,6 +310,35 @@ impl MigratableVm for SourceVm {
         self.m.gate.set_throttle(0);
         self.m.resume();
         Ok(())
+    }
+
+    fn stop_lease(&mut self) -> Result<Option<crate::vm::LeaseHandoff>, VmError> {
+        let held = vmm::lease::handoff_stop()?;
+        Ok(held.map(|l| crate::vm::LeaseHandoff {
+            file: l.file,
+            owner: l.owner,
+            generation: l.generation,
+        }))
+    }
+
+    fn lease_sent(&mut self) {
+        vmm::lease::handoff_sent();
+    }
+
+    fn keep_lease(&mut self) {
+        vmm::lease::handoff_abort();
+    }
+
+    fn lease_gone(&mut self) {
+        vmm::lease::handoff_done();
+    }
+
+    fn race_lease(&mut self) -> crate::vm::LeaseRace {
+        match vmm::lease::handoff_race() {
+            vmm::lease::Race::Won => crate::vm::LeaseRace::Won,
+            vmm::lease::Race::Lost(w) => crate::vm::LeaseRace::Lost(w),
+            vmm::lease::Race::Unknown(e) => crate::vm::LeaseRace::Unknown(e),
+        }
     }
 }
 
@@ -602,6 +632,13 @@ impl MigrationHook for Outgoing {
                         json!({ "state": "succeeded", "to": to, "stage": "done", "percent": 100,
                                 "summary": summary_json(s) })
                     }
+                    Err(f) if f.target_holds_lease().is_some() => {
+                        let why = f.target_holds_lease().unwrap_or_default().to_string();
+                        tracing::warn!(error = %f.report(), %why,
+                            "the target holds the VM's lease: the guest runs there; stopping here without touching the lease");
+                        json!({ "state": "succeeded", "to": to, "stage": "done", "percent": 100,
+                                "ack_lost": true, "lease": why, "error": f.report() })
+                    }
                     Err(f) => {
                         tracing::warn!(error = %f.report(), "migration failed; the VM runs here");
                         let state = if matches!(f.error, crate::source::Error::Cancelled) {
@@ -610,7 +647,9 @@ impl MigrationHook for Outgoing {
                             "failed"
                         };
                         json!({ "state": state, "to": to, "stage": f.stage.to_string(),
-                                "error": f.report(), "vm_running_here": f.resume_error.is_none() })
+                                "error": f.report(),
+                                "vm_running_here": f.resume_error.is_none() && f.lease_suspended().is_none(),
+                                "lease_suspended": f.lease_suspended().is_some() })
                     }
                 };
                 {
@@ -619,7 +658,11 @@ impl MigrationHook for Outgoing {
                     g.running = false;
                     g.cancel = None;
                 }
-                if result.is_ok() {
+                let moved = match &result {
+                    Ok(_) => true,
+                    Err(f) => f.target_holds_lease().is_some(),
+                };
+                if moved {
                     // The guest runs on the target: give the client a moment
                     // to read the summary, then stop (memory freed, disks
                     // closed by the process exit).

@@ -139,6 +139,10 @@ impl TargetHost for IncomingHost {
             vm,
         );
         facts.memory_detail = room.detail;
+        facts.lease = self.opts.run.lease.as_ref().map(|l| precheck::HostLease {
+            record: precheck::LeaseFacts::of(&l.file, 0),
+            handoff: l.handoff,
+        });
         facts.cpu_limit = self.opts.cpu_limit.map(|t| {
             format!(
                 "limited to the {} CPU template by --cpu-limit",
@@ -285,6 +289,21 @@ impl IncomingVm for IncomingShell {
         Ok(())
     }
 
+    /// The claim happens in `vmm::run_incoming` once the guest's state is
+    /// restored, before its vCPUs run: the spec learns the generation the
+    /// source held.
+    fn take_lease(&mut self, lease: &crate::vm::LeaseHandoff) -> Result<(), VmError> {
+        match self.run.lease.as_mut() {
+            Some(spec) if spec.handoff => {
+                tracing::info!(lease = %spec.file.display(), from = %lease.owner,
+                    generation = lease.generation, "lease handed over; claiming the next generation");
+                spec.generation = lease.generation;
+                Ok(())
+            }
+            _ => Err("this target was not started with a handoff lease spec".into()),
+        }
+    }
+
     fn restore_state(&mut self, blob: &[u8]) -> Result<(), VmError> {
         let state = VmState::from_slice(blob, Path::new("<migration stream>"))?;
         let total: u64 = state.memory.iter().map(|r| r.size).sum();
@@ -372,6 +391,13 @@ pub fn run_incoming(
         None => None,
     };
     let listener = TcpListener::bind(&opts.listen).map_err(listen_err)?;
+    // A lease the agent acquired for this VM (one coming from a source
+    // without a lease) is renewed from now on, not only once memory has
+    // arrived; a handoff lease is taken over at switchover instead.
+    let _lease = match opts.run.lease.as_ref().filter(|l| !l.handoff) {
+        Some(spec) => Some(vmm::lease::start(spec.clone()).map_err(vmm::Error::from)?),
+        None => None,
+    };
     let local = listener
         .local_addr()
         .map(|a| a.to_string())

@@ -20,10 +20,27 @@
 //!    |<-- RoundDone {N} ---------------------------------|  (ROUND_ACK) round N in memory
 //!    |        (source pauses the guest: "stun")         |
 //!    |--- Pages {last round} ... ---------------------->|
+//!    |   (LEASE_HANDOFF: source stops lease renewals)   |
 //!    |--- State {vCPU + device blob} ------------------>|
-//!    |--- Complete {pages, rounds} -------------------->|  target restores, resumes
+//!    |--- Complete {pages, rounds, lease?} ------------>|  target restores; with a
+//!    |                                                  |  lease claims generation
+//!    |                                                  |  G+1 first, then resumes
 //!    |<-- Resumed ---------------------------------------|  source may now be destroyed
 //! ```
+//!
+//! Lease handoff (capability `LEASE_HANDOFF`, for a VM with an HA disk
+//! lease): the pre-check refuses a source with a lease and a target
+//! without a handoff lease spec, the reverse, and two different lease
+//! records. At switchover the source, with its guest paused and drained,
+//! stops renewing generation G and sends it in `Complete`. The target
+//! claims G+1 with the exclusive claim file `lease.claim.G+1`, writes the
+//! record naming itself, starts renewing, and only then runs the guest and
+//! answers `Resumed`; a lost claim means it aborts without running the
+//! guest. A source that sent the lease and then sees a failure (no
+//! `Resumed`, a cut, an `Abort`) claims the same G+1: it wins and resumes
+//! the guest, or loses (the target runs it) and stops without writing
+//! anything; if the claim cannot be decided it keeps the guest paused,
+//! lease-suspended. One claim file, one winner: at most one copy runs.
 //!
 //! At any point either side may send `Abort {stage, reason}` and close; the
 //! source sends `Cancel` when a user cancels. The target never starts the
@@ -106,8 +123,13 @@ pub mod caps {
     /// target has caught up, so what is still in flight or being written
     /// there is not downtime.
     pub const ROUND_ACK: u32 = 1 << 3;
+    /// The source's HA disk lease moves with the VM: `Complete` carries
+    /// it, the target claims its next generation before it runs the guest
+    /// (see [`super::LeaseHandoff`]). A source holding a lease migrates
+    /// only to a target that has this capability.
+    pub const LEASE_HANDOFF: u32 = 1 << 4;
     /// Everything this build understands.
-    pub const ALL: u32 = ZERO_PAGES | PAGE_CHECKSUM | LZ4 | ROUND_ACK;
+    pub const ALL: u32 = ZERO_PAGES | PAGE_CHECKSUM | LZ4 | ROUND_ACK | LEASE_HANDOFF;
 }
 
 /// Frame errors: each names the message and what was wrong.
@@ -372,6 +394,25 @@ pub struct Complete {
     pub rounds: u32,
     /// Page runs sent in all rounds.
     pub runs: u64,
+    /// The HA disk lease the source held, handed over with the final state
+    /// (capability `LEASE_HANDOFF`; absent for a VM without a lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseHandoff>,
+}
+
+/// The lease a source hands over at switchover: its renewals have stopped,
+/// its guest is paused and drained. The target claims `generation + 1`
+/// (exclusive claim file beside `file`) before it runs the guest; after a
+/// failure the source claims the same generation, so exactly one of them
+/// runs the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseHandoff {
+    /// The lease record on the shared datastore (the source's path).
+    pub file: std::path::PathBuf,
+    /// Who holds it now (the source host).
+    pub owner: String,
+    /// The generation the source holds.
+    pub generation: u64,
 }
 
 /// `Abort`: why a side gives up.

@@ -56,6 +56,16 @@ fn samples() -> Vec<Message> {
         Message::Complete(Complete {
             rounds: 4,
             runs: 77,
+            lease: None,
+        }),
+        Message::Complete(Complete {
+            rounds: 4,
+            runs: 77,
+            lease: Some(crate::protocol::LeaseHandoff {
+                file: "/ds/vms/web1/lease".into(),
+                owner: "host-a".into(),
+                generation: 7,
+            }),
         }),
         Message::Resumed,
         Message::Abort(Abort {

@@ -4,9 +4,10 @@
 
 #![allow(dead_code)]
 
-use migration::precheck::{Disk, DiskIdentity, HostFacts, VmFacts};
+use migration::precheck::{Disk, DiskIdentity, HostFacts, HostLease, LeaseFacts, VmFacts};
 use migration::protocol::{Decoder, MessageType, PAGE_SIZE};
 use migration::vm::VmError;
+use migration::vm::{LeaseHandoff, LeaseRace};
 use migration::{DirtyBitmap, IncomingVm, MigratableVm, Region, TargetHost};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -16,6 +17,63 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub const P: u64 = PAGE_SIZE as u64;
+
+/// Where the fake VM's lease record lives.
+pub const LEASE_FILE: &str = "/srv/ds1/fake.lease";
+
+/// A datastore's lease record and claim files, shared by a fake source and
+/// a fake target: the record (owner, generation) and who holds each
+/// generation's claim.
+#[derive(Default, Debug)]
+pub struct FakeStore {
+    pub record: Option<(String, u64)>,
+    pub claims: std::collections::BTreeMap<u64, String>,
+    pub unreachable: bool,
+}
+
+pub type Store = Arc<Mutex<FakeStore>>;
+
+/// A record held by `owner` at `generation`.
+pub fn store(owner: &str, generation: u64) -> Store {
+    Arc::new(Mutex::new(FakeStore {
+        record: Some((owner.into(), generation)),
+        ..Default::default()
+    }))
+}
+
+impl FakeStore {
+    /// The exclusive claim of `generation`, then the record, as the VMM does.
+    fn claim(&mut self, generation: u64, who: &str) -> Result<bool, String> {
+        if self.unreachable {
+            return Err("no answer within 500 ms".into());
+        }
+        let holder = self.claims.entry(generation).or_insert(who.into());
+        if holder != who {
+            return Ok(false);
+        }
+        self.record = Some((who.into(), generation));
+        Ok(true)
+    }
+}
+
+fn lease_facts(file: &str, generation: u64) -> LeaseFacts {
+    let p = std::path::Path::new(file);
+    LeaseFacts {
+        file: p.into(),
+        generation,
+        dir: p.parent().map(Into::into),
+        dir_id: None,
+    }
+}
+
+/// The source's lease: the store, the generation held, and what the
+/// engine did with it.
+pub struct FakeLease {
+    pub store: Store,
+    pub generation: u64,
+    pub renewing: bool,
+    pub gone: bool,
+}
 
 struct Shared {
     mem: Vec<u8>,
@@ -38,6 +96,8 @@ pub struct FakeVm {
     pub resumes: u32,
     pub max_throttle_seen: u8,
     pub fail_save: bool,
+    /// An HA disk lease held on the source.
+    pub lease: Option<FakeLease>,
     dirtier: Option<JoinHandle<()>>,
 }
 
@@ -126,6 +186,7 @@ impl FakeVm {
             resumes: 0,
             max_throttle_seen: 0,
             fail_save: false,
+            lease: None,
             dirtier,
         }
     }
@@ -218,7 +279,49 @@ impl MigratableVm for FakeVm {
             }],
             networks: vec!["Prod".into()],
             host_local_devices: vec![],
+            lease: self
+                .lease
+                .as_ref()
+                .map(|l| lease_facts(LEASE_FILE, l.generation)),
             ..Default::default()
+        }
+    }
+    fn stop_lease(&mut self) -> Result<Option<LeaseHandoff>, VmError> {
+        Ok(self.lease.as_mut().map(|l| {
+            l.renewing = false;
+            LeaseHandoff {
+                file: LEASE_FILE.into(),
+                owner: "host-a".into(),
+                generation: l.generation,
+            }
+        }))
+    }
+    fn keep_lease(&mut self) {
+        if let Some(l) = self.lease.as_mut() {
+            l.renewing = true;
+        }
+    }
+    fn lease_gone(&mut self) {
+        if let Some(l) = self.lease.as_mut() {
+            l.gone = true;
+        }
+    }
+    fn race_lease(&mut self) -> LeaseRace {
+        let Some(l) = self.lease.as_mut() else {
+            return LeaseRace::Won;
+        };
+        let next = l.generation + 1;
+        match l.store.lock().unwrap().claim(next, "host-a") {
+            Ok(true) => {
+                l.generation = next;
+                l.renewing = true;
+                LeaseRace::Won
+            }
+            Ok(false) => {
+                l.gone = true;
+                LeaseRace::Lost(format!("generation {next} claimed by the target"))
+            }
+            Err(e) => LeaseRace::Unknown(e),
         }
     }
     fn memory_layout(&self) -> Vec<Region> {
@@ -290,6 +393,13 @@ pub struct FakeHost {
     pub write_delay: Duration,
     /// Pages written so far.
     pub written: Arc<AtomicU64>,
+    /// Started with a handoff lease spec naming this store's record.
+    pub lease: Option<Store>,
+    /// The lease spec names another record.
+    pub lease_file: String,
+    /// Dies (the thread panics, dropping the connection) right after the
+    /// claim of the lease's next generation.
+    pub crash_after_claim: bool,
 }
 
 impl FakeHost {
@@ -307,6 +417,9 @@ impl FakeHost {
             fail_restore: false,
             write_delay: Duration::ZERO,
             written: Arc::default(),
+            lease: None,
+            lease_file: LEASE_FILE.into(),
+            crash_after_claim: false,
         }
     }
 }
@@ -319,6 +432,9 @@ pub struct FakeIncoming {
     fail_restore: bool,
     write_delay: Duration,
     written: Arc<AtomicU64>,
+    store: Option<Store>,
+    lease: Option<LeaseHandoff>,
+    crash_after_claim: bool,
 }
 
 impl TargetHost for FakeHost {
@@ -336,6 +452,10 @@ impl TargetHost for FakeHost {
                 )
             })
             .collect();
+        f.lease = self.lease.as_ref().map(|_| HostLease {
+            record: lease_facts(&self.lease_file, 0),
+            handoff: true,
+        });
         f
     }
     fn create_vm(&mut self, _vm: &VmFacts, layout: &[Region]) -> Result<FakeIncoming, VmError> {
@@ -347,6 +467,9 @@ impl TargetHost for FakeHost {
             fail_restore: self.fail_restore,
             write_delay: self.write_delay,
             written: self.written.clone(),
+            store: self.lease.clone(),
+            lease: None,
+            crash_after_claim: self.crash_after_claim,
         })
     }
 }
@@ -372,7 +495,25 @@ impl IncomingVm for FakeIncoming {
         self.state = Some(state.to_vec());
         Ok(())
     }
+    fn take_lease(&mut self, lease: &LeaseHandoff) -> Result<(), VmError> {
+        if self.store.is_none() {
+            return Err("no handoff lease spec".into());
+        }
+        self.lease = Some(lease.clone());
+        Ok(())
+    }
     fn start(&mut self) -> Result<(), VmError> {
+        if let (Some(store), Some(l)) = (&self.store, &self.lease) {
+            let next = l.generation + 1;
+            match store.lock().unwrap().claim(next, "host-b") {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(format!("lease generation {next} is claimed by another").into())
+                }
+                Err(e) => return Err(e.into()),
+            }
+            assert!(!self.crash_after_claim, "target killed after claiming");
+        }
         let mut s = self.seen.lock().unwrap();
         s.memory = Some(self.mem.clone());
         s.state = self.state.clone();
