@@ -88,7 +88,16 @@ pub fn migrate(args: MigrateArgs) -> i32 {
                     if tty {
                         eprintln!();
                     }
-                    println!("{}", summary(&v["summary"]));
+                    if v["ack_lost"] == true {
+                        // The target won the lease: the guest runs there.
+                        println!(
+                            "migrated: the target's acknowledgement was lost, but the target \
+                             holds the VM's lease ({}): the guest runs there",
+                            v["lease"].as_str().unwrap_or("?")
+                        );
+                    } else {
+                        println!("{}", summary(&v["summary"]));
+                    }
                 }
                 return 0;
             }
@@ -99,6 +108,15 @@ pub fn migrate(args: MigrateArgs) -> i32 {
                 let err = v["error"]
                     .as_str()
                     .unwrap_or("migration ended without an outcome");
+                if v["lease_suspended"] == true {
+                    return fail(&format!(
+                        "{err}; the VM is paused on this host, lease-suspended: it resumes if \
+                         it re-acquires its lease and stops if the target holds it"
+                    ));
+                }
+                if v["vm_running_here"] == false {
+                    return fail(&format!("{err}; the VM could not be resumed on this host"));
+                }
                 return fail(&format!("{err}; the VM keeps running on this host"));
             }
         }
@@ -115,7 +133,7 @@ fn mib(v: &Value) -> f64 {
 }
 
 /// `[#####.....]  42% precopy round 1  sent 120.0 MiB  dirty 30.1 MiB/s  downtime ~12 ms  throttle 0%`
-fn bar(v: &Value) -> String {
+pub(crate) fn bar(v: &Value) -> String {
     let pct = v["percent"].as_u64().unwrap_or(0).min(100) as usize;
     let filled = pct / 5;
     format!(
@@ -130,7 +148,7 @@ fn bar(v: &Value) -> String {
     )
 }
 
-fn summary(s: &Value) -> String {
+pub(crate) fn summary(s: &Value) -> String {
     format!(
         "migrated: total {:.3} s, downtime {:.1} ms (measured at the source: paused until the \
          target's ack; {:.1} ms until the last byte was sent), {:.1} MiB sent, {} rounds, \

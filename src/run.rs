@@ -51,6 +51,14 @@ pub fn run(args: RunArgs) -> i32 {
     };
     if let Some(p) = &args.lease {
         match vmm::lease::LeaseSpec::load(p) {
+            Ok(spec) if spec.handoff && args.incoming.is_none() => {
+                eprintln!(
+                    "vigil: lease spec {}: handoff = true only applies with --incoming \
+                     tcp:ADDR:PORT (the target of a live migration takes over the source's lease)",
+                    p.display()
+                );
+                return vmm::control::EXIT_USAGE;
+            }
             Ok(spec) => opts.lease = Some(spec),
             Err(e) => {
                 eprintln!("vigil: {}", chain(&e));
