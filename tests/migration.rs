@@ -15,7 +15,9 @@
 //! TCP relay in this file that can cut, truncate or corrupt the stream, and
 //! each checks that the guest keeps running on the source with its memory
 //! intact and that the target exits without ever running it. Tests hold the
-//! guest lock (one guest at a time) and use ports 47200-47299.
+//! guest lock (one guest at a time) and use ports 47200-47299. Two cases run
+//! the source with an HA disk lease (`--lease`): it moves to a target started
+//! with a handoff lease spec, and a target without one refuses it.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -1719,4 +1721,223 @@ fn priority_high_is_refused_by_a_source_without_room_for_its_buffers() {
     assert_no_lost_pages("target", &tgt.console_text());
     drop(src);
     drop(cg);
+}
+
+/// A datastore directory for a lease: the record `vm.lease` held by
+/// `host-a` at generation 1, and two lease specs: `src.toml` (host-a,
+/// generation 1, acquired when the source starts) and `tgt.toml` (host-b,
+/// `handoff = true`).
+/// Renew 300 ms, I/O timeout 300 ms, stop 3000 ms.
+struct LeaseDir {
+    dir: PathBuf,
+}
+
+impl LeaseDir {
+    fn new(name: &str) -> Self {
+        let dir = work_dir().join(format!("{name}-ds"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = Self { dir };
+        vmm::lease::write_record(
+            &d.record(),
+            &vmm::lease::LeaseRecord {
+                owner: Some("host-a".into()),
+                generation: 1,
+                counter: 0,
+            },
+        )
+        .unwrap();
+        std::fs::write(d.spec("tgt"), d.spec_text("host-b", 0, 0, true)).unwrap();
+        d
+    }
+
+    fn spec_text(&self, owner: &str, generation: u64, acquired: u64, handoff: bool) -> String {
+        format!(
+            "file = {:?}\nowner = {owner:?}\ngeneration = {generation}\n\
+             acquired_mono_ms = {acquired}\nrenew_interval_ms = 300\nio_timeout_ms = 300\n\
+             stop_time_ms = 3000\nhandoff = {handoff}\n",
+            self.record()
+        )
+    }
+
+    /// The source's spec, acquired now (the agent writes it right before
+    /// it starts the VMM).
+    fn source_spec(&self) -> PathBuf {
+        let p = self.spec("src");
+        std::fs::write(
+            &p,
+            self.spec_text("host-a", 1, vmm::lease::mono_ms(), false),
+        )
+        .unwrap();
+        p
+    }
+
+    fn record(&self) -> PathBuf {
+        self.dir.join("vm.lease")
+    }
+
+    fn spec(&self, which: &str) -> PathBuf {
+        self.dir.join(format!("{which}.toml"))
+    }
+
+    fn read(&self) -> vmm::lease::LeaseRecord {
+        vmm::lease::read_record(&self.record())
+            .unwrap()
+            .expect("no lease record")
+    }
+
+    /// Waits until the record names `owner` at `generation` with a counter
+    /// above `above`; returns the counter.
+    fn renewed(&self, owner: &str, generation: u64, above: u64) -> u64 {
+        let start = Instant::now();
+        loop {
+            let r = self.read();
+            if r.owner.as_deref() == Some(owner) && r.generation == generation && r.counter > above
+            {
+                return r.counter;
+            }
+            assert!(
+                start.elapsed() < STEP_TIMEOUT,
+                "the lease is not renewed by {owner} at generation {generation}: {r:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The base snapshot restored as a source VM holding the lease of `ds`.
+fn leased_source(name: &str, ds: &LeaseDir) -> Vmm {
+    let snap = base_snapshot();
+    let spec = ds.source_spec();
+    let v = Vmm::spawn(
+        name,
+        &[
+            "--restore",
+            snap.to_str().unwrap(),
+            "--lease",
+            spec.to_str().unwrap(),
+        ],
+    );
+    v.wait_for(STEP_TIMEOUT, "the restored dirtier's report", |v| {
+        !dirty_reports(&v.console_text()).is_empty()
+    });
+    v
+}
+
+#[test]
+fn the_lease_moves_with_the_vm_to_a_handoff_target() {
+    let _g = guest_lock();
+    let ds = LeaseDir::new("lease-move");
+    let mut src = leased_source("lease-move-src", &ds);
+    ds.renewed("host-a", 1, 2);
+    let tgt_spec = ds.spec("tgt");
+    let mut tgt = Vmm::target_with(
+        "lease-move-tgt",
+        47290,
+        &["--lease", tgt_spec.to_str().unwrap()],
+    );
+    // The target holds no lease while it waits.
+    assert_eq!(ds.read().owner.as_deref(), Some("host-a"));
+    let run = finish(src.migrate_bg(47290, &[]), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(0), "vigil migrate failed: {run:?}");
+    assert_eq!(run.last()["state"], "succeeded", "{run:?}");
+    assert_eq!(
+        src.wait_exit(STEP_TIMEOUT),
+        Some(0),
+        "source VMM after migrating: {}",
+        src.stderr_text()
+    );
+    // The target claimed generation 2 (the claim file is its own) and keeps
+    // renewing it; the source, gone, released nothing.
+    let c1 = ds.renewed("host-b", 2, 0);
+    let c2 = ds.renewed("host-b", 2, c1 + 2);
+    assert!(c2 > c1);
+    let claim = std::fs::read_to_string(ds.dir.join("vm.lease.claim.2")).unwrap();
+    assert!(claim.starts_with("host-b vmm "), "{claim}");
+    assert!(!ds.dir.join("vm.lease.claim.3").exists());
+    // The guest goes on on the target, its counter continuing.
+    tgt.wait_for(STEP_TIMEOUT, "two dirtier reports on the target", |v| {
+        dirty_reports(&v.console_text()).len() >= 2 && v.last_counter().is_some()
+    });
+    assert!(tgt.running(), "target VMM exited: {}", tgt.stderr_text());
+    let (sn, _) = *counters(&src.console_text())
+        .last()
+        .expect("source counter");
+    let (tn, _) = counters(&tgt.console_text())[0];
+    assert!(
+        tn == sn + 1 || tn == sn + 2,
+        "counter went from {sn} on the source to {tn} on the target"
+    );
+    assert_no_lost_pages("source", &src.console_text());
+    assert_no_lost_pages("target", &tgt.console_text());
+    assert_consecutive(&tgt.console_text());
+}
+
+#[test]
+fn a_leased_vm_is_refused_by_a_target_without_a_lease() {
+    let _g = guest_lock();
+    let ds = LeaseDir::new("lease-refused");
+    let mut src = leased_source("lease-refused-src", &ds);
+    let c0 = ds.renewed("host-a", 1, 1);
+    let mut tgt = Vmm::target("lease-refused-tgt", 47291);
+    let record = ds.record();
+    refused(
+        &src,
+        47291,
+        &[],
+        &[
+            &format!(
+                "the VM holds an HA disk lease ({}, generation 1); the target has none: migrate \
+             HA-protected VMs with `vigil vm migrate",
+                record.display()
+            ),
+            "or start the target with --lease and handoff = true",
+        ],
+    );
+    assert_source_survived(&mut src, Some(&mut tgt));
+    // Still the source's lease, still renewed.
+    ds.renewed("host-a", 1, c0 + 2);
+    assert!(!ds.dir.join("vm.lease.claim.2").exists());
+}
+
+#[test]
+fn an_incoming_vmm_renews_a_lease_of_its_own_from_the_moment_it_listens() {
+    let _g = guest_lock();
+    let ds = LeaseDir::new("lease-own");
+    // The agent acquired generation 5 for a VM coming from a source
+    // without a lease.
+    vmm::lease::write_record(
+        &ds.record(),
+        &vmm::lease::LeaseRecord {
+            owner: Some("host-b".into()),
+            generation: 5,
+            counter: 0,
+        },
+    )
+    .unwrap();
+    let mut src = Vmm::source("lease-own-src");
+    let spec = ds.spec("own");
+    std::fs::write(
+        &spec,
+        ds.spec_text("host-b", 5, vmm::lease::mono_ms(), false),
+    )
+    .unwrap();
+    let mut tgt = Vmm::target_with("lease-own-tgt", 47292, &["--lease", spec.to_str().unwrap()]);
+    // Renewed while no memory has arrived yet (longer than the stop time).
+    std::thread::sleep(Duration::from_millis(3500));
+    let c0 = ds.renewed("host-b", 5, 5);
+    let run = finish(src.migrate_bg(47292, &[]), MIGRATE_TIMEOUT);
+    assert_eq!(run.code, Some(0), "vigil migrate failed: {run:?}");
+    assert_eq!(
+        src.wait_exit(STEP_TIMEOUT),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+    tgt.wait_for(STEP_TIMEOUT, "two dirtier reports on the target", |v| {
+        dirty_reports(&v.console_text()).len() >= 2
+    });
+    assert!(tgt.running(), "target VMM exited: {}", tgt.stderr_text());
+    ds.renewed("host-b", 5, c0 + 2);
+    assert!(!ds.dir.join("vm.lease.claim.6").exists());
 }

@@ -44,7 +44,18 @@
 //! before the deadline thread.
 //!
 //! When the guest stops on its own (power-off, crash, VMM error) the lease is
-//! released (owner cleared) if it is still ours, so a peer need not wait.
+//! released (owner cleared) if the record still names this owner and
+//! generation, so a peer need not wait.
+//!
+//! A live migration moves the lease with the VM (handoff): at switchover
+//! the source stops renewing ([`handoff_stop`]) and sends generation G; the
+//! target, started with `handoff = true`, claims G+1 through the same
+//! exclusive claim file before its vCPUs run ([`take_over`]). After the
+//! ack the source never writes the record again ([`handoff_done`]); after
+//! a failure once the lease was sent it claims the same G+1
+//! ([`handoff_race`]): one claim file, one winner, so at most one copy
+//! runs the guest. An incoming VMM with `handoff = false` holds a lease the
+//! agent acquired for it and renews it from the moment it listens.
 //!
 //! All times are `CLOCK_MONOTONIC` milliseconds, the clock the agent on the
 //! same host uses too: the status file tells it when the last successful
