@@ -1941,3 +1941,100 @@ fn an_incoming_vmm_renews_a_lease_of_its_own_from_the_moment_it_listens() {
     ds.renewed("host-b", 5, c0 + 2);
     assert!(!ds.dir.join("vm.lease.claim.6").exists());
 }
+
+#[test]
+fn a_leased_source_reclaims_its_lease_when_the_target_dies_before_claiming() {
+    let _g = guest_lock();
+    let ds = LeaseDir::new("lease-race-won");
+    let mut src = leased_source("lease-won-src", &ds);
+    ds.renewed("host-a", 1, 1);
+    let tgt_spec = ds.spec("tgt");
+    let mut tgt = Vmm::target_with(
+        "lease-won-tgt",
+        47294,
+        &["--lease", tgt_spec.to_str().unwrap()],
+    );
+    let pid = tgt.child.id();
+    let killed = Arc::new(AtomicBool::new(false));
+    let k = killed.clone();
+    // `Complete` carries the lease: the source has sent it once the frame
+    // is written; the target dies before it can claim generation 2.
+    let on_src: FrameHook = Box::new(move |f| {
+        if frame_type(&f) == migration::protocol::MessageType::Complete as u16 {
+            // SAFETY: kill(2) on the target VMM's pid, a child of this
+            // process that has not been reaped (it is dropped below).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            k.store(true, Ordering::SeqCst);
+            return None;
+        }
+        Some(f)
+    });
+    frame_relay(47293, 47294, on_src, Box::new(Some));
+    let run = finish(src.migrate_bg(47293, &[]), MIGRATE_TIMEOUT);
+    assert!(
+        killed.load(Ordering::SeqCst),
+        "never reached Complete: {run:?}"
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("the VM keeps running on this host"),
+        "{run:?}"
+    );
+    assert!(
+        tgt.wait_exit(STEP_TIMEOUT).is_none(),
+        "the target was killed"
+    );
+    // The source won the claim of generation 2 and runs the guest under it.
+    let claim = std::fs::read_to_string(ds.dir.join("vm.lease.claim.2")).unwrap();
+    assert!(claim.starts_with("host-a vmm "), "{claim}");
+    let c = ds.renewed("host-a", 2, 0);
+    assert_source_survived(&mut src, None);
+    ds.renewed("host-a", 2, c + 2);
+}
+
+#[test]
+fn a_lost_ack_leaves_the_guest_with_the_target_that_holds_the_lease() {
+    let _g = guest_lock();
+    let ds = LeaseDir::new("lease-race-lost");
+    let mut src = leased_source("lease-lost-src", &ds);
+    ds.renewed("host-a", 1, 1);
+    let tgt_spec = ds.spec("tgt");
+    let mut tgt = Vmm::target_with(
+        "lease-lost-tgt",
+        47296,
+        &["--lease", tgt_spec.to_str().unwrap()],
+    );
+    let cut = Arc::new(AtomicBool::new(false));
+    let c = cut.clone();
+    // The target claimed generation 2 and runs the guest; its ack is lost.
+    let on_tgt: FrameHook = Box::new(move |f| {
+        if frame_type(&f) == migration::protocol::MessageType::Resumed as u16 {
+            c.store(true, Ordering::SeqCst);
+            return None;
+        }
+        Some(f)
+    });
+    frame_relay(47295, 47296, Box::new(Some), on_tgt);
+    let run = finish(src.migrate_bg(47295, &[]), MIGRATE_TIMEOUT);
+    assert!(cut.load(Ordering::SeqCst), "never reached Resumed: {run:?}");
+    // The source lost the race: it stops as migrated, without a write.
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.last()["state"], "succeeded", "{run:?}");
+    assert_eq!(run.last()["ack_lost"], true, "{run:?}");
+    assert_eq!(
+        src.wait_exit(STEP_TIMEOUT),
+        Some(0),
+        "source VMM: {}",
+        src.stderr_text()
+    );
+    let claim = std::fs::read_to_string(ds.dir.join("vm.lease.claim.2")).unwrap();
+    assert!(claim.starts_with("host-b vmm "), "{claim}");
+    let c1 = ds.renewed("host-b", 2, 0);
+    tgt.wait_for(STEP_TIMEOUT, "two dirtier reports on the target", |v| {
+        dirty_reports(&v.console_text()).len() >= 2 && v.last_counter().is_some()
+    });
+    assert!(tgt.running(), "target VMM exited: {}", tgt.stderr_text());
+    assert_no_lost_pages("target", &tgt.console_text());
+    assert_consecutive(&tgt.console_text());
+    ds.renewed("host-b", 2, c1 + 2);
+}
