@@ -17,6 +17,12 @@
 //!     VM exits (ExitReason::Migrated) after the ack     ack only once its vCPUs run
 //! ```
 //!
+//! A VM holding an HA disk lease (`vigil run --lease`) hands it over at
+//! switchover through `vmm::lease` (`handoff_stop`, `handoff_sent`,
+//! `handoff_done`, `handoff_abort`, `handoff_race`); the target, started
+//! with a `handoff = true` lease spec, claims its next generation in
+//! `vmm::run_incoming` before the vCPUs start (`vmm::lease::take_over`).
+//!
 //! `vmm` never imports `migration`: the API calls the
 //! `vmm::migration_hook::MigrationHook` trait and `vigil run` installs
 //! [`source::Outgoing`] as its implementation. The state blob is the
