@@ -1764,11 +1764,9 @@ impl LeaseDir {
     /// it starts the VMM).
     fn source_spec(&self) -> PathBuf {
         let p = self.spec("src");
-        std::fs::write(
-            &p,
-            self.spec_text("host-a", 1, vmm::lease::mono_ms(), false),
-        )
-        .unwrap();
+        let status = self.dir.join("src-status.json");
+        let text = self.spec_text("host-a", 1, vmm::lease::mono_ms(), false);
+        std::fs::write(&p, format!("{text}status = {status:?}\n")).unwrap();
         p
     }
 
@@ -1855,6 +1853,11 @@ fn the_lease_moves_with_the_vm_to_a_handoff_target() {
     let claim = std::fs::read_to_string(ds.dir.join("vm.lease.claim.2")).unwrap();
     assert!(claim.starts_with("host-b vmm "), "{claim}");
     assert!(!ds.dir.join("vm.lease.claim.3").exists());
+    // What the source's agent reads last.
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ds.dir.join("src-status.json")).unwrap()).unwrap();
+    assert_eq!(status["state"], "handed-over", "{status}");
+    assert_eq!(status["generation"], 1, "{status}");
     // The guest goes on on the target, its counter continuing.
     tgt.wait_for(STEP_TIMEOUT, "two dirtier reports on the target", |v| {
         dirty_reports(&v.console_text()).len() >= 2 && v.last_counter().is_some()

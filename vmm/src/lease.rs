@@ -156,8 +156,12 @@ pub struct LeaseRecord {
 /// What the status file says (JSON), rewritten after every renewal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseStatus {
-    /// "held", "suspended" (pause at the deadline, re-acquiring), "lost"
-    /// or "expired".
+    /// "held", "suspended" (pause at the deadline, re-acquiring), "lost",
+    /// "expired", "handoff" (a live migration's switchover: renewals
+    /// stopped, the deadline stops nothing; then "held" again, possibly at
+    /// the next generation, or "handed-over") or "handed-over" (the
+    /// migration target holds the lease; this VMM is about to exit as
+    /// migrated, without writing the record).
     pub state: String,
     /// Our generation.
     pub generation: u64,
@@ -1178,6 +1182,7 @@ pub fn handoff_stop() -> Result<Option<HeldLease>, String> {
             let generation = k.handoff_ready(mono_ms())?;
             tracing::info!(lease = %spec.file.display(), generation,
                 "lease renewals stopped for the switchover");
+            write_status(&spec, &k.status("handoff"));
             return Ok(Some(HeldLease {
                 file: spec.file.clone(),
                 owner: spec.owner.clone(),
@@ -1230,8 +1235,13 @@ pub fn handoff_abort() {
 /// renews, releases or writes it again.
 pub fn handoff_done() {
     if let Some((spec, keeper)) = active_keeper() {
-        lock(&keeper).mark_gone();
+        let st = {
+            let mut k = lock(&keeper);
+            k.mark_gone();
+            k.status("handed-over")
+        };
         tracing::info!(lease = %spec.file.display(), "lease handed over to the migration target");
+        write_status(&spec, &st);
     }
 }
 
@@ -1259,6 +1269,10 @@ pub fn handoff_race() -> Race {
         k.publish();
         r
     };
+    if let Race::Lost(why) = &race {
+        tracing::warn!(lease = %spec.file.display(), %why, "the migration target holds the lease");
+        write_status(&spec, &lock(&keeper).status("handed-over"));
+    }
     if let Race::Unknown(e) = &race {
         tracing::warn!(lease = %spec.file.display(), error = %e,
             "cannot tell who holds the lease after the failed switchover: guest kept paused (lease-suspended), re-acquiring");
