@@ -587,6 +587,8 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
             });
         }
         tracing::info!(version, peer = %theirs.host, "migration connected");
+
+        self.enter(Stage::Precheck, 5)?;
         if let Some(l) = &facts.lease {
             if self.caps & caps::LEASE_HANDOFF == 0 {
                 // A target that cannot take the lease over never sees it.
@@ -595,8 +597,6 @@ impl<V: MigratableVm, C: Channel> Source<'_, V, C> {
                 });
             }
         }
-
-        self.enter(Stage::Precheck, 5)?;
         self.send(&Message::Precheck(facts))?;
         match self.reply("PrecheckResult")? {
             Message::PrecheckResult(f) if f.is_empty() => {}

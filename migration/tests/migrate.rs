@@ -843,8 +843,9 @@ fn a_target_without_lease_handoff_never_gets_the_lease() {
     let (addr, tgt, seen) = spawn_target(leased_host(&store), opts);
     let mut vm = leased(&store);
     let (r, _) = run_source(&mut vm, addr, &source_opts(), None);
-    let e = r.unwrap_err().report();
-    assert!(e.contains("the target has none"), "{e}");
+    let f = r.unwrap_err();
+    assert_eq!(f.stage, Stage::Precheck);
+    assert!(f.report().contains("the target has none"), "{}", f.report());
     assert_source_running(&vm);
     let _ = tgt.join();
     assert_not_started(&seen);
