@@ -164,8 +164,12 @@ pub enum ClusterAction {
         host: String,
         /// enter: power off the VMs running on the host first (they become
         /// unprotected, as with `vigil vm stop`).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "migrate")]
         power_off: bool,
+        /// enter: live-migrate the VMs running on the host to the others
+        /// first (the master places each; they stay protected).
+        #[arg(long)]
+        migrate: bool,
         /// This host's agent configuration.
         #[arg(long, value_name = "host.toml", default_value = "/etc/vigil/host.toml")]
         config: PathBuf,
@@ -198,9 +202,19 @@ pub struct VmArgs {
     /// [default: /etc/vigil/host.toml].
     #[arg(long, value_name = "host.toml")]
     pub config: Option<PathBuf>,
-    /// start: the host to run it on (the master places it otherwise).
+    /// start, migrate: the host to run it on (the master places it otherwise).
     #[arg(long)]
     pub host: Option<String>,
+    /// migrate: the downtime target in milliseconds [default: 100].
+    #[arg(long, value_name = "MS")]
+    pub downtime_ms: Option<u64>,
+    /// migrate: cap the migration stream at this many MB/s [default: none].
+    #[arg(long, value_name = "MBPS")]
+    pub bandwidth: Option<u64>,
+    /// migrate: cancel the VM's migration under way (it keeps running where
+    /// it was).
+    #[arg(long)]
+    pub cancel: bool,
     /// register, set: restart priority: high, medium, low or disabled [default: medium].
     #[arg(long, value_parser = parse_serde::<ha::types::RestartPriority>)]
     pub priority: Option<ha::types::RestartPriority>,
@@ -260,6 +274,11 @@ pub enum VmAction {
     Start,
     /// HA: power a VM off; it is no longer protected (`stop NAME`).
     Stop,
+    /// HA: live-migrate a VM to another cluster host, which then protects
+    /// it (`migrate NAME [--host H]`); with `--api-socket PATH`, bring a VM
+    /// running outside the cluster (a hand-started VMM on this machine)
+    /// into it: admission control decides, as for a power-on.
+    Migrate,
     /// HA: every VM's protection state and host.
     List,
     /// HA: change a registered VM's reservation or priority (`set NAME

@@ -79,13 +79,14 @@ pub fn cluster(args: ClusterArgs) -> i32 {
             action,
             host: target,
             power_off,
+            migrate,
             config,
         } => {
             let host = match HostConfig::load(&config) {
                 Ok(h) => h,
                 Err(e) => return fail(chain(&e)),
             };
-            match maintenance(&host, action, &target, power_off) {
+            match maintenance(&host, action, &target, power_off, migrate) {
                 Ok(msg) => {
                     println!("{msg}");
                     0
@@ -130,6 +131,7 @@ fn maintenance(
     action: MaintenanceAction,
     target: &str,
     power_off: bool,
+    migrate: bool,
 ) -> Result<String, String> {
     let cluster = host.cluster_file().map_err(|e| chain(&e))?;
     let secret = ha::wire::ClusterSecret::new(host.secret().map_err(|e| chain(&e))?);
@@ -150,6 +152,22 @@ fn maintenance(
         },
     )?;
     let mut notes = vec![s(&ok)];
+    if migrate {
+        let (_, local) = at(&Request::LocalStatus)?;
+        let vms: Vec<String> = local["local_vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        for vm in &vms {
+            let opts = MigrateOpts::default();
+            let done = migrate_vm(host, vm, None, None, &opts)
+                .map_err(|e| format!("{target} stays out of maintenance: {e}"))?;
+            notes.push(done);
+        }
+    }
+    let mut moved = false;
     if power_off {
         let (_, local) = at(&Request::LocalStatus)?;
         let vms: Vec<String> = local["local_vms"]
@@ -162,22 +180,27 @@ fn maintenance(
             at(&Request::Stop { vm: vm.clone() })?;
             notes.push(format!("powered off {vm}"));
         }
-        // The host reports them off to the master with its next heartbeat.
+        moved = !vms.is_empty();
+    }
+    if power_off || migrate {
+        // The host's agent drops each VM once its VMM is gone, and reports
+        // that to the master with its next heartbeat.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             let (_, local) = at(&Request::LocalStatus)?;
             if local["local_vms"].as_array().is_none_or(|a| a.is_empty()) {
                 break;
             }
+            moved = true;
             if std::time::Instant::now() > deadline {
                 return Err(format!(
-                    "{target}: its VMs did not stop within 60 s: {}",
+                    "{target}: its VMs did not stop or leave within 60 s: {}",
                     local["local_vms"]
                 ));
             }
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
-        if !vms.is_empty() {
+        if moved {
             std::thread::sleep(std::time::Duration::from_secs(2));
         }
     }
@@ -196,6 +219,8 @@ fn init(cluster: &Path, datastores: &[PathBuf], secret: &Path) -> Result<String,
             return Err(format!("datastore {} is not a directory", ds.display()));
         }
         write_json(&ds.join(".vigil/cluster.json"), &c).map_err(|e| chain(&e))?;
+        ha::runtime::files::ensure_datastore_id(ds)
+            .map_err(|e| format!("cannot write {}'s id file: {e}", ds.display()))?;
     }
     let made = if secret.exists() {
         false
@@ -301,6 +326,21 @@ pub fn vm(args: VmArgs) -> i32 {
             ha::runtime::ask(&host, &req).map(|(_, v)| s(&v))
         }
         (VmAction::Stop, [name]) => stop(&host, name),
+        (VmAction::Migrate, [name]) if args.cancel => cancel_migration(&host, name),
+        (VmAction::Migrate, [name]) => {
+            let opts = MigrateOpts {
+                downtime_ms: args.downtime_ms,
+                bandwidth: args.bandwidth,
+                json: args.json,
+            };
+            migrate_vm(
+                &host,
+                name,
+                args.host.as_deref(),
+                args.api_socket.as_deref(),
+                &opts,
+            )
+        }
         (VmAction::Set, [name]) => set_request(name, &args)
             .and_then(|req| ha::runtime::ask(&host, &req).map(|(_, v)| s(&v))),
         (VmAction::Set, _) => Err(SET_USAGE.into()),
@@ -323,6 +363,170 @@ pub fn vm(args: VmArgs) -> i32 {
             0
         }
         Err(e) => fail(e),
+    }
+}
+
+/// `vigil vm migrate NAME --cancel`: the host running the VM (the
+/// master's view) cancels its outgoing migration.
+fn cancel_migration(host: &HostConfig, vm: &str) -> Result<String, String> {
+    let (_, st) = ha::runtime::ask(host, &Request::Status)?;
+    let Some(source) = st["vms"][vm]["host"].as_str().map(str::to_string) else {
+        return Err(format!("VM {vm} does not run in the cluster"));
+    };
+    let cluster = host.cluster_file().map_err(|e| chain(&e))?;
+    let secret = ha::wire::ClusterSecret::new(host.secret().map_err(|e| chain(&e))?);
+    ha::runtime::ask_at(
+        &cluster,
+        &secret,
+        &source,
+        &Request::CancelMigration { vm: vm.into() },
+    )?;
+    Ok(format!("cancel requested; {vm} keeps running on {source}"))
+}
+
+/// `vigil vm migrate` options.
+#[derive(Debug, Default)]
+struct MigrateOpts {
+    downtime_ms: Option<u64>,
+    bandwidth: Option<u64>,
+    json: bool,
+}
+
+/// Live-migrates `vm` through the agents: the master plans it (placement,
+/// maintenance, dedicated failover hosts; admission control for a VM
+/// coming from outside, given by its VMM's API socket `outside`), the
+/// target's agent starts a VMM waiting for it, the source's agent (or,
+/// from outside, the VMM here) sends it, and the master hears the outcome.
+/// A failed migration leaves the VM where it ran: the waiting VMM is
+/// stopped and nothing is restarted elsewhere.
+fn migrate_vm(
+    host: &HostConfig,
+    vm: &str,
+    to: Option<&str>,
+    outside: Option<&Path>,
+    opts: &MigrateOpts,
+) -> Result<String, String> {
+    use std::time::{Duration, Instant};
+    let cluster = host.cluster_file().map_err(|e| chain(&e))?;
+    let secret = ha::wire::ClusterSecret::new(host.secret().map_err(|e| chain(&e))?);
+    let (master, plan) = ha::runtime::ask(
+        host,
+        &Request::PlanMigration {
+            vm: vm.into(),
+            host: to.map(str::to_string),
+            from_outside: outside.is_some(),
+        },
+    )?;
+    let at = |h: &str, req: &Request| ha::runtime::ask_at(&cluster, &secret, h, req);
+    let end = |ok: bool| {
+        if let Err(e) = at(&master, &Request::EndMigration { vm: vm.into(), ok }) {
+            eprintln!(
+                "vigil: warning: could not tell the master how the migration of {vm} ended: {e}"
+            );
+        }
+    };
+    let target = s(&plan["to"]);
+    let source = plan["from"].as_str().map(str::to_string);
+    let from_name = source.clone().unwrap_or_else(|| "this machine".into());
+    if !opts.json {
+        eprintln!("migrating {vm}: {from_name} -> {target}");
+    }
+    let address = match at(
+        &target,
+        &Request::Incoming {
+            vm: vm.into(),
+            from_outside: outside.is_some(),
+        },
+    ) {
+        Ok((_, v)) => s(&v["address"]),
+        Err(e) => {
+            end(false);
+            return Err(format!("{e}; {vm} keeps running on {from_name}"));
+        }
+    };
+    let mut options = serde_json::json!({
+        "downtime_ms": opts.downtime_ms.unwrap_or(100),
+        "bandwidth_mbps": opts.bandwidth,
+    });
+    // Progress: from the source's agent, or the VMM here.
+    let status: Box<dyn Fn() -> Result<Value, String>> = match (&source, outside) {
+        (Some(src), _) => {
+            let started = at(
+                src,
+                &Request::MigrateOut {
+                    vm: vm.into(),
+                    to: address.clone(),
+                    options: options.clone(),
+                },
+            );
+            if let Err(e) = started {
+                let _ = at(&target, &Request::CancelIncoming { vm: vm.into() });
+                end(false);
+                return Err(format!("{e}; {vm} keeps running on {src}"));
+            }
+            let src = src.clone();
+            Box::new(move || at(&src, &Request::MigrationStatus { vm: vm.into() }).map(|(_, v)| v))
+        }
+        (None, Some(sock)) => {
+            options["to"] = Value::String(address.clone());
+            let sock = sock.to_path_buf();
+            if let Err(e) = vmm::api::client::call(
+                &sock,
+                "PUT",
+                "/vm/migrate",
+                Some(&options),
+                Duration::from_secs(30),
+            ) {
+                let _ = at(&target, &Request::CancelIncoming { vm: vm.into() });
+                end(false);
+                return Err(format!("{}; {vm} keeps running here", chain(&e)));
+            }
+            Box::new(move || {
+                vmm::api::client::call(&sock, "GET", "/vm/migrate", None, Duration::from_secs(30))
+                    .map_err(|e| chain(&e))
+            })
+        }
+        (None, None) => return Err("internal: a migration without a source".into()),
+    };
+    let mut last = Instant::now() - Duration::from_secs(10);
+    let mut last_json = Value::Null;
+    let outcome = loop {
+        let v = match status() {
+            Ok(v) => v,
+            Err(e) => break Err(format!("lost track of the migration: {e}")),
+        };
+        let state = s(&v["state"]);
+        if opts.json && v != last_json {
+            println!("{v}");
+            last_json = v.clone();
+        } else if !opts.json && state == "running" && last.elapsed() >= Duration::from_secs(1) {
+            eprintln!("{}", crate::migrate_cmd::bar(&v));
+            last = Instant::now();
+        }
+        match state.as_str() {
+            "running" => std::thread::sleep(Duration::from_millis(200)),
+            "succeeded" => break Ok(v),
+            _ => {
+                break Err(v["error"]
+                    .as_str()
+                    .unwrap_or("the migration ended without an outcome")
+                    .to_string())
+            }
+        }
+    };
+    match outcome {
+        Ok(v) => {
+            end(true);
+            Ok(format!(
+                "{}\n{vm} runs on {target}, protected by HA there",
+                crate::migrate_cmd::summary(&v["summary"])
+            ))
+        }
+        Err(e) => {
+            let _ = at(&target, &Request::CancelIncoming { vm: vm.into() });
+            end(false);
+            Err(format!("{e}; {vm} keeps running on {from_name}"))
+        }
     }
 }
 

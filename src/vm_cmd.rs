@@ -20,7 +20,12 @@ const SHORT: Duration = Duration::from_secs(30);
 pub fn vm(args: VmArgs) -> i32 {
     if matches!(
         args.action,
-        VmAction::Register | VmAction::Start | VmAction::Stop | VmAction::Set | VmAction::List
+        VmAction::Register
+            | VmAction::Start
+            | VmAction::Stop
+            | VmAction::Set
+            | VmAction::List
+            | VmAction::Migrate
     ) {
         return crate::ha_cmd::vm(args);
     }
@@ -48,7 +53,12 @@ pub fn vm(args: VmArgs) -> i32 {
             body = args.reason.as_ref().map(|r| json!({ "reason": r }));
             ("POST", "/vm/reset".to_string(), SHORT)
         }
-        VmAction::Register | VmAction::Start | VmAction::Stop | VmAction::Set | VmAction::List => {
+        VmAction::Register
+        | VmAction::Start
+        | VmAction::Stop
+        | VmAction::Set
+        | VmAction::List
+        | VmAction::Migrate => {
             unreachable!("handled by ha_cmd")
         }
     };
@@ -213,9 +223,12 @@ fn render(action: VmAction, v: &Value) -> String {
             }
             out
         }
-        VmAction::Register | VmAction::Start | VmAction::Stop | VmAction::Set | VmAction::List => {
-            String::new()
-        }
+        VmAction::Register
+        | VmAction::Start
+        | VmAction::Stop
+        | VmAction::Set
+        | VmAction::List
+        | VmAction::Migrate => String::new(),
     }
 }
 

@@ -347,7 +347,7 @@ pub enum CommandError {
     #[error("{0}")]
     Admission(String),
     /// Entering maintenance mode while VMs run (or start) on the host.
-    #[error("host {host} cannot enter maintenance mode while VMs run on it ({vms}): live migration is not part of the cluster's commands yet, so power them off (`vigil vm stop NAME`), or enter with --power-off to have them powered off")]
+    #[error("host {host} cannot enter maintenance mode while VMs run on it ({vms}): enter with --migrate to move them to the other hosts by live migration, or with --power-off to power them off (or move or stop them yourself: `vigil vm migrate NAME`, `vigil vm stop NAME`)")]
     MaintenanceBusy {
         /// The host.
         host: HostId,

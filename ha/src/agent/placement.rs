@@ -491,6 +491,18 @@ impl Agent {
             }
             (true, None) => None,
         };
+        if from_outside {
+            // A power-on for admission control, judged first as for one.
+            let (hosts, powered_on) = self.admission_inputs(now);
+            admit(
+                &cluster.admission,
+                &hosts,
+                &powered_on,
+                cfg.reservation,
+                to.as_ref(),
+            )
+            .map_err(|e| refuse(format!("admission control: {e}")))?;
+        }
         let failover_hosts = match &cluster.admission {
             AdmissionPolicy::DedicatedFailoverHosts(f) => f.clone(),
             _ => Default::default(),
@@ -552,17 +564,6 @@ impl Agent {
                 }
             }
         };
-        if from_outside {
-            let (hosts, powered_on) = self.admission_inputs(now);
-            admit(
-                &cluster.admission,
-                &hosts,
-                &powered_on,
-                cfg.reservation,
-                Some(&target),
-            )
-            .map_err(|e| refuse(format!("admission control: {e}")))?;
-        }
         let m = self.master_state.as_mut().expect("master");
         m.migrating.insert(
             vm.clone(),

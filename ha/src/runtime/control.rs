@@ -66,6 +66,64 @@ pub enum Request {
     EnterMaintenance,
     /// Leave maintenance mode (the host itself, never redirected).
     ExitMaintenance,
+    /// Plan a live migration (master): see `agent::Command::BeginMigration`.
+    /// `Ok` is `{"from": HOST|null, "to": HOST}`.
+    PlanMigration {
+        /// The VM.
+        vm: String,
+        /// The target; the master places it when absent.
+        host: Option<String>,
+        /// The VM runs outside the cluster and comes in.
+        #[serde(default)]
+        from_outside: bool,
+    },
+    /// A planned migration ended (master).
+    EndMigration {
+        /// The VM.
+        vm: String,
+        /// The guest runs on the target.
+        ok: bool,
+    },
+    /// Start a VMM waiting for `vm` by live migration (the target host,
+    /// never redirected). `Ok` is `{"address": "IP:PORT"}` once it listens.
+    Incoming {
+        /// The VM.
+        vm: String,
+        /// The VM comes from outside the cluster (its source holds no
+        /// lease): acquire the lease now, as for a power-on, instead of
+        /// taking it over at switchover.
+        #[serde(default)]
+        from_outside: bool,
+    },
+    /// Stop a VMM still waiting for `vm` (the target host): the migration
+    /// did not happen. A VMM whose guest already runs is left alone.
+    CancelIncoming {
+        /// The VM.
+        vm: String,
+    },
+    /// Live-migrate `vm`, which runs here, to `to` (the source host):
+    /// starts it through the VMM's API and returns; follow it with
+    /// `MigrationStatus`.
+    MigrateOut {
+        /// The VM.
+        vm: String,
+        /// The target VMM's `IP:PORT`.
+        to: String,
+        /// `PUT /vm/migrate` fields besides `to` (downtime, bandwidth...).
+        #[serde(default)]
+        options: Value,
+    },
+    /// The progress or outcome of this host's outgoing migration of `vm`
+    /// (`GET /vm/migrate`, kept after the VMM is gone).
+    MigrationStatus {
+        /// The VM.
+        vm: String,
+    },
+    /// Cancel this host's outgoing migration of `vm`.
+    CancelMigration {
+        /// The VM.
+        vm: String,
+    },
 }
 
 /// An answer.

@@ -425,6 +425,59 @@ impl VmHaSettings {
     }
 }
 
+/// The datastore id file live migration's pre-checks read to tell that a
+/// disk is the same file on both hosts (`migration::precheck`, which owns
+/// the format: one UUID line at the datastore's root).
+pub const DATASTORE_ID_FILE: &str = ".vigil-datastore";
+
+/// Gives the datastore at `ds_path` its id file if it has none: a random
+/// id, created exclusively, so that hosts mounting it at once agree on the
+/// first one written. Returns the id.
+pub fn ensure_datastore_id(ds_path: &Path) -> std::io::Result<String> {
+    use std::io::Write as _;
+    let p = ds_path.join(DATASTORE_ID_FILE);
+    if let Ok(id) = std::fs::read_to_string(&p) {
+        if !id.trim().is_empty() {
+            return Ok(id.trim().to_string());
+        }
+    }
+    let hex = super::control::random_hex(16)?;
+    let id = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    );
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+    {
+        Ok(mut f) => {
+            f.write_all(format!("{id}\n").as_bytes())?;
+            f.sync_all()?;
+            Ok(id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Another host won; its id may still be on its way to the disk.
+            for _ in 0..50 {
+                let got = std::fs::read_to_string(&p)?;
+                if !got.trim().is_empty() {
+                    return Ok(got.trim().to_string());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::io::Error::other(format!(
+                "{} stays empty",
+                p.display()
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The directory of a VM on its datastore.
 pub fn vm_dir(ds_path: &Path, vm: &str) -> PathBuf {
     ds_path.join("vms").join(vm)
@@ -556,6 +609,27 @@ mod tests {
         assert_eq!(VmHaSettings::load(&p).unwrap(), new);
         let e = VmHaSettings::load(&dir.join("missing.toml")).unwrap_err();
         assert!(e.contains("missing.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod datastore_id_tests {
+    use super::*;
+
+    #[test]
+    fn datastore_id_is_written_once_and_kept() {
+        let dir = std::env::temp_dir().join(format!("vigil-dsid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = ensure_datastore_id(&dir).unwrap();
+        assert_eq!(a.len(), 36, "{a}");
+        assert_eq!(ensure_datastore_id(&dir).unwrap(), a);
+        let on_disk = std::fs::read_to_string(dir.join(DATASTORE_ID_FILE)).unwrap();
+        assert_eq!(on_disk.trim(), a);
+        // One written by someone else is kept as it is.
+        std::fs::write(dir.join(DATASTORE_ID_FILE), "given-id\n").unwrap();
+        assert_eq!(ensure_datastore_id(&dir).unwrap(), "given-id");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

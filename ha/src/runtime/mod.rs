@@ -89,6 +89,11 @@ enum Ev {
     Input(Input),
     Started(Result<Started, (VmId, String)>),
     Control(Request, Sender<Reply>),
+    /// An incoming VMM listens (or could not be started).
+    Incoming(VmId, Result<Started, String>),
+    /// An outgoing migration of a local VM ended (`true`: the guest runs
+    /// on the target).
+    MigratedOut(VmId, bool),
 }
 
 /// The running agent.
@@ -113,6 +118,9 @@ struct Runtime {
     polled: policies::LocalVms,
     /// What VM monitoring did to this host's VMs (for `cluster status`).
     monitoring: BTreeMap<VmId, policies::MonitoringRecord>,
+    /// The latest `GET /vm/migrate` of each outgoing migration, kept after
+    /// the source VMM is gone so the orchestrator reads the outcome.
+    migrations: std::sync::Arc<std::sync::Mutex<BTreeMap<VmId, Value>>>,
 }
 
 /// Loads host.toml and the cluster, enables HA and runs the agent until the
@@ -130,6 +138,13 @@ pub fn run(config: &Path) -> Result<(), RuntimeError> {
         host.run_dir.display()
     )))?;
     let incarnation = next_incarnation(&host.run_dir)?;
+    // Live migration between hosts tells a shared disk by its datastore's
+    // id file: give each datastore one if nobody has yet.
+    for (name, path) in &host.datastores {
+        if let Err(e) = files::ensure_datastore_id(path) {
+            tracing::warn!(datastore = %name, error = %e, "cannot give the datastore its id file: live migration will refuse its disks");
+        }
+    }
     let timings = host.timings.apply();
     let mut isolation_addrs = host.isolation_addresses.clone();
     if isolation_addrs.is_empty() {
@@ -179,6 +194,7 @@ pub fn run(config: &Path) -> Result<(), RuntimeError> {
         watched: BTreeMap::new(),
         polled,
         monitoring: BTreeMap::new(),
+        migrations: Default::default(),
     };
     let now = vmms::now();
     let cluster_cfg = rt.cluster.to_config(rt.known_vms.clone());
@@ -383,11 +399,152 @@ impl Runtime {
                     },
                 );
             }
+            Ev::Control(Request::Incoming { vm, from_outside }, reply) => {
+                self.incoming(VmId::new(vm), from_outside, reply)
+            }
+            Ev::Control(Request::MigrateOut { vm, to, options }, reply) => {
+                self.migrate_out(VmId::new(vm), to, options, reply)
+            }
             Ev::Control(req, reply) => {
                 let r = self.on_request(req);
                 let _ = reply.send(r);
             }
+            Ev::Incoming(_, Ok(s)) => self.vmms.insert(s),
+            Ev::Incoming(vm, Err(e)) => {
+                tracing::warn!(vm = %vm, error = %e, "incoming VMM not started");
+                self.feed(
+                    vmms::now(),
+                    Input::Vm {
+                        vm,
+                        event: crate::agent::VmEvent::IncomingEnded,
+                    },
+                );
+            }
+            Ev::MigratedOut(vm, ok) => {
+                if !ok {
+                    self.vmms.set_migrating(&vm, false);
+                }
+            }
         }
+    }
+
+    /// `Request::Incoming`: this host accepts the VM (not in maintenance,
+    /// not running it), then a thread starts the waiting VMM and answers
+    /// with its address once it listens.
+    fn incoming(&mut self, vm: VmId, from_outside: bool, reply: Sender<Reply>) {
+        self.scan_registrations();
+        if let Err(e) = self.command(Command::AcceptIncoming { vm: vm.clone() }) {
+            let _ = reply.send(local_reply(Err(e)));
+            return;
+        }
+        let ds = self
+            .known_vms
+            .get(&vm)
+            .and_then(|c| c.datastores.iter().next())
+            .and_then(|d| self.ds_path(d));
+        let ip = self.cluster.agent_addr(self.me.as_str()).map(|a| a.ip());
+        let (launch, tx, seen) = (
+            self.launch.clone(),
+            self.tx.clone(),
+            self.watched.get(&vm).cloned(),
+        );
+        std::thread::spawn(move || {
+            let r = match (ds, ip) {
+                (Some(ds), Some(ip)) => launch.start_incoming(&vm, &ds, ip, from_outside, seen),
+                (None, _) => Err(format!(
+                    "VM {vm} is not registered on a datastore this host mounts"
+                )),
+                (_, None) => Err("this host has no address in the cluster file".into()),
+            };
+            match r {
+                Ok((started, address)) => {
+                    tracing::info!(vm = %vm, %address, "waiting for the VM by live migration");
+                    let _ = tx.send(Ev::Incoming(vm, Ok(started)));
+                    let _ = reply.send(Reply::Ok(json!({ "address": address })));
+                }
+                Err(e) => {
+                    let _ = reply.send(Reply::Error(e.clone()));
+                    let _ = tx.send(Ev::Incoming(vm, Err(e)));
+                }
+            }
+        });
+    }
+
+    /// `Request::MigrateOut`: starts the VMM's migration to `to` and
+    /// follows it (`GET /vm/migrate`) in a thread until it ends; the
+    /// outcome stays readable with `MigrationStatus`.
+    fn migrate_out(&mut self, vm: VmId, to: String, options: Value, reply: Sender<Reply>) {
+        if !self.vmms.set_migrating(&vm, true) {
+            let _ = reply.send(Reply::Error(CommandError::NotRunningHere(vm).to_string()));
+            return;
+        }
+        let mut body = match options {
+            Value::Object(m) => Value::Object(m),
+            _ => json!({}),
+        };
+        body["to"] = Value::String(to.clone());
+        let sock = vmms::run_files(&self.host.run_dir, &vm).socket;
+        let (tx, shared) = (self.tx.clone(), self.migrations.clone());
+        if let Ok(mut m) = shared.lock() {
+            m.insert(
+                vm.clone(),
+                json!({ "state": "running", "to": to, "stage": "connect" }),
+            );
+        }
+        std::thread::spawn(move || {
+            let set = |v: Value| {
+                if let Ok(mut m) = shared.lock() {
+                    m.insert(vm.clone(), v);
+                }
+            };
+            if let Err(e) = vmm::api::client::call(
+                &sock,
+                "PUT",
+                "/vm/migrate",
+                Some(&body),
+                Duration::from_secs(30),
+            ) {
+                let msg = e.to_string();
+                set(
+                    json!({ "state": "failed", "to": to, "stage": "connect", "error": msg,
+                            "vm_running_here": true }),
+                );
+                let _ = reply.send(Reply::Error(msg));
+                let _ = tx.send(Ev::MigratedOut(vm, false));
+                return;
+            }
+            let _ = reply.send(Reply::Ok(json!({ "state": "running", "to": to })));
+            let mut failures = 0;
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                match vmm::api::client::call(
+                    &sock,
+                    "GET",
+                    "/vm/migrate",
+                    None,
+                    Duration::from_secs(5),
+                ) {
+                    Ok(v) => {
+                        failures = 0;
+                        let state = v["state"].as_str().unwrap_or("").to_string();
+                        set(v);
+                        if state != "running" {
+                            let _ = tx.send(Ev::MigratedOut(vm, state == "succeeded"));
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures >= 20 {
+                            set(json!({ "state": "unknown", "to": to,
+                                        "error": format!("the source VMM stopped answering: {e}") }));
+                            let _ = tx.send(Ev::MigratedOut(vm, false));
+                            return;
+                        }
+                    }
+                }
+            }
+        });
     }
 
     fn command(&mut self, c: Command) -> Result<String, CommandError> {
@@ -440,6 +597,66 @@ impl Runtime {
                     tracing::warn!(host = %self.me, "in maintenance mode: no VMs run or restart here");
                 }
                 local_reply(r)
+            }
+            Request::PlanMigration {
+                vm,
+                host,
+                from_outside,
+            } => {
+                self.scan_registrations();
+                match self.command(Command::BeginMigration {
+                    vm: VmId::new(vm),
+                    to: host.map(HostId::new),
+                    from_outside,
+                }) {
+                    Ok(plan) => {
+                        let (from, to) = plan.split_once(" -> ").unwrap_or(("", &plan));
+                        Reply::Ok(json!({
+                            "from": (from != "outside").then_some(from),
+                            "to": to,
+                        }))
+                    }
+                    Err(e) => to_reply(Err(e)),
+                }
+            }
+            Request::EndMigration { vm, ok } => to_reply(self.command(Command::EndMigration {
+                vm: VmId::new(vm),
+                ok,
+            })),
+            Request::CancelIncoming { vm } => {
+                let vm = VmId::new(vm);
+                if self.vmms.cancel_incoming(&vm) {
+                    Reply::Ok(Value::String(format!("stopped the VMM waiting for {vm}")))
+                } else {
+                    Reply::Ok(Value::String(format!("no VMM waits for {vm} here")))
+                }
+            }
+            Request::MigrationStatus { vm } => {
+                let v = self
+                    .migrations
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&VmId::new(vm.as_str())).cloned());
+                match v {
+                    Some(v) => Reply::Ok(v),
+                    None => Reply::Error(format!("no migration of {vm} from this host")),
+                }
+            }
+            Request::CancelMigration { vm } => {
+                let sock = vmms::run_files(&self.host.run_dir, &VmId::new(vm.as_str())).socket;
+                match vmm::api::client::call(
+                    &sock,
+                    "PUT",
+                    "/vm/migrate/cancel",
+                    None,
+                    Duration::from_secs(5),
+                ) {
+                    Ok(v) => Reply::Ok(v),
+                    Err(e) => Reply::Error(format!("cannot cancel the migration of {vm}: {e}")),
+                }
+            }
+            Request::Incoming { .. } | Request::MigrateOut { .. } => {
+                Reply::Error("internal: handled asynchronously".into())
             }
             Request::ExitMaintenance => {
                 let r = self.command(Command::ExitMaintenance);

@@ -44,6 +44,11 @@ pub struct Vmm {
     off_requested: Option<bool>,
     /// The process is gone; waiting for the agent's power-off decision.
     dead_since: Option<Instant>,
+    /// Waiting for its VM by live migration: not running a guest yet.
+    incoming: bool,
+    /// Its VM is being migrated away: an exit with status 0 while the
+    /// lease names another host is the migration's end, not a power-off.
+    migrating: bool,
 }
 
 /// A VMM started by a start thread, handed to the main loop.
@@ -55,6 +60,8 @@ pub struct Started {
     pub rec: VmmRecord,
     /// The process.
     pub child: Child,
+    /// It waits for its VM by live migration.
+    pub incoming: bool,
 }
 
 /// Paths of one VM's files in the run directory.
@@ -114,6 +121,24 @@ impl Launch {
         ds: &Path,
         seen: Option<(crate::lease::LeaseRecord, Time)>,
     ) -> Result<Started, String> {
+        let (generation, issued) = self.acquire(vm, ds, seen)?;
+        match self.spawn(vm, ds, generation, issued) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let _ = store::release_lease(ds, vm.as_str(), &self.host, generation);
+                Err(e)
+            }
+        }
+    }
+
+    /// Acquires `vm`'s lease once `lease::LeaseObserver` says it is free or
+    /// expired: the generation held and when the claim was issued.
+    fn acquire(
+        &self,
+        vm: &VmId,
+        ds: &Path,
+        seen: Option<(crate::lease::LeaseRecord, Time)>,
+    ) -> Result<(u64, Time), String> {
         let mut obs = match seen {
             Some((rec, since)) => crate::lease::LeaseObserver::seen_since(rec, since),
             None => crate::lease::LeaseObserver::default(),
@@ -145,12 +170,30 @@ impl Launch {
         let issued = now();
         let held = store::acquire_lease(ds, vm.as_str(), &rec, &self.host)?;
         tracing::info!(vm = %vm, generation = held.generation, "lease acquired");
-        match self.spawn(vm, ds, held.generation, issued) {
-            Ok(s) => Ok(s),
-            Err(e) => {
-                let _ = store::release_lease(ds, vm.as_str(), &self.host, held.generation);
-                Err(e)
-            }
+        Ok((held.generation, issued))
+    }
+
+    /// The `--lease` spec for a VMM holding `generation`.
+    fn lease_spec(
+        &self,
+        vm: &VmId,
+        ds: &Path,
+        generation: u64,
+        issued: Time,
+        files: &RunFiles,
+    ) -> vmm::lease::LeaseSpec {
+        vmm::lease::LeaseSpec {
+            file: store::lease_path(ds, vm.as_str()),
+            owner: self.host.to_string(),
+            generation,
+            acquired_mono_ms: issued.as_millis(),
+            renew_interval_ms: self.lease.renew_interval.as_millis() as u64,
+            io_timeout_ms: self.lease.io_timeout.as_millis() as u64,
+            stop_time_ms: self.lease.stop_time.as_millis() as u64,
+            status: Some(files.lease_status.clone()),
+            on_loss: self.lease.on_loss,
+            takeover_time_ms: self.lease.takeover_time.as_millis() as u64,
+            handoff: false,
         }
     }
 
@@ -165,18 +208,7 @@ impl Launch {
         let cfg_path = super::files::vm_dir(ds, vm.as_str()).join("vm.toml");
         let cfg = vmm::VmConfig::load(Some(&cfg_path), Default::default())
             .map_err(|e| format!("{}: {e}", cfg_path.display()))?;
-        let spec = vmm::lease::LeaseSpec {
-            file: store::lease_path(ds, vm.as_str()),
-            owner: self.host.to_string(),
-            generation,
-            acquired_mono_ms: issued.as_millis(),
-            renew_interval_ms: self.lease.renew_interval.as_millis() as u64,
-            io_timeout_ms: self.lease.io_timeout.as_millis() as u64,
-            stop_time_ms: self.lease.stop_time.as_millis() as u64,
-            status: Some(files.lease_status.clone()),
-            on_loss: self.lease.on_loss,
-            takeover_time_ms: self.lease.takeover_time.as_millis() as u64,
-        };
+        let spec = self.lease_spec(vm, ds, generation, issued, &files);
         let text = toml::to_string(&spec).map_err(|e| e.to_string())?;
         std::fs::write(&files.lease_spec, text)
             .map_err(|e| format!("{}: {e}", files.lease_spec.display()))?;
@@ -262,7 +294,134 @@ impl Launch {
             vm: vm.clone(),
             rec,
             child,
+            incoming: false,
         })
+    }
+
+    /// Starts a VMM waiting for `vm` by live migration on `ip` (a free
+    /// port) and returns it with the address it listens on. The VM's
+    /// config, disks and state come with the migration; this host gives
+    /// its console file, API socket and vsock socket. Its lease: with
+    /// `from_outside` (the source holds none) acquired now as for a
+    /// power-on; otherwise taken over from the source at switchover
+    /// (`handoff`), so that exactly one copy holds it.
+    pub fn start_incoming(
+        &self,
+        vm: &VmId,
+        ds: &Path,
+        ip: std::net::IpAddr,
+        from_outside: bool,
+        seen: Option<(crate::lease::LeaseRecord, Time)>,
+    ) -> Result<(Started, String), String> {
+        let (generation, issued) = if from_outside {
+            self.acquire(vm, ds, seen)?
+        } else {
+            (0, Time::ZERO)
+        };
+        let r = self.spawn_incoming(vm, ds, ip, generation, issued);
+        if r.is_err() && from_outside {
+            let _ = store::release_lease(ds, vm.as_str(), &self.host, generation);
+        }
+        r
+    }
+
+    fn spawn_incoming(
+        &self,
+        vm: &VmId,
+        ds: &Path,
+        ip: std::net::IpAddr,
+        generation: u64,
+        issued: Time,
+    ) -> Result<(Started, String), String> {
+        let files = run_files(&self.run_dir, vm);
+        let mut spec = self.lease_spec(vm, ds, generation, issued, &files);
+        spec.handoff = generation == 0;
+        let text = toml::to_string(&spec).map_err(|e| e.to_string())?;
+        std::fs::write(&files.lease_spec, text)
+            .map_err(|e| format!("{}: {e}", files.lease_spec.display()))?;
+        let _ = std::fs::remove_file(&files.lease_status);
+        let out_path = files.log.with_extension("out");
+        let out =
+            std::fs::File::create(&out_path).map_err(|e| format!("{}: {e}", out_path.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&self.vigil);
+        cmd.arg("run")
+            .arg("--incoming")
+            .arg(format!("tcp:{}", std::net::SocketAddr::new(ip, 0)))
+            .arg("--name")
+            .arg(vm.as_str())
+            .arg("--console")
+            .arg(format!("file:{}", files.console.display()))
+            .arg("--api-socket")
+            .arg(&files.socket)
+            .arg("--lease")
+            .arg(&files.lease_spec)
+            .arg("--log-level")
+            .arg("info")
+            .arg("--log-file")
+            .arg(&files.log)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // The guest tools channel's host socket goes to this host's run
+        // directory (the VM's registered config says whether it has one).
+        let cfg_path = super::files::vm_dir(ds, vm.as_str()).join("vm.toml");
+        let cfg = vmm::VmConfig::load(Some(&cfg_path), Default::default())
+            .map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+        if cfg.vsock.is_some() {
+            cmd.arg("--vsock-socket")
+                .arg(run_dir_vsock(&self.run_dir, vm));
+        }
+        // SAFETY: as in `spawn`.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.vigil.display()))?;
+        let rec = VmmRecord {
+            pid: child.id() as i32,
+            generation,
+            datastore: ds.to_path_buf(),
+        };
+        super::files::write_json(&files.record, &rec).map_err(|e| e.to_string())?;
+        const READY: &str = "waiting for an incoming migration on tcp:";
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let address = loop {
+            let log = std::fs::read_to_string(&out_path).unwrap_or_default();
+            if let Some(a) = log
+                .lines()
+                .find_map(|l| l.split_once(READY).map(|(_, a)| a.trim().to_string()))
+            {
+                break a;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let _ = std::fs::remove_file(&files.record);
+                return Err(format!(
+                    "the incoming VMM exited ({status}): {}",
+                    log.lines().last().unwrap_or("no message")
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_file(&files.record);
+                return Err("the incoming VMM did not listen within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok((
+            Started {
+                vm: vm.clone(),
+                rec,
+                child,
+                incoming: true,
+            },
+            address,
+        ))
     }
 }
 
@@ -320,6 +479,8 @@ impl Vmms {
                             last_renewal: 0,
                             off_requested: None,
                             dead_since: None,
+                            incoming: false,
+                            migrating: false,
                         },
                     );
                     found.push(vm);
@@ -342,6 +503,8 @@ impl Vmms {
                 last_renewal: 0,
                 off_requested: None,
                 dead_since: None,
+                incoming: s.incoming,
+                migrating: false,
             },
         );
     }
@@ -362,6 +525,31 @@ impl Vmms {
     /// The API socket of a VM, if it runs here.
     pub fn contains(&self, vm: &VmId) -> bool {
         self.procs.contains_key(vm)
+    }
+
+    /// Marks `vm`'s VMM as migrating away (or not any more). False if no
+    /// VMM of it runs here with a guest.
+    pub fn set_migrating(&mut self, vm: &VmId, on: bool) -> bool {
+        match self.procs.get_mut(vm) {
+            Some(p) if !p.incoming && p.dead_since.is_none() => {
+                p.migrating = on;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Stops a VMM still waiting for `vm` by migration (its guest never
+    /// ran). False if there is none, or its guest already runs.
+    pub fn cancel_incoming(&mut self, vm: &VmId) -> bool {
+        match self.procs.get(vm) {
+            Some(p) if p.incoming => {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(p.rec.pid, libc::SIGKILL) };
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Kills the VMM (hard power-off). Returns false if no such VM runs here.
@@ -393,6 +581,54 @@ impl Vmms {
         let mut gone = Vec::new();
         for (vm, p) in &mut self.procs {
             let files = run_files(run_dir, vm);
+            if p.incoming {
+                let exited = match &mut p.child {
+                    Some(c) => !matches!(c.try_wait(), Ok(None)),
+                    None => !is_vmm(p.rec.pid),
+                };
+                if exited {
+                    // The guest never ran here: nothing to report but the end.
+                    tracing::info!(vm = %vm, "incoming VMM ended without running the guest");
+                    if p.rec.generation > 0 {
+                        // Acquired for a VM from outside the cluster.
+                        let _ = store::release_lease(
+                            &p.rec.datastore,
+                            vm.as_str(),
+                            me,
+                            p.rec.generation,
+                        );
+                    }
+                    events.push((vm.clone(), VmEvent::IncomingEnded));
+                    gone.push(vm.clone());
+                    continue;
+                }
+                // Running = the API answers (it starts after the vCPUs do,
+                // once the migration has completed and the lease is held).
+                if vmm::api::client::call(
+                    &files.socket,
+                    "GET",
+                    "/vm",
+                    None,
+                    Duration::from_millis(300),
+                )
+                .is_err()
+                {
+                    continue;
+                }
+                let st: Option<vmm::lease::LeaseStatus> = std::fs::read(&files.lease_status)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                if let Some(st) = st.filter(|st| st.state == "held") {
+                    p.rec.generation = st.generation;
+                }
+                p.incoming = false;
+                if let Err(e) = super::files::write_json(&files.record, &p.rec) {
+                    tracing::warn!(vm = %vm, error = %e, "cannot update the VMM record");
+                }
+                tracing::info!(vm = %vm, generation = p.rec.generation, "migrated VM runs here");
+                events.push((vm.clone(), VmEvent::PoweredOn));
+                continue;
+            }
             let status: Option<vmm::lease::LeaseStatus> = std::fs::read(&files.lease_status)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
@@ -432,8 +668,30 @@ impl Vmms {
                 p.dead_since = Some(Instant::now());
                 let lease_state = status.as_ref().map(|s| s.state.as_str());
                 tracing::info!(vm = %vm, ?code, ?lease_state, "VMM exited");
+                let lease_owner = || {
+                    store::read_lease(&p.rec.datastore, vm.as_str())
+                        .ok()
+                        .flatten()
+                        .and_then(|r| r.owner)
+                };
                 if p.off_requested.is_some() {
                     // We killed it: reported below.
+                } else if (p.migrating || lease_state == Some("handed-over"))
+                    && code.unwrap_or(0) == 0
+                {
+                    match lease_owner() {
+                        Some(h) if &h != me => {
+                            // The target holds the lease: the VM runs there.
+                            events.push((vm.clone(), VmEvent::MigratedAway { to: Some(h) }));
+                            gone.push(vm.clone());
+                            continue;
+                        }
+                        _ => {
+                            events.push((vm.clone(), VmEvent::PoweredOff));
+                            gone.push(vm.clone());
+                            continue;
+                        }
+                    }
                 } else if code == Some(vmm::control::EXIT_LEASE)
                     || lease_state == Some("lost")
                     || lease_state == Some("expired")
