@@ -16,33 +16,14 @@ mod common;
 mod ha_lab;
 use ha_lab::Lab;
 
-/// Fast timings for tests only (validated by the agent like any other).
-const TIMINGS: &str = "heartbeat_interval_ms = 200\nhost_timeout_ms = 1000\n\
-    election_window_ms = 1000\nisolation_detect_ms = 2000\nping_timeout_ms = 500\n\
-    ds_heartbeat_interval_ms = 300\nds_liveness_timeout_ms = 1500\n\
-    restart_retry_base_ms = 1000\nshutdown_timeout_ms = 5000\n\
-    lease_renew_interval_ms = 500\nlease_io_timeout_ms = 500\nlease_kill_time_ms = 500\n\
-    lease_stop_time_ms = 2000\nlease_takeover_time_ms = 3000";
+use ha_lab::FAST_TIMINGS as TIMINGS;
 
 /// A guest boot, with others booting at the same time, plus a failover.
 const BOOT: Duration = common::GUEST_TIMEOUT;
 const T: Duration = Duration::from_secs(60);
 
-/// Writes the VM's disk on the datastore and returns its config.
 fn guest_vm(lab: &Lab, name: &str) -> String {
-    let cfg = common::guest_config();
-    let out = cfg.parent().unwrap().join("out");
-    let dir = lab.store("ds1").join("vms").join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let disk = std::fs::File::create(dir.join("disk.img")).unwrap();
-    disk.set_len(4 << 20).unwrap();
-    format!(
-        "name = {name:?}\nvcpus = 1\nmemory = \"128M\"\nkernel = {:?}\ninitrd = {:?}\n\
-         cmdline = {:?}\n[[disks]]\npath = \"disk.img\"\n",
-        out.join("vmlinux"),
-        out.join("initramfs.cpio"),
-        common::guest_cmdline("vigil.run=disk-write:dev=/dev/vda,rate=20,report=60"),
-    )
+    common::disk_writer_vm(&lab.store("ds1").join("vms").join(name), name)
 }
 
 /// The master's view of a VM: (protection state, host).

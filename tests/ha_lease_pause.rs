@@ -43,19 +43,7 @@ fn start_cluster(name: &str) -> Lab {
 }
 
 fn guest_vm(lab: &Lab, name: &str) -> String {
-    let cfg = common::guest_config();
-    let out = cfg.parent().unwrap().join("out");
-    let dir = lab.store("ds1").join("vms").join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let disk = std::fs::File::create(dir.join("disk.img")).unwrap();
-    disk.set_len(4 << 20).unwrap();
-    format!(
-        "name = {name:?}\nvcpus = 1\nmemory = \"128M\"\nkernel = {:?}\ninitrd = {:?}\n\
-         cmdline = {:?}\n[[disks]]\npath = \"disk.img\"\n",
-        out.join("vmlinux"),
-        out.join("initramfs.cpio"),
-        common::guest_cmdline("vigil.run=disk-write:dev=/dev/vda,rate=20,report=60"),
-    )
+    common::disk_writer_vm(&lab.store("ds1").join("vms").join(name), name)
 }
 
 fn start_vm(lab: &Lab, vm: &str, host: usize) {

@@ -707,26 +707,36 @@ fn frame_relay(listen: u16, to: u16, mut src_hook: FrameHook, mut tgt_hook: Fram
     });
 }
 
-#[test]
-fn target_killed_during_switchover_keeps_the_guest_on_the_source() {
-    let _g = guest_lock();
-    let mut src = Vmm::source("killsw-src");
-    let mut tgt = Vmm::target("killsw-tgt", 47210);
-    let pid = tgt.child.id();
+/// A source-side frame hook that kills the target VMM (`pid`, a child of
+/// this process not yet reaped) when the source sends a `kind` frame, and
+/// drops that frame; the flag says it happened.
+fn kill_target_on(
+    pid: u32,
+    kind: migration::protocol::MessageType,
+) -> (Arc<AtomicBool>, FrameHook) {
     let killed = Arc::new(AtomicBool::new(false));
     let k = killed.clone();
-    // The source's State frame goes out while the guest is paused on the
-    // source (stun done, switchover): kill the target right then.
-    let on_src: FrameHook = Box::new(move |f| {
-        if frame_type(&f) == migration::protocol::MessageType::State as u16 {
+    let hook: FrameHook = Box::new(move |f| {
+        if frame_type(&f) == kind as u16 {
             // SAFETY: kill(2) on the target VMM's pid, a child of this
-            // process that has not been reaped (it is waited on below).
+            // process that has not been reaped.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             k.store(true, Ordering::SeqCst);
             return None;
         }
         Some(f)
     });
+    (killed, hook)
+}
+
+#[test]
+fn target_killed_during_switchover_keeps_the_guest_on_the_source() {
+    let _g = guest_lock();
+    let mut src = Vmm::source("killsw-src");
+    let mut tgt = Vmm::target("killsw-tgt", 47210);
+    // The source's State frame goes out while the guest is paused on the
+    // source (stun done, switchover): kill the target right then.
+    let (killed, on_src) = kill_target_on(tgt.child.id(), migration::protocol::MessageType::State);
     frame_relay(47260, 47210, on_src, Box::new(Some));
     let run = finish(src.migrate_bg(47260, &[]), MIGRATE_TIMEOUT);
     assert!(
@@ -1957,21 +1967,10 @@ fn a_leased_source_reclaims_its_lease_when_the_target_dies_before_claiming() {
         47294,
         &["--lease", tgt_spec.to_str().unwrap()],
     );
-    let pid = tgt.child.id();
-    let killed = Arc::new(AtomicBool::new(false));
-    let k = killed.clone();
     // `Complete` carries the lease: the source has sent it once the frame
     // is written; the target dies before it can claim generation 2.
-    let on_src: FrameHook = Box::new(move |f| {
-        if frame_type(&f) == migration::protocol::MessageType::Complete as u16 {
-            // SAFETY: kill(2) on the target VMM's pid, a child of this
-            // process that has not been reaped (it is dropped below).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            k.store(true, Ordering::SeqCst);
-            return None;
-        }
-        Some(f)
-    });
+    let (killed, on_src) =
+        kill_target_on(tgt.child.id(), migration::protocol::MessageType::Complete);
     frame_relay(47293, 47294, on_src, Box::new(Some));
     let run = finish(src.migrate_bg(47293, &[]), MIGRATE_TIMEOUT);
     assert!(

@@ -259,3 +259,20 @@ pub fn journal(disk: &Path) -> (Vec<[u8; 16]>, usize, u64) {
     }
     (writers, records, last)
 }
+
+/// Writes a 4 MiB disk in `dir` (a VM's directory on a datastore) and
+/// returns the config of a 128 MiB guest named `name` whose `disk-write`
+/// workload journals to it (20 records a second).
+pub fn disk_writer_vm(dir: &Path, name: &str) -> String {
+    let out = guest_config().parent().unwrap().join("out");
+    std::fs::create_dir_all(dir).unwrap();
+    let disk = std::fs::File::create(dir.join("disk.img")).unwrap();
+    disk.set_len(4 << 20).unwrap();
+    format!(
+        "name = {name:?}\nvcpus = 1\nmemory = \"128M\"\nkernel = {:?}\ninitrd = {:?}\n\
+         cmdline = {:?}\n[[disks]]\npath = \"disk.img\"\n",
+        out.join("vmlinux"),
+        out.join("initramfs.cpio"),
+        guest_cmdline("vigil.run=disk-write:dev=/dev/vda,rate=20,report=60"),
+    )
+}

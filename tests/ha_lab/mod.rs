@@ -98,6 +98,15 @@ const SWITCHES: usize = 3;
 /// The agent port (the lab's namespaces each have their own stack).
 pub const PORT: u16 = 47300;
 
+/// Fast agent timings for the lab's tests (validated by the agent like any
+/// other).
+pub const FAST_TIMINGS: &str = "heartbeat_interval_ms = 200\nhost_timeout_ms = 1000\n\
+    election_window_ms = 1000\nisolation_detect_ms = 2000\nping_timeout_ms = 500\n\
+    ds_heartbeat_interval_ms = 300\nds_liveness_timeout_ms = 1500\n\
+    restart_retry_base_ms = 1000\nshutdown_timeout_ms = 5000\n\
+    lease_renew_interval_ms = 500\nlease_io_timeout_ms = 500\nlease_kill_time_ms = 500\n\
+    lease_stop_time_ms = 2000\nlease_takeover_time_ms = 3000";
+
 fn netns_path(ns: &str) -> String {
     format!("/var/run/netns/{ns}")
 }

@@ -501,7 +501,7 @@ impl Agent {
                 cfg.reservation,
                 to.as_ref(),
             )
-            .map_err(|e| refuse(format!("admission control: {e}")))?;
+            .map_err(|e| refuse(e.to_string()))?;
         }
         let failover_hosts = match &cluster.admission {
             AdmissionPolicy::DedicatedFailoverHosts(f) => f.clone(),
