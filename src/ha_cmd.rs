@@ -440,6 +440,8 @@ fn migrate_vm(
     ) {
         Ok((_, v)) => s(&v["address"]),
         Err(e) => {
+            // It may have started all the same (an answer lost to a timeout).
+            let _ = at(&target, &Request::CancelIncoming { vm: vm.into() });
             end(false);
             return Err(format!("{e}; {vm} keeps running on {from_name}"));
         }

@@ -21,6 +21,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How long a VMM waits for its VM by live migration before the agent
+/// stops it: past the migration's own hard limit (100 s by default) and
+/// the master's memory of the plan (180 s).
+const INCOMING_TIMEOUT: Duration = Duration::from_secs(200);
+
 /// What the run directory remembers of one VMM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmmRecord {
@@ -44,8 +49,9 @@ pub struct Vmm {
     off_requested: Option<bool>,
     /// The process is gone; waiting for the agent's power-off decision.
     dead_since: Option<Instant>,
-    /// Waiting for its VM by live migration: not running a guest yet.
-    incoming: bool,
+    /// Waiting for its VM by live migration since then: not running a
+    /// guest yet.
+    incoming: Option<Instant>,
     /// Its VM is being migrated away: an exit with status 0 while the
     /// lease names another host is the migration's end, not a power-off.
     migrating: bool,
@@ -479,7 +485,7 @@ impl Vmms {
                             last_renewal: 0,
                             off_requested: None,
                             dead_since: None,
-                            incoming: false,
+                            incoming: None,
                             migrating: false,
                         },
                     );
@@ -503,7 +509,7 @@ impl Vmms {
                 last_renewal: 0,
                 off_requested: None,
                 dead_since: None,
-                incoming: s.incoming,
+                incoming: s.incoming.then(Instant::now),
                 migrating: false,
             },
         );
@@ -531,7 +537,7 @@ impl Vmms {
     /// VMM of it runs here with a guest.
     pub fn set_migrating(&mut self, vm: &VmId, on: bool) -> bool {
         match self.procs.get_mut(vm) {
-            Some(p) if !p.incoming && p.dead_since.is_none() => {
+            Some(p) if p.incoming.is_none() && p.dead_since.is_none() => {
                 p.migrating = on;
                 true
             }
@@ -543,7 +549,7 @@ impl Vmms {
     /// ran). False if there is none, or its guest already runs.
     pub fn cancel_incoming(&mut self, vm: &VmId) -> bool {
         match self.procs.get(vm) {
-            Some(p) if p.incoming => {
+            Some(p) if p.incoming.is_some() => {
                 // SAFETY: kill(2) on our own child's pid.
                 unsafe { libc::kill(p.rec.pid, libc::SIGKILL) };
                 true
@@ -581,7 +587,16 @@ impl Vmms {
         let mut gone = Vec::new();
         for (vm, p) in &mut self.procs {
             let files = run_files(run_dir, vm);
-            if p.incoming {
+            if let Some(since) = p.incoming {
+                if since.elapsed() > INCOMING_TIMEOUT && p.dead_since.is_none() {
+                    // Nobody sent the VM (the orchestrator went away before
+                    // the source started): stop waiting, so a lease
+                    // acquired for it does not stay held.
+                    tracing::warn!(vm = %vm, "no migration arrived within {INCOMING_TIMEOUT:?}: stopping the waiting VMM");
+                    // SAFETY: kill(2) on our own child's pid.
+                    unsafe { libc::kill(p.rec.pid, libc::SIGKILL) };
+                    p.dead_since = Some(Instant::now());
+                }
                 let exited = match &mut p.child {
                     Some(c) => !matches!(c.try_wait(), Ok(None)),
                     None => !is_vmm(p.rec.pid),
@@ -621,7 +636,7 @@ impl Vmms {
                 if let Some(st) = st.filter(|st| st.state == "held") {
                     p.rec.generation = st.generation;
                 }
-                p.incoming = false;
+                p.incoming = None;
                 if let Err(e) = super::files::write_json(&files.record, &p.rec) {
                     tracing::warn!(vm = %vm, error = %e, "cannot update the VMM record");
                 }
