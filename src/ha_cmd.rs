@@ -153,13 +153,7 @@ fn maintenance(
     )?;
     let mut notes = vec![s(&ok)];
     if migrate {
-        let (_, local) = at(&Request::LocalStatus)?;
-        let vms: Vec<String> = local["local_vms"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
+        let vms = local_vms(&at(&Request::LocalStatus)?.1);
         for vm in &vms {
             let opts = MigrateOpts::default();
             let done = migrate_vm(host, vm, None, None, &opts)
@@ -169,13 +163,7 @@ fn maintenance(
     }
     let mut moved = false;
     if power_off {
-        let (_, local) = at(&Request::LocalStatus)?;
-        let vms: Vec<String> = local["local_vms"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
+        let vms = local_vms(&at(&Request::LocalStatus)?.1);
         for vm in &vms {
             at(&Request::Stop { vm: vm.clone() })?;
             notes.push(format!("powered off {vm}"));
@@ -188,7 +176,7 @@ fn maintenance(
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             let (_, local) = at(&Request::LocalStatus)?;
-            if local["local_vms"].as_array().is_none_or(|a| a.is_empty()) {
+            if local_vms(&local).is_empty() {
                 break;
             }
             moved = true;
@@ -207,6 +195,16 @@ fn maintenance(
     let (_, v) = at(&Request::EnterMaintenance)?;
     notes.push(format!("{target}: {}", s(&v)));
     Ok(notes.join("\n"))
+}
+
+/// The VMs whose VMMs run on a host, from its `LocalStatus`.
+fn local_vms(local: &Value) -> Vec<String> {
+    local["local_vms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
 }
 
 fn init(cluster: &Path, datastores: &[PathBuf], secret: &Path) -> Result<String, String> {
@@ -495,7 +493,11 @@ fn migrate_vm(
     let outcome = loop {
         let v = match status() {
             Ok(v) => v,
-            Err(e) => break Err(format!("lost track of the migration: {e}")),
+            Err(e) => {
+                break Err(format!(
+                    "lost track of the migration: {e}; {vm} was running on {from_name}"
+                ))
+            }
         };
         let state = s(&v["state"]);
         if opts.json && v != last_json {
@@ -508,12 +510,7 @@ fn migrate_vm(
         match state.as_str() {
             "running" => std::thread::sleep(Duration::from_millis(200)),
             "succeeded" => break Ok(v),
-            _ => {
-                break Err(v["error"]
-                    .as_str()
-                    .unwrap_or("the migration ended without an outcome")
-                    .to_string())
-            }
+            _ => break Err(crate::migrate_cmd::failed(&v, vm, &from_name)),
         }
     };
     match outcome {
@@ -521,13 +518,13 @@ fn migrate_vm(
             end(true);
             Ok(format!(
                 "{}\n{vm} runs on {target}, protected by HA there",
-                crate::migrate_cmd::summary(&v["summary"])
+                crate::migrate_cmd::succeeded(&v)
             ))
         }
         Err(e) => {
             let _ = at(&target, &Request::CancelIncoming { vm: vm.into() });
             end(false);
-            Err(format!("{e}; {vm} keeps running on {from_name}"))
+            Err(e)
         }
     }
 }

@@ -88,16 +88,7 @@ pub fn migrate(args: MigrateArgs) -> i32 {
                     if tty {
                         eprintln!();
                     }
-                    if v["ack_lost"] == true {
-                        // The target won the lease: the guest runs there.
-                        println!(
-                            "migrated: the target's acknowledgement was lost, but the target \
-                             holds the VM's lease ({}): the guest runs there",
-                            v["lease"].as_str().unwrap_or("?")
-                        );
-                    } else {
-                        println!("{}", summary(&v["summary"]));
-                    }
+                    println!("{}", succeeded(&v));
                 }
                 return 0;
             }
@@ -105,19 +96,7 @@ pub fn migrate(args: MigrateArgs) -> i32 {
                 if tty && !args.json {
                     eprintln!();
                 }
-                let err = v["error"]
-                    .as_str()
-                    .unwrap_or("migration ended without an outcome");
-                if v["lease_suspended"] == true {
-                    return fail(&format!(
-                        "{err}; the VM is paused on this host, lease-suspended: it resumes if \
-                         it re-acquires its lease and stops if the target holds it"
-                    ));
-                }
-                if v["vm_running_here"] == false {
-                    return fail(&format!("{err}; the VM could not be resumed on this host"));
-                }
-                return fail(&format!("{err}; the VM keeps running on this host"));
+                return fail(&failed(&v, "the VM", "this host"));
             }
         }
     }
@@ -148,7 +127,40 @@ pub(crate) fn bar(v: &Value) -> String {
     )
 }
 
-pub(crate) fn summary(s: &Value) -> String {
+/// What a succeeded migration's status (`GET /vm/migrate`) says: its
+/// summary, or, when the target's acknowledgement was lost but the target
+/// holds the VM's lease, that (there is no summary then).
+pub(crate) fn succeeded(v: &Value) -> String {
+    if v["ack_lost"] == true {
+        format!(
+            "migrated: the target's acknowledgement was lost, but the target holds the VM's \
+             lease ({}): the guest runs there",
+            v["lease"].as_str().unwrap_or("?")
+        )
+    } else {
+        summary(&v["summary"])
+    }
+}
+
+/// What a failed or cancelled migration's status says, and where `vm` is
+/// now (`source`: the host it was to leave).
+pub(crate) fn failed(v: &Value, vm: &str, source: &str) -> String {
+    let err = v["error"]
+        .as_str()
+        .unwrap_or("migration ended without an outcome");
+    if v["lease_suspended"] == true {
+        format!(
+            "{err}; {vm} is paused on {source}, lease-suspended: it resumes if it re-acquires \
+             its lease and stops if the target holds it"
+        )
+    } else if v["vm_running_here"] == false {
+        format!("{err}; {vm} could not be resumed on {source}")
+    } else {
+        format!("{err}; {vm} keeps running on {source}")
+    }
+}
+
+fn summary(s: &Value) -> String {
     format!(
         "migrated: total {:.3} s, downtime {:.1} ms (measured at the source: paused until the \
          target's ack; {:.1} ms until the last byte was sent), {:.1} MiB sent, {} rounds, \

@@ -125,13 +125,8 @@ pub fn run_with(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, Error> 
     let max = vm::kvm_max_vcpus(&kvm).min(config::MAX_VCPUS_SUPPORTED);
     config::validate_vcpus(cfg.vcpus, max)?;
     install_kick_handler()?;
-    if opts.lease.as_ref().is_some_and(|s| s.handoff) {
-        let file = opts
-            .lease
-            .as_ref()
-            .map(|s| s.file.clone())
-            .unwrap_or_default();
-        return Err(crate::lease::LeaseError::HandoffOnly(file).into());
+    if let Some(spec) = opts.lease.as_ref().filter(|s| s.handoff) {
+        return Err(crate::lease::LeaseError::HandoffOnly(spec.file.clone()).into());
     }
     // Declared before the terminal guard so it is dropped (released) last.
     let mut lease = start_lease(opts)?;

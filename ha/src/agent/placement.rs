@@ -72,15 +72,37 @@ impl Agent {
         None
     }
 
+    /// Why `h` takes no VM while in maintenance mode, if it is.
+    fn in_maintenance(&self, h: &HostId) -> Option<String> {
+        let m = self.master_state.as_ref()?;
+        m.hosts
+            .get(h)
+            .is_some_and(|mon| mon.state == HostHaState::Maintenance)
+            .then(|| {
+                format!(
+                    "host {h} is in maintenance mode and runs no VMs until it exits it \
+                     (`vigil cluster maintenance exit {h}`)"
+                )
+            })
+    }
+
+    /// Why `h` cannot be chosen by name: not a live member following us.
+    fn not_live(&self, now: Time, h: &HostId) -> Option<String> {
+        (!self.placement_candidates(now).contains(h))
+            .then(|| format!("host {h} is not a live member of this master's cluster"))
+    }
+
     /// Chooses a host for `vm`: mounts its datastores, has the reservation
     /// free, has a restart slot; most free memory first. `avoid` is used only
-    /// if nothing else fits. With dedicated failover hosts, a restart goes to
-    /// one of them first, and an operator power-on never goes there.
+    /// if nothing else fits; `exclude` never (a migration's source). With
+    /// dedicated failover hosts, a restart goes to one of them first, and an
+    /// operator power-on never goes there.
     fn place(
         &self,
         now: Time,
         vm: &VmId,
         avoid: Option<&HostId>,
+        exclude: Option<&HostId>,
         restart: bool,
     ) -> Result<HostId, String> {
         let cluster = self.cluster();
@@ -96,6 +118,9 @@ impl Agent {
         let mut best: Vec<(Resources, HostId)> = Vec::new();
         let mut why = Vec::new();
         for h in self.placement_candidates(now) {
+            if Some(&h) == exclude {
+                continue;
+            }
             match self.host_refusal(&h, cfg, restart, &failover_hosts) {
                 Some(r) => why.push(r),
                 None => {
@@ -121,7 +146,10 @@ impl Agent {
                 cfg.reservation.cpu_mhz,
                 cfg.reservation.mem_mib,
                 if why.is_empty() {
-                    "no live host".to_string()
+                    format!(
+                        "no {}live host",
+                        if exclude.is_some() { "other " } else { "" }
+                    )
                 } else {
                     why.join("; ")
                 }
@@ -153,7 +181,7 @@ impl Agent {
         // Higher priority first; VM id keeps the order deterministic.
         due.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         for (_, vm, from, attempt) in due {
-            match self.place(now, &vm, Some(&from), true) {
+            match self.place(now, &vm, Some(&from), None, true) {
                 Ok(target) => {
                     let attempt = attempt + 1;
                     let m = self.master_state.as_mut().expect("master");
@@ -359,15 +387,7 @@ impl Agent {
                 return;
             }
         }
-        let cands = self.placement_candidates(now);
-        if let Some(h) = host.as_ref().filter(|h| {
-            m.hosts
-                .get(*h)
-                .is_some_and(|mon| mon.state == HostHaState::Maintenance)
-        }) {
-            let reason = format!(
-                "host {h} is in maintenance mode and runs no VMs until it exits it (`vigil cluster maintenance exit {h}`)"
-            );
+        if let Some(reason) = host.as_ref().and_then(|h| self.in_maintenance(h)) {
             out.push(Action::CommandDone(Err(CommandError::NoPlacement {
                 vm,
                 reason,
@@ -388,16 +408,17 @@ impl Agent {
             return;
         }
         let target = match host {
-            Some(h) if cands.contains(&h) => h,
-            Some(h) => {
-                let reason = format!("host {h} is not a live member of this master's cluster");
-                out.push(Action::CommandDone(Err(CommandError::NoPlacement {
-                    vm,
-                    reason,
-                })));
-                return;
-            }
-            None => match self.place(now, &vm, None, false) {
+            Some(h) => match self.not_live(now, &h) {
+                None => h,
+                Some(reason) => {
+                    out.push(Action::CommandDone(Err(CommandError::NoPlacement {
+                        vm,
+                        reason,
+                    })));
+                    return;
+                }
+            },
+            None => match self.place(now, &vm, None, None, false) {
                 Ok(h) => h,
                 Err(reason) => {
                     out.push(Action::CommandDone(Err(CommandError::NoPlacement {
@@ -462,25 +483,25 @@ impl Agent {
             )));
         }
         let entry = m.vms.get(&vm);
-        let running_on = entry
-            .filter(|e| e.power == Some(PowerState::On) && e.restart == Restart::Idle)
-            .and_then(|e| e.host.clone());
-        let busy = entry.is_some_and(|e| {
+        if entry.is_some_and(|e| {
             matches!(
                 e.restart,
                 Restart::InFlight { .. } | Restart::Pending { .. }
             )
-        });
+        }) {
+            return Err(refuse(
+                "it is being started or restarted: wait until it runs".into(),
+            ));
+        }
+        let running_on = entry
+            .filter(|e| e.power == Some(PowerState::On))
+            .and_then(|e| e.host.clone());
         let from = match (from_outside, running_on) {
-            (_, _) if busy => {
-                return Err(refuse(
-                    "it is being started or restarted: wait until it runs".into(),
-                ))
-            }
             (false, Some(h)) => Some(h),
             (false, None) => {
                 return Err(refuse(
-                    "it does not run in the cluster: start it with `vigil vm start`, or bring a                      VM running outside the cluster in with --from-api-socket"
+                    "it does not run in the cluster: start it with `vigil vm start`, or bring a \
+                     VM running outside the cluster in with `vigil vm migrate NAME --api-socket PATH`"
                         .into(),
                 ))
             }
@@ -503,66 +524,26 @@ impl Agent {
             )
             .map_err(|e| refuse(e.to_string()))?;
         }
-        let failover_hosts = match &cluster.admission {
-            AdmissionPolicy::DedicatedFailoverHosts(f) => f.clone(),
-            _ => Default::default(),
-        };
-        let cands = self.placement_candidates(now);
         let target = match to {
             Some(h) if Some(&h) == from.as_ref() => {
                 return Err(refuse(format!("it already runs on {h}")))
             }
             Some(h) => {
-                if m.hosts
-                    .get(&h)
-                    .is_some_and(|mon| mon.state == HostHaState::Maintenance)
-                {
-                    return Err(refuse(format!(
-                        "host {h} is in maintenance mode and runs no VMs until it exits it                          (`vigil cluster maintenance exit {h}`)"
-                    )));
+                if let Some(r) = self.in_maintenance(&h).or_else(|| self.not_live(now, &h)) {
+                    return Err(refuse(r));
                 }
-                if !cands.contains(&h) {
-                    return Err(refuse(format!(
-                        "host {h} is not a live member of this master's cluster"
-                    )));
-                }
+                let failover_hosts = match &cluster.admission {
+                    AdmissionPolicy::DedicatedFailoverHosts(f) => f.clone(),
+                    _ => Default::default(),
+                };
                 if let Some(r) = self.host_refusal(&h, &cfg, false, &failover_hosts) {
                     return Err(refuse(format!("the target cannot take it: {r}")));
                 }
                 h
             }
-            None => {
-                let mut why = Vec::new();
-                let mut best: Option<(u64, HostId)> = None;
-                for h in cands.iter().filter(|h| Some(*h) != from.as_ref()) {
-                    match self.host_refusal(h, &cfg, false, &failover_hosts) {
-                        Some(r) => why.push(r),
-                        None => {
-                            let spec = &cluster.hosts[h];
-                            let (used, _) = m.used_on(h, &cluster);
-                            let free = spec.capacity.saturating_sub(&used).mem_mib;
-                            if best.as_ref().is_none_or(|(f, _)| free > *f) {
-                                best = Some((free, h.clone()));
-                            }
-                        }
-                    }
-                }
-                match best {
-                    Some((_, h)) => h,
-                    None => {
-                        return Err(refuse(format!(
-                            "no other host can take it (needs {} MHz / {} MiB): {}",
-                            cfg.reservation.cpu_mhz,
-                            cfg.reservation.mem_mib,
-                            if why.is_empty() {
-                                "no other live host".to_string()
-                            } else {
-                                why.join("; ")
-                            }
-                        )))
-                    }
-                }
-            }
+            None => self
+                .place(now, &vm, None, from.as_ref(), false)
+                .map_err(|r| refuse(format!("no other host can take it: {r}")))?,
         };
         let m = self.master_state.as_mut().expect("master");
         m.migrating.insert(
@@ -579,6 +560,13 @@ impl Agent {
             "{} -> {target}",
             from.map_or_else(|| "outside".to_string(), |h| h.to_string())
         ))
+    }
+
+    /// The migration of `vm` the master has planned and not yet seen end:
+    /// (source, `None` for a VM from outside the cluster; target).
+    pub fn planned_migration(&self, vm: &VmId) -> Option<(Option<HostId>, HostId)> {
+        let g = self.master_state.as_ref()?.migrating.get(vm)?;
+        (!g.done).then(|| (g.from.clone(), g.to.clone()))
     }
 
     /// A planned migration ended (master only).

@@ -611,11 +611,6 @@ mod tests {
         assert!(e.contains("missing.toml"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-#[cfg(test)]
-mod datastore_id_tests {
-    use super::*;
 
     #[test]
     fn datastore_id_is_written_once_and_kept() {

@@ -604,19 +604,16 @@ impl Runtime {
                 from_outside,
             } => {
                 self.scan_registrations();
-                match self.command(Command::BeginMigration {
-                    vm: VmId::new(vm),
+                let vm = VmId::new(vm);
+                let r = self.command(Command::BeginMigration {
+                    vm: vm.clone(),
                     to: host.map(HostId::new),
                     from_outside,
-                }) {
-                    Ok(plan) => {
-                        let (from, to) = plan.split_once(" -> ").unwrap_or(("", &plan));
-                        Reply::Ok(json!({
-                            "from": (from != "outside").then_some(from),
-                            "to": to,
-                        }))
-                    }
-                    Err(e) => to_reply(Err(e)),
+                });
+                match (r, self.agent.planned_migration(&vm)) {
+                    (Ok(_), Some((from, to))) => Reply::Ok(json!({ "from": from, "to": to })),
+                    (Ok(m), None) => Reply::Error(format!("internal: {m}, but no plan kept")),
+                    (Err(e), _) => to_reply(Err(e)),
                 }
             }
             Request::EndMigration { vm, ok } => to_reply(self.command(Command::EndMigration {
